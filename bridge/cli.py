@@ -1,0 +1,163 @@
+"""`llm-bridge`: run the bridge, the mock LLM, a terminal chat, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bridge.settings import ConfigError, load_settings
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run `main(stop)` and set `stop` on SIGINT or SIGTERM, so every part shuts down cleanly."""
+
+    async def runner() -> int | None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(runner()) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.logs import setup_logging
+    from bridge.service import run_bridge
+
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, settings.log_format)
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_bridge(settings, stop)
+
+    return _run_until_signal(main)
+
+
+def cmd_mock_llm(args: argparse.Namespace) -> int:
+    from bridge import mock_llm
+
+    return mock_llm.run(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bridge.client import BridgeClient, BridgeError
+
+    fields: dict[str, Any] = {"stream": not args.no_stream}
+    if args.model:
+        fields["model"] = args.model
+    if args.system:
+        fields["system"] = args.system
+    if args.max_tokens:
+        fields["max_tokens"] = args.max_tokens
+
+    async def main(stop: asyncio.Event) -> int:
+        client = BridgeClient(
+            args.mqtt_url, args.device, prefix=args.prefix, idle_timeout=args.timeout,
+            ca_file=args.ca_file,
+        )  # fmt: skip
+        try:
+            await client.connect()
+        except (TimeoutError, OSError) as exc:
+            print(f"llm-bridge chat: {exc}", file=sys.stderr)
+            return 1
+
+        async def ask() -> int:
+            try:
+                async for piece in client.stream(args.prompt, **fields):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                if client.last and client.last.text:
+                    sys.stdout.write(client.last.text)
+                sys.stdout.write("\n")
+            except BridgeError as exc:
+                sys.stdout.write("\n")
+                print(f"llm-bridge chat: {exc}", file=sys.stderr)
+                return 1
+            return 0
+
+        task = asyncio.create_task(ask())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+            return 130
+        await client.close()
+        return task.result()
+
+    return _run_until_signal(main)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bridge import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-bridge",
+        description="Stream replies from an OpenAI-compatible API to MQTT devices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the bridge (configured by environment, .env, --config)")
+    run.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    run.set_defaults(func=cmd_run)
+
+    from bridge import mock_llm
+
+    mock = sub.add_parser("mock-llm", help="serve a mock OpenAI-compatible API for development")
+    mock_llm.add_arguments(mock)
+    mock.set_defaults(func=cmd_mock_llm)
+
+    chat = sub.add_parser("chat", help="ask through the bridge as a device would")
+    chat.add_argument("prompt")
+    chat.add_argument("--device", "-d", required=True, help="the device id to ask as")
+    chat.add_argument(
+        "--mqtt-url",
+        default=os.environ.get("LLM_CHAT_MQTT_URL")
+        or os.environ.get("BRIDGE_MQTT_URL", "mqtt://localhost:1883"),
+        help="broker URL with the device's credentials (env LLM_CHAT_MQTT_URL)",
+    )
+    chat.add_argument("--prefix", default=os.environ.get("BRIDGE_TOPIC_PREFIX", "llm"))
+    chat.add_argument("--model")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--no-stream", action="store_true", help="get the reply in one message")
+    chat.add_argument("--timeout", type=float, default=60.0, help="seconds without a message")
+    chat.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
+    chat.set_defaults(func=cmd_chat)
+
+    demo = sub.add_parser("demo", help="start broker, mock LLM, bridge and a device, and ask")
+    demo.add_argument("--prompt", default="Why is the sky blue?")
+    demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"llm-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""A Python client that speaks protocol v1 as a device does: for scripts, tests and `chat`.
+
+async with BridgeClient("mqtt://kitchen:secret@localhost", "kitchen") as llm:
+    async for piece in llm.stream("Why is the sky blue?"):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from bridge import protocol as p
+from bridge.mqtt import MqttLink
+from bridge.settings import MqttUrl
+
+
+class BridgeError(Exception):
+    """The request ended with an error terminal (or never ended in time).
+
+    Attributes:
+        code: the protocol's error code (`upstream_status`, `cancelled`, ...,
+            or `timeout` when no message came in time, `protocol` for a seq gap).
+        status: the upstream HTTP status for `upstream_status`.
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class Reply:
+    """How a request ended: the terminal `done` message's fields."""
+
+    request_id: str
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    model: str | None = None
+    text: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BridgeClient:
+    """Ask the bridge as device `device`; one connection, any number of requests.
+
+    Args:
+        url: the broker, `mqtt://user:pass@host:port` (the user is normally the device id).
+        device: the device id in the topics.
+        prefix: the topic prefix.
+        idle_timeout: seconds without any message before a request fails with `timeout`.
+        ca_file: CA for `mqtts://`.
+    """
+
+    def __init__(
+        self,
+        url: str | MqttUrl,
+        device: str,
+        *,
+        prefix: str = "llm",
+        idle_timeout: float = 60.0,
+        ca_file: Path | None = None,
+    ) -> None:
+        if not p.valid_device_id(device):
+            raise ValueError(f"invalid device id {device!r}")
+        self.device = device
+        self.topics = p.Topics(prefix)
+        self.idle_timeout = idle_timeout
+        self.last: Reply | None = None
+        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.link = MqttLink(
+            url if isinstance(url, MqttUrl) else MqttUrl.parse(url),
+            client_id=f"{device}-{os.urandom(4).hex()}",
+            on_message=self._on_message,
+            subscriptions=[(self.topics.res_filter(device), 1)],
+            ca_file=ca_file,
+        )
+
+    async def __aenter__(self) -> BridgeClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe to this device's replies."""
+        await self.link.start(timeout=timeout)
+        async with asyncio.timeout(timeout):
+            await self.link.subscribed.wait()
+
+    async def close(self) -> None:
+        await self.link.stop()
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        rid = msg.topic.rsplit("/", 1)[-1]
+        queue = self._queues.get(rid)
+        if queue is None:
+            return
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            queue.put_nowait(data)
+
+    async def events(
+        self, prompt: str | None = None, *, request_id: str | None = None, **fields: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Send a request and yield its reply messages in `seq` order, terminal last.
+
+        Duplicates are dropped; a gap raises BridgeError(`protocol`). Leaving
+        early, or being cancelled, cancels the request at the bridge.
+        """
+        rid = request_id or p.new_request_id()
+        body: dict[str, Any] = {"id": rid, **fields}
+        if prompt is not None:
+            body["prompt"] = prompt
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queues[rid] = queue
+        finished = False
+        try:
+            await self.link.subscribed.wait()
+            self.link.publish(self.topics.req(self.device), json.dumps(body), qos=1)
+            expected = 0
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        msg = await queue.get()
+                except TimeoutError:
+                    raise BridgeError(
+                        "timeout", f"no reply message for {self.idle_timeout:g} s"
+                    ) from None
+                seq = msg.get("seq")
+                if not isinstance(seq, int) or seq < expected:
+                    continue
+                if seq > expected:
+                    raise BridgeError("protocol", f"message {expected} is missing (got {seq})")
+                expected += 1
+                if "done" in msg or "error" in msg:
+                    finished = True
+                yield msg
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished and self.link.connected.is_set():
+                with contextlib.suppress(ConnectionError):
+                    self.link.publish(
+                        self.topics.cancel(self.device), json.dumps({"id": rid}), qos=1
+                    )
+
+    async def stream(self, prompt: str | None = None, **fields: Any) -> AsyncIterator[str]:
+        """Yield the reply's pieces (refusal pieces too) as they arrive.
+
+        When it ends, `self.last` holds the terminal's fields.
+
+        Raises:
+            BridgeError: on an error terminal.
+        """
+        rid = fields.pop("request_id", None) or p.new_request_id()
+        async for msg in self.events(prompt, request_id=rid, **fields):
+            if "delta" in msg:
+                yield msg["delta"]
+            elif "refusal" in msg:
+                yield msg["refusal"]
+            elif "error" in msg:
+                err = msg["error"]
+                raise BridgeError(err.get("code", "?"), err.get("message", ""), err.get("status"))
+            else:
+                self.last = Reply(
+                    request_id=rid,
+                    finish_reason=msg.get("finish_reason"),
+                    usage=msg.get("usage"),
+                    model=msg.get("model"),
+                    text=msg.get("text"),
+                    refusal=msg.get("refusal"),
+                    tool_calls=msg.get("tool_calls") or [],
+                )
+
+    async def ask(self, prompt: str | None = None, **fields: Any) -> str:
+        """The whole reply text (streamed by the bridge, joined here)."""
+        return "".join([piece async for piece in self.stream(prompt, **fields)])

@@ -1,0 +1,343 @@
+"""The MQTT side: a paho-mqtt client driven by the asyncio event loop.
+
+paho does the protocol; this module gives it sockets from the event loop
+(reader and writer callbacks, as in paho's own asyncio example), reconnects
+with backoff, and tells publishers when to wait (back-pressure) so that no
+message is dropped by a full queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.settings import MqttUrl
+
+log = logging.getLogger("bridge.mqtt")
+
+MessageHandler = Callable[[paho.MQTTMessage], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: what the broker publishes for us when we vanish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """One MQTT v5 connection owned by an asyncio loop.
+
+    Args:
+        url: the broker.
+        client_id: fixed for a persistent session, or "" for a random one.
+        on_message: called in the loop for every message; must not block.
+        subscriptions: (filter, qos) pairs, subscribed again at every connect.
+        clean_start: False keeps the broker-side session (and queued messages).
+        session_expiry: seconds the broker keeps the session after a disconnect.
+        will: the last will, if any.
+        on_connect: called in the loop after each successful connect.
+        high_water: publishes not yet written (QoS 0) or acknowledged (QoS 1)
+            beyond which `congested` is true and publishers should `await drained()`.
+        manual_ack: acknowledge received QoS 1 messages only through `ack()`.
+    """
+
+    def __init__(
+        self,
+        url: MqttUrl,
+        *,
+        client_id: str,
+        on_message: MessageHandler,
+        subscriptions: list[tuple[str, int]] | None = None,
+        clean_start: bool = True,
+        session_expiry: int = 0,
+        keepalive: int = 30,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+        ca_file: Path | None = None,
+        tls_insecure: bool = False,
+        high_water: int = 10_000,
+        manual_ack: bool = False,
+    ) -> None:
+        self.url = url
+        self._subscriptions = subscriptions or []
+        self._clean_start = clean_start
+        self._session_expiry = session_expiry
+        self._keepalive = keepalive
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self._high_water = high_water
+        self._low_water = high_water // 2
+        self._pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._sock: socket.socket | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._connect_error: str | None = None
+
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+        )
+        if url.username:
+            c.username_pw_set(
+                url.username, url.password.get_secret_value() if url.password else None
+            )
+        if url.tls:
+            ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if tls_insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            c.tls_set_context(ctx)
+        if will is not None:
+            c.will_set(will.topic, will.payload, will.qos, will.retain)
+        c.max_inflight_messages_set(1000)
+        c.manual_ack_set(manual_ack)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        self.client = c
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, timeout: float | None = None) -> None:
+        """Connect (retrying with backoff) and keep the connection up until `stop()`.
+
+        Raises:
+            TimeoutError: when `timeout` is given and no connection was made in time.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._misc_task = asyncio.create_task(self._keep_up(), name="mqtt-keep-up")
+        if timeout is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.connected.wait()
+            except TimeoutError:
+                await self.stop()
+                reason = f": {self._connect_error}" if self._connect_error else ""
+                raise TimeoutError(
+                    f"could not connect to {self.url.display()} within {timeout:g} s{reason}"
+                ) from None
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Flush what is queued (within `timeout`) and disconnect cleanly."""
+        self._closing = True
+        if self.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.drained()
+            self.client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._closed.wait()
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._misc_task
+        self._detach()
+
+    async def _keep_up(self) -> None:
+        """Connect, reconnect after a loss, and run paho's periodic work (pings)."""
+        backoff = 0.2
+        while not self._closing:
+            if self._sock is None:
+                try:
+                    await self._connect()
+                    backoff = 0.2
+                except OSError as exc:
+                    self._connect_error = str(exc) or type(exc).__name__
+                    log.warning(
+                        "cannot reach broker %s: %s; retrying in %.1f s",
+                        self.url.display(),
+                        self._connect_error,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            self.client.loop_misc()
+            await asyncio.sleep(0.5)
+
+    async def _connect(self) -> None:
+        assert self._loop is not None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self._session_expiry
+        # The blocking connect (TCP, TLS handshake, CONNECT packet) runs off the loop;
+        # nothing else touches the client until it returns, since publishers wait
+        # for `connected`.
+        await self._loop.run_in_executor(
+            None,
+            lambda: self.client.connect(
+                self.url.host,
+                self.url.port,
+                keepalive=self._keepalive,
+                clean_start=self._clean_start,
+                properties=props,
+            ),
+        )
+        sock = self.client.socket()
+        if sock is None:
+            raise ConnectionError("connection closed during connect")
+        self._attach(sock)
+
+    def _attach(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._closed.clear()
+        c = self.client
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._want_write
+        c.on_socket_unregister_write = self._done_writing
+        self._loop.add_reader(sock, self._read)
+        if c.want_write():
+            self._loop.add_writer(sock, self._write)
+
+    def _want_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, self._write)
+
+    def _done_writing(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _detach(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+            self._loop.remove_writer(self._sock)
+        self._sock = None
+        self._closed.set()
+        self.client.on_socket_register_write = None
+        self.client.on_socket_unregister_write = None
+
+    def _read(self) -> None:
+        rc = self.client.loop_read()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
+            self._lost(rc)
+
+    def _write(self) -> None:
+        rc = self.client.loop_write()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
+            self._lost(rc)
+
+    def _lost(self, rc: MQTTErrorCode) -> None:
+        log.warning("broker connection lost: %s", paho.error_string(rc))
+        self._detach()
+        self._down()
+
+    def _on_socket_close(self, _c: paho.Client, _u: Any, _sock: Any) -> None:
+        self._detach()
+        self._down()
+
+    def _down(self) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+
+    # --- paho callbacks -------------------------------------------------------------------
+
+    def _on_connect(self, c: paho.Client, _u: Any, flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            self._connect_error = f"broker refused the connection: {reason}"
+            log.error("%s", self._connect_error)
+            return
+        log.info(
+            "connected to %s (session %s)",
+            self.url.display(),
+            "resumed" if flags.session_present else "new",
+        )
+        if self._subscriptions:
+            c.subscribe(self._subscriptions)
+        else:
+            self.subscribed.set()
+        self._pending = len(getattr(c, "_out_messages", ()))
+        self.connected.set()
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not self._closing:
+            log.warning("disconnected from broker: %s", reason)
+        self._down()
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        failed = [str(rc) for rc in codes if rc.is_failure]
+        if failed:
+            log.error("broker refused a subscription: %s", ", ".join(failed))
+        self.subscribed.set()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._on_message_cb(msg)
+        except Exception:
+            log.exception("message handler failed on %s", msg.topic)
+
+    def _on_publish(self, _c: paho.Client, _u: Any, _mid: int, _rc: Any, _p: Any) -> None:
+        self._pending -= 1
+        if self._pending <= self._low_water and not self._drained.is_set():
+            self._drained.set()
+
+    def ack(self, msg: paho.MQTTMessage) -> None:
+        """Acknowledge a QoS 1 message (with `manual_ack`): the broker may forget it."""
+        if msg.qos > 0 and self.connected.is_set():
+            self.client.ack(msg.mid, msg.qos)
+
+    # --- publishing -----------------------------------------------------------------------
+
+    @property
+    def congested(self) -> bool:
+        """True while publishers should wait: disconnected, or too much unsent."""
+        return not self._drained.is_set() or not self.connected.is_set()
+
+    async def drained(self) -> None:
+        """Wait until connected and the unsent backlog is below the low-water mark."""
+        while not (self.connected.is_set() and self._drained.is_set()):
+            await self.connected.wait()
+            await self._drained.wait()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        """Queue a message; raise ConnectionError if paho refuses it.
+
+        Callers that publish in volume check `congested` first and await
+        `drained()`: that is the back-pressure that keeps queues bounded.
+        """
+        info = self.client.publish(topic, payload, qos, retain, properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+            info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
+        ):
+            self._pending += 1
+            if self._pending >= self._high_water:
+                self._drained.clear()
+            return
+        raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")

@@ -1,0 +1,371 @@
+"""Protocol v1's messages: topics, the request a device sends, and the replies it gets.
+
+This module is the executable half of `docs/protocol.md`: everything a device
+or integration can observe is encoded or validated here, and nothing here
+does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
+RESERVED_DEVICE_IDS = frozenset({"bridge"})
+
+# Error codes: the closed set documented in docs/protocol.md.
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+UPSTREAM_STATUS = "upstream_status"
+UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_TIMEOUT = "upstream_timeout"
+UPSTREAM_UNREACHABLE = "upstream_unreachable"
+UPSTREAM_PROTOCOL = "upstream_protocol"
+CANCELLED = "cancelled"
+OVERLOADED = "overloaded"
+INTERRUPTED = "interrupted"
+INTERNAL = "internal"
+
+
+def valid_id(value: str) -> bool:
+    """Whether a device or request id may stand as one topic level."""
+    return ID_RE.fullmatch(value) is not None
+
+
+def valid_device_id(value: str) -> bool:
+    """Whether a device id is valid and not one the bridge keeps for itself."""
+    return valid_id(value) and value not in RESERVED_DEVICE_IDS
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one (12 hex digits)."""
+    return os.urandom(6).hex()
+
+
+def salvage_id(payload: bytes) -> str | None:
+    """Find a request id at the start of a payload that cannot be parsed whole."""
+    m = _SALVAGE_ID_RE.search(payload[:256])
+    return m.group(1).decode() if m else None
+
+
+class Topics:
+    """The protocol's topic names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.req_filter = f"{prefix}/+/req"
+        self.cancel_filter = f"{prefix}/+/cancel"
+        self.status = f"{prefix}/bridge/status"
+        self._levels = prefix.count("/") + 1
+
+    def req(self, device: str) -> str:
+        return f"{self.prefix}/{device}/req"
+
+    def cancel(self, device: str) -> str:
+        return f"{self.prefix}/{device}/cancel"
+
+    def res(self, device: str, request_id: str) -> str:
+        return f"{self.prefix}/{device}/res/{request_id}"
+
+    def res_filter(self, device: str) -> str:
+        return f"{self.prefix}/{device}/res/+"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """Split `P/D/kind` into (D, kind), or None when the topic is not ours."""
+        parts = topic.split("/")
+        if len(parts) != self._levels + 2 or "/".join(parts[: self._levels]) != self.prefix:
+            return None
+        return parts[self._levels], parts[self._levels + 1]
+
+
+# --- requests -------------------------------------------------------------------------------
+
+_Strict = ConfigDict(extra="forbid", strict=True)
+
+
+class _ImageUrl(BaseModel):
+    model_config = _Strict
+    url: StrictStr = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = _Strict
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(BaseModel):
+    model_config = _Strict
+    type: Literal["image_url"]
+    image_url: _ImageUrl
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class _FunctionCall(BaseModel):
+    model_config = _Strict
+    name: StrictStr
+    arguments: StrictStr
+
+
+class _ToolCall(BaseModel):
+    model_config = _Strict
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: _FunctionCall
+
+
+class Message(BaseModel):
+    """One OpenAI chat message, as a device may send it."""
+
+    model_config = _Strict
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[Part] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+
+class _FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _Strict
+    type: Literal["function"]
+    function: _FunctionDef
+
+
+class _ToolChoiceFunction(BaseModel):
+    model_config = _Strict
+    name: StrictStr
+
+
+class _ToolChoice(BaseModel):
+    model_config = _Strict
+    type: Literal["function"]
+    function: _ToolChoiceFunction
+
+
+Number = StrictInt | StrictFloat
+
+# Fields copied to the upstream body exactly as the device sent them.
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "reasoning_effort",
+)
+
+
+class ChatRequest(BaseModel):
+    """A request on `P/D/req`: unknown fields and wrong types are refused, not coerced."""
+
+    model_config = _Strict
+    id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
+    prompt: StrictStr | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    system: StrictStr | None = None
+    model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    stream: StrictBool = True
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _ToolChoice | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ChatRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def upstream_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the API expects it, with `system` first."""
+        out: list[dict[str, Any]] = []
+        if self.system is not None:
+            out.append({"role": "system", "content": self.system})
+        if self.prompt is not None:
+            out.append({"role": "user", "content": self.prompt})
+        else:
+            assert self.messages is not None
+            out.extend(m.model_dump(exclude_none=True) for m in self.messages)
+        return out
+
+    def upstream_body(self, default_model: str, include_usage: bool) -> dict[str, Any]:
+        """The JSON body for `POST /chat/completions` (always streamed upstream)."""
+        body: dict[str, Any] = {
+            "model": self.model or default_model,
+            "messages": self.upstream_messages(),
+            "stream": True,
+        }
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        for name in SAMPLING_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        if self.tools is not None:
+            body["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.tool_choice is not None:
+            tc = self.tool_choice
+            body["tool_choice"] = tc if isinstance(tc, str) else tc.model_dump()
+        return body
+
+
+class BadRequest(Exception):
+    """A request the bridge refuses; `request_id` is known when the answer can be addressed."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
+    """Turn a `P/D/req` payload into a request, or raise BadRequest saying why.
+
+    A payload whose first non-blank character is `{` is JSON; any other valid
+    UTF-8 text is a prompt.
+    """
+    if len(payload) > max_bytes:
+        raise BadRequest(
+            TOO_LARGE,
+            f"request is {len(payload)} bytes, more than the {max_bytes} allowed",
+            salvage_id(payload),
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(BAD_REQUEST, "request is not valid UTF-8", salvage_id(payload)) from None
+    stripped = text.strip()
+    if not stripped:
+        raise BadRequest(BAD_REQUEST, "request is empty")
+    if not stripped.startswith("{"):
+        return ChatRequest.model_validate({"prompt": stripped})
+    try:
+        data = json.loads(stripped)
+    except ValueError as exc:
+        raise BadRequest(
+            BAD_REQUEST, f"request is not valid JSON: {exc}", salvage_id(payload)
+        ) from None
+    rid = data.get("id") if isinstance(data, dict) else None
+    known = rid if isinstance(rid, str) and valid_id(rid) else None
+    if not isinstance(data, dict):
+        raise BadRequest(BAD_REQUEST, "request must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(BAD_REQUEST, _describe(exc), known) from None
+
+
+def parse_cancel(payload: bytes) -> str | None:
+    """The request id named by a `P/D/cancel` payload, or None when there is none."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        rid = data.get("id") if isinstance(data, dict) else None
+        return rid if isinstance(rid, str) and valid_id(rid) else None
+    return text if valid_id(text) else None
+
+
+# --- replies --------------------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def delta_message(seq: int, text: str) -> bytes:
+    """`{"seq":n,"delta":"…"}`, built without a dict since it is sent once per chunk."""
+    return b'{"seq":%d,"delta":%s}' % (seq, _dumps(text).encode())
+
+
+def refusal_message(seq: int, text: str) -> bytes:
+    """`{"seq":n,"refusal":"…"}`: a piece of the model's refusal."""
+    return b'{"seq":%d,"refusal":%s}' % (seq, _dumps(text).encode())
+
+
+def done_message(
+    seq: int,
+    *,
+    finish_reason: str | None,
+    usage: Any,
+    model: str,
+    text: str | None = None,
+    refusal: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """The terminal message of a request that completed."""
+    msg: dict[str, Any] = {
+        "seq": seq,
+        "done": True,
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "model": model,
+    }
+    if text is not None:
+        msg["text"] = text
+    if refusal:
+        msg["refusal"] = refusal
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return _dumps(msg).encode()
+
+
+def error_message(seq: int, code: str, message: str, status: int | None = None) -> bytes:
+    """The terminal message of a request that failed."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if status is not None:
+        err["status"] = status
+    return _dumps({"seq": seq, "error": err}).encode()

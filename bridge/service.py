@@ -1,0 +1,376 @@
+"""The bridge: requests enter in `on_message`, go upstream in `_attempt`, chunks leave in `_emit`.
+
+One asyncio task per request. Every request ends with exactly one terminal
+message, published in `_run`'s `finally`, whatever happened before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from bridge import protocol as p
+from bridge.mqtt import MqttLink, Will
+from bridge.reply import DELTA, ReplyFold, StreamError
+from bridge.settings import Settings
+from bridge.upstream import Upstream, UpstreamError
+
+log = logging.getLogger("bridge")
+
+_DEDUP_MAX = 100_000
+
+
+class Job:
+    """One request in flight: who asked, where its reply goes, how far it got."""
+
+    __slots__ = (
+        "cancel_code",
+        "cancel_message",
+        "device",
+        "digest",
+        "outcome",
+        "request",
+        "rid",
+        "seq",
+        "started",
+        "task",
+        "topic",
+    )
+
+    def __init__(self, device: str, rid: str, topic: str, request: p.ChatRequest, digest: bytes):
+        self.device = device
+        self.rid = rid
+        self.topic = topic
+        self.request = request
+        self.digest = digest
+        self.seq = 0
+        self.outcome = "done"
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_code = p.CANCELLED
+        self.cancel_message = "cancelled by the device"
+
+
+class Bridge:
+    """Serves protocol v1 between one MQTT broker and one OpenAI-compatible API.
+
+    Args:
+        settings: the configuration.
+        upstream: the API client; made from the settings when not given.
+    """
+
+    def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
+        self.settings = settings
+        self.topics = p.Topics(settings.topic_prefix)
+        self.upstream = upstream or Upstream(settings)
+        self.qos = settings.response_qos
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self._recent: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        self._slots = asyncio.Semaphore(settings.max_streams)
+        self._accepting = True
+        self._later: set[asyncio.Task[None]] = set()
+        self.link = MqttLink(
+            settings.mqtt,
+            client_id=settings.client_id,
+            on_message=self.on_message,
+            subscriptions=[(self.topics.req_filter, 1), (self.topics.cancel_filter, 1)],
+            clean_start=False,
+            session_expiry=settings.session_expiry,
+            keepalive=settings.mqtt_keepalive,
+            will=Will(self.topics.status, b"offline", qos=1, retain=True),
+            on_connect=self._online,
+            manual_ack=True,
+            ca_file=settings.mqtt_ca_file,
+            tls_insecure=settings.mqtt_tls_insecure,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, connect_timeout: float | None = None) -> None:
+        """Connect to the broker and start serving."""
+        await self.link.start(timeout=connect_timeout)
+
+    async def stop(self) -> None:
+        """Stop cleanly: finish what runs (within the grace), then say `offline`.
+
+        Requests still running after `BRIDGE_SHUTDOWN_GRACE` end with
+        `interrupted`; requests not yet received stay queued at the broker for
+        the next start.
+        """
+        self._accepting = False
+        running = [j.task for j in self.jobs.values() if j.task is not None]
+        if running:
+            _done, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
+            for job in list(self.jobs.values()):
+                if job.task in pending:
+                    job.cancel_code = p.INTERRUPTED
+                    job.cancel_message = "the bridge is shutting down"
+                    job.task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        if self.link.connected.is_set():
+            self.link.publish(self.topics.status, b"offline", qos=1, retain=True)
+        await self.link.stop()
+        await self.upstream.aclose()
+
+    def _online(self) -> None:
+        self.link.publish(self.topics.status, b"online", qos=1, retain=True)
+
+    # --- where requests enter -------------------------------------------------------------
+
+    def on_message(self, msg: paho.MQTTMessage) -> None:
+        """Dispatch one MQTT message (called in the loop, must not block or raise).
+
+        A message is acknowledged once it is taken in hand; while the bridge
+        stops it is not, so the broker keeps it for the next start.
+        """
+        if not self._accepting:
+            return
+        try:
+            parsed = self.topics.parse(msg.topic)
+            if parsed is None:
+                log.warning("ignored message on unexpected topic %r", msg.topic)
+            elif not p.valid_device_id(parsed[0]):
+                log.warning("ignored %s from invalid device id %r", parsed[1], parsed[0][:80])
+            elif parsed[1] == "req":
+                self.submit(parsed[0], bytes(msg.payload))
+            elif parsed[1] == "cancel":
+                self.cancel(parsed[0], bytes(msg.payload))
+        finally:
+            self.link.ack(msg)
+
+    def submit(self, device: str, payload: bytes) -> None:
+        """Validate a request and start it, or answer it with an error at once."""
+        try:
+            req = p.parse_request(payload, self.settings.max_request_bytes)
+        except p.BadRequest as exc:
+            rid = exc.request_id or p.new_request_id()
+            log.info("refused request device=%s id=%s: %s: %s", device, rid, exc.code, exc.message)
+            self._publish_terminal(
+                self.topics.res(device, rid), p.error_message(0, exc.code, exc.message)
+            )
+            return
+        rid = req.id or p.new_request_id()
+        key = (device, rid)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        now = time.monotonic()
+        seen = self._recent.get(key)
+        if seen is not None and seen[0] == digest and now - seen[1] < self.settings.dedup_window:
+            log.info("dropped duplicate delivery device=%s id=%s", device, rid)
+            return
+        self._remember(key, digest, now)
+        topic = self.topics.res(device, rid)
+        previous = self.jobs.get(key)
+        if (
+            previous is None
+            and len(self.jobs) >= self.settings.max_streams + self.settings.max_queue
+        ):
+            log.warning("overloaded: refused device=%s id=%s", device, rid)
+            self._publish_terminal(
+                topic,
+                p.error_message(0, p.OVERLOADED, "the bridge is busy; try again in a few seconds"),
+            )
+            return
+        job = Job(device, rid, topic, req, digest)
+        if previous is not None and previous.task is not None:
+            previous.cancel_message = "superseded by a new request with the same id"
+            previous.task.cancel()
+        self.jobs[key] = job
+        job.task = asyncio.create_task(self._run(job, previous), name=f"req {device}/{rid}")
+        log.info(
+            "request device=%s id=%s model=%s stream=%s",
+            device,
+            rid,
+            req.model or self.settings.openai_model,
+            req.stream,
+        )
+
+    def cancel(self, device: str, payload: bytes) -> None:
+        """Stop one of this device's requests; unknown ids are ignored."""
+        rid = p.parse_cancel(payload)
+        job = self.jobs.get((device, rid)) if rid else None
+        if job is None or job.task is None:
+            log.info("cancel for unknown request device=%s id=%s", device, rid)
+            return
+        log.info("cancel device=%s id=%s", device, rid)
+        job.task.cancel()
+
+    def _remember(self, key: tuple[str, str], digest: bytes, now: float) -> None:
+        recent = self._recent
+        recent.pop(key, None)
+        recent[key] = (digest, now)
+        horizon = now - self.settings.dedup_window
+        while recent:
+            oldest_key, (_, t) = next(iter(recent.items()))
+            if t >= horizon and len(recent) <= _DEDUP_MAX:
+                break
+            del recent[oldest_key]
+
+    # --- one request, start to terminal ---------------------------------------------------
+
+    async def _run(self, job: Job, previous: Job | None) -> None:
+        terminal: bytes | None = None
+        try:
+            if previous is not None and previous.task is not None:
+                await asyncio.wait([previous.task])
+            await self._slots.acquire()
+            try:
+                terminal = await self._serve(job)
+            finally:
+                self._slots.release()
+        except asyncio.CancelledError:
+            job.outcome = job.cancel_code
+            terminal = p.error_message(job.seq, job.cancel_code, job.cancel_message)
+        except Exception:
+            log.exception("internal error device=%s id=%s", job.device, job.rid)
+        finally:
+            if terminal is None:
+                job.outcome = p.INTERNAL
+                terminal = p.error_message(job.seq, p.INTERNAL, "internal error in the bridge")
+            if self.jobs.get((job.device, job.rid)) is job:
+                del self.jobs[(job.device, job.rid)]
+            self._publish_terminal(job.topic, terminal)
+            log.info(
+                "finished device=%s id=%s outcome=%s chunks=%d seconds=%.3f",
+                job.device,
+                job.rid,
+                job.outcome,
+                job.seq,
+                time.monotonic() - job.started,
+            )
+
+    async def _serve(self, job: Job) -> bytes:
+        """Call the API (retrying while nothing was published) and return the terminal."""
+        s = self.settings
+        req = job.request
+        body = req.upstream_body(s.openai_model, s.include_usage)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.upstream_total_timeout
+        attempt = 0
+        while True:
+            fold = ReplyFold(body["model"], keep_text=not req.stream)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._attempt(job, body, fold)
+            except TimeoutError:
+                job.outcome = p.UPSTREAM_TIMEOUT
+                return p.error_message(
+                    job.seq,
+                    p.UPSTREAM_TIMEOUT,
+                    f"no complete reply within {s.upstream_total_timeout:g} s",
+                )
+            except StreamError as exc:
+                job.outcome = exc.code
+                return p.error_message(job.seq, exc.code, self.upstream.redact(exc.message))
+            except UpstreamError as exc:
+                wait = self._retry_wait(exc, attempt, job, deadline - loop.time())
+                if wait is None:
+                    job.outcome = exc.code
+                    return p.error_message(job.seq, exc.code, exc.message, exc.status)
+                attempt += 1
+                log.info(
+                    "retrying device=%s id=%s in %.2f s after %s",
+                    job.device,
+                    job.rid,
+                    wait,
+                    exc.code,
+                )
+                await asyncio.sleep(wait)
+                continue
+            return p.done_message(
+                job.seq,
+                finish_reason=fold.finish_reason,
+                usage=fold.usage,
+                model=fold.model,
+                text=None if req.stream else fold.text,
+                refusal=None if req.stream else fold.refusal,
+                tool_calls=fold.tool_calls,
+            )
+
+    def _retry_wait(
+        self, exc: UpstreamError, attempt: int, job: Job, time_left: float
+    ) -> float | None:
+        """Seconds to wait before another attempt, or None to give up.
+
+        Only before the first chunk is published: after that the device has
+        part of a reply and a second attempt would not continue it.
+        """
+        s = self.settings
+        if not exc.retryable or job.seq > 0 or attempt >= s.upstream_retries:
+            return None
+        wait = min(s.upstream_retry_base * 2**attempt, s.upstream_retry_max_wait)
+        if exc.retry_after is not None:
+            if exc.retry_after > s.upstream_retry_max_wait:
+                return None
+            wait = max(wait, exc.retry_after)
+        return wait if wait < time_left else None
+
+    async def _attempt(self, job: Job, body: dict[str, Any], fold: ReplyFold) -> None:
+        """One upstream call: publish pieces as they come; raise on an incomplete stream."""
+        stream = job.request.stream
+        async with self.upstream.stream(body) as events:
+            async for event, data in events:
+                pieces = fold.feed(event, data)
+                if stream and pieces:
+                    await self._emit(job, pieces)
+                if fold.done:
+                    break
+        if not fold.complete:
+            raise UpstreamError(
+                p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
+            )
+
+    # --- where chunks leave ---------------------------------------------------------------
+
+    async def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
+        link = self.link
+        if link.congested:
+            await link.drained()
+        for kind, text in pieces:
+            msg = (
+                p.delta_message(job.seq, text)
+                if kind == DELTA
+                else p.refusal_message(job.seq, text)
+            )
+            link.publish(job.topic, msg, self.qos)
+            job.seq += 1
+
+    def _publish_terminal(self, topic: str, payload: bytes) -> None:
+        """Publish a terminal message (QoS 1); while disconnected, as soon as we are back."""
+        if not self.link.connected.is_set():
+            task = asyncio.create_task(self._publish_when_connected(topic, payload))
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+            return
+        try:
+            self.link.publish(topic, payload, qos=1)
+        except (ConnectionError, ValueError) as exc:
+            log.error("could not publish terminal on %s: %s", topic, exc)
+
+    async def _publish_when_connected(self, topic: str, payload: bytes) -> None:
+        await self.link.connected.wait()
+        self._publish_terminal(topic, payload)
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a bridge until `stop` is set (the CLI's `run`)."""
+    bridge = Bridge(settings)
+    await bridge.start()
+    log.info(
+        "bridge serving %s/+/req from %s, upstream %s",
+        settings.topic_prefix,
+        settings.mqtt.display(),
+        settings.openai_base_url,
+    )
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await bridge.stop()

@@ -1,0 +1,210 @@
+"""The bridge's configuration: environment, a `.env` file, an optional TOML or YAML file.
+
+Precedence, highest first: environment variables, `.env`, the config file
+(`BRIDGE_CONFIG` or `llm-bridge run --config`), the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
+
+
+class ConfigError(Exception):
+    """A configuration mistake, worded for the person who made it (one line, no secrets)."""
+
+
+class MqttUrl(BaseModel):
+    """Where the broker is, parsed from `mqtt://[user:pass@]host[:port]` or `mqtts://`."""
+
+    tls: bool
+    host: str
+    port: int
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> MqttUrl:
+        """Parse a broker URL; raise ValueError with a message that never holds the password."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        if not parts.hostname:
+            raise ValueError("has no host")
+        if parts.path not in ("", "/"):
+            raise ValueError("must not have a path")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            tls=tls,
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=SecretStr(unquote(parts.password)) if parts.password else None,
+        )
+
+    def display(self) -> str:
+        """The URL without its password, for logs."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Everything the bridge reads at start; names are the environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    openai_base_url: str = Field(
+        "https://api.openai.com/v1",
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url"),
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    openai_model: str = Field(
+        "gpt-4o-mini", validation_alias=AliasChoices("OPENAI_MODEL", "openai_model")
+    )
+
+    mqtt_url: str = "mqtt://localhost:1883"
+    mqtt_ca_file: Path | None = None
+    mqtt_tls_insecure: bool = False
+    mqtt_keepalive: int = Field(30, ge=5, le=65535)
+    client_id: str = Field("llm-bridge", min_length=1, max_length=64)
+    session_expiry: int = Field(86400, ge=0, le=0xFFFFFFFF)
+    topic_prefix: str = "llm"
+    response_qos: Literal[0, 1] = 1
+
+    max_streams: int = Field(64, ge=1, le=100_000)
+    max_queue: int = Field(256, ge=0, le=1_000_000)
+    max_request_bytes: int = Field(262_144, ge=256, le=16 * 1024 * 1024)
+    dedup_window: float = Field(600.0, ge=0)
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_read_timeout: float = Field(60.0, gt=0)
+    upstream_total_timeout: float = Field(600.0, gt=0)
+    upstream_retries: int = Field(2, ge=0, le=10)
+    upstream_retry_base: float = Field(0.5, ge=0)
+    upstream_retry_max_wait: float = Field(30.0, ge=0)
+    include_usage: bool = True
+    shutdown_grace: float = Field(5.0, ge=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, v: str) -> str:
+        MqttUrl.parse(v)
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        v = v.strip("/")
+        if not _PREFIX_RE.match(v):
+            raise ValueError("must be topic levels of A-Z a-z 0-9 _ - separated by /")
+        return v
+
+    @property
+    def mqtt(self) -> MqttUrl:
+        """The parsed broker URL."""
+        return MqttUrl.parse(self.mqtt_url)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings]
+        path = _config_file.get()
+        if path is not None:
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return (*sources, file_secret_settings)
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    name = str(loc[0]) if loc else "?"
+    field = Settings.model_fields.get(name)
+    if field is not None:
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            return str(alias.choices[0])
+        return f"BRIDGE_{name.upper()}"
+    return name
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read the settings, or raise ConfigError with one line that says what is wrong.
+
+    Args:
+        config_file: a TOML or YAML file; when None, `BRIDGE_CONFIG` names it, if set.
+        **overrides: values that win over every source (used by the CLI and tests).
+    """
+    if config_file is None and os.environ.get("BRIDGE_CONFIG"):
+        config_file = os.environ["BRIDGE_CONFIG"]
+    path = Path(config_file) if config_file else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{_field_name(first['loc'])}: {msg}{more}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    finally:
+        _config_file.reset(token)

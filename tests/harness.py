@@ -1,0 +1,349 @@
+"""Real parts for the tests: Mosquitto with the project's broker/ files, the bridge as a
+process, and a device that checks every reply against protocol v1."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.brokerconf import acl_text, render_config
+from bridge.passwords import password_line
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-DO-NOT-LEAK-4f9a7c2e1b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise RuntimeError("mosquitto is not installed (the README's test command installs it)")
+
+
+class Broker:
+    """A Mosquitto process on a free loopback port, with broker/'s config, ACL and users."""
+
+    def __init__(self, workdir: Path, prefix: str = "llm") -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "data").mkdir(exist_ok=True)
+        self.port = free_port()
+        self.prefix = prefix
+        self.users: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.dir / "acl").write_text(acl_text(prefix))
+        self.add_user("bridge", "bridge-pw", reload=False)
+        self.add_user("integrations", "integrations-pw", reload=False)
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "mosquitto.log"
+
+    def url(self, user: str) -> str:
+        return f"mqtt://{user}:{self.users[user]}@127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        conf = render_config(
+            config_dir=self.dir, data_dir=self.dir / "data", ports={1883: self.port},
+            log_file=self.log_file, run_as=getpass.getuser() if os.geteuid() == 0 else None,
+        )  # fmt: skip
+        (self.dir / "mosquitto.conf").write_text(conf)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.dir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_port(self.port)
+        except TimeoutError:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise RuntimeError(f"mosquitto did not start: {err.decode()[-2000:]}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def add_user(self, name: str, password: str | None = None, *, reload: bool = True) -> str:
+        """Add a broker user (a device's user name is its id) and make Mosquitto read it."""
+        password = password or f"pw-{name}"
+        self.users[name] = password
+        lines = "".join(password_line(u, pw) for u, pw in self.users.items())
+        path = self.dir / "passwd"
+        path.write_text(lines)
+        path.chmod(0o600)
+        if reload and self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while not self.can_connect(name):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mosquitto did not accept the new user {name}")
+                time.sleep(0.02)
+        return password
+
+    def can_connect(self, user: str, password: str | None = None) -> bool:
+        c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        c.username_pw_set(user, self.users.get(user) if password is None else password)
+        result: list[int] = []
+        c.on_connect = lambda *a: result.append(a[3].value)
+        try:
+            c.connect("127.0.0.1", self.port)
+        except OSError:
+            return False
+        deadline = time.monotonic() + 2
+        while not result and time.monotonic() < deadline:
+            c.loop(0.05)
+        c.disconnect()
+        return result == [0]
+
+
+class BridgeProcess:
+    """`python -m bridge run` as it runs in production, configured by environment."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "bridge.log"
+        self._log = None
+
+    def start(self) -> BridgeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+        env.update(self.env)
+        env["PYTHONPATH"] = str(REPO)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run"],
+            cwd=self.dir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        if self._log:
+            self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class Reply:
+    """Everything a device saw for one request, checked against protocol v1."""
+
+    rid: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> dict[str, Any]:
+        return self.messages[-1]
+
+    @property
+    def text(self) -> str:
+        return "".join(m.get("delta", "") for m in self.messages)
+
+    @property
+    def refusal(self) -> str:
+        return "".join(m.get("refusal", "") for m in self.messages)
+
+    @property
+    def error_code(self) -> str | None:
+        err = self.terminal.get("error")
+        return err["code"] if err else None
+
+    def check(self) -> Reply:
+        """seq counts from 0 with no gap; exactly one terminal, and it is last."""
+        seqs = [m.get("seq") for m in self.messages]
+        assert seqs == list(range(len(seqs))), f"{self.rid}: seq {seqs}"
+        terminals = [i for i, m in enumerate(self.messages) if "done" in m or "error" in m]
+        assert terminals == [len(self.messages) - 1], f"{self.rid}: terminals at {terminals}"
+        for m in self.messages[:-1]:
+            assert set(m) in ({"seq", "delta"}, {"seq", "refusal"}), m
+        return self
+
+
+class Device:
+    """A test device: a paho client that asks and collects replies per request id."""
+
+    def __init__(
+        self, broker: Broker, device_id: str, prefix: str = "llm", *, subscribe: bool = True
+    ) -> None:
+        self.id = device_id
+        self.prefix = prefix
+        if device_id not in broker.users:
+            broker.add_user(device_id)
+        self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.raw: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{device_id}-{os.getpid()}")
+        c.username_pw_set(device_id, broker.users[device_id])
+        c.on_message = self._on_message
+        ready = threading.Event()
+        c.on_connect = lambda *a: ready.set()
+        c.on_subscribe = lambda *a: ready.set()
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        assert ready.wait(5), "device could not connect"
+        if subscribe:
+            ready.clear()
+            c.subscribe(f"{prefix}/{device_id}/res/+", qos=1)
+            assert ready.wait(5), "device could not subscribe"
+        self.client = c
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        rid = msg.topic.rsplit("/", 1)[-1]
+        with self._cond:
+            self.raw.append((msg.topic, msg.payload))
+            try:
+                self.replies[rid].append(json.loads(msg.payload))
+            except ValueError:
+                self.replies[rid].append({"unparseable": msg.payload.decode("latin-1")})
+            self._cond.notify_all()
+
+    def send(self, payload: dict[str, Any] | bytes | str, topic: str | None = None) -> None:
+        data = json.dumps(payload) if isinstance(payload, dict) else payload
+        info = self.client.publish(topic or f"{self.prefix}/{self.id}/req", data, qos=1)
+        info.wait_for_publish(5)
+
+    def cancel(self, rid: str) -> None:
+        self.client.publish(f"{self.prefix}/{self.id}/cancel", json.dumps({"id": rid}), qos=1)
+
+    def wait(self, rid: str, timeout: float = 15.0) -> Reply:
+        """Wait for request `rid`'s terminal and return its checked reply."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any("done" in m or "error" in m for m in self.replies.get(rid, [])):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    got = self.replies.get(rid, [])
+                    raise TimeoutError(f"no terminal for {rid} in {timeout} s; got {got[-3:]}")
+                self._cond.wait(left)
+            return Reply(rid, list(self.replies[rid])).check()
+
+    def ask(self, payload: dict[str, Any], timeout: float = 15.0) -> Reply:
+        self.send(payload)
+        return self.wait(payload["id"], timeout)
+
+    def wait_any(self, timeout: float = 10.0) -> tuple[str, Reply]:
+        """Wait for the first terminal on any request id (for requests sent without one)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for rid, msgs in self.replies.items():
+                    if any("done" in m or "error" in m for m in msgs):
+                        return rid, Reply(rid, list(msgs)).check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no terminal on any request")
+                self._cond.wait(left)
+
+    def quiet_after(self, rid: str, seconds: float = 0.3) -> Reply:
+        """Wait a little and check that nothing more came for `rid` after its terminal."""
+        time.sleep(seconds)
+        with self._cond:
+            return Reply(rid, list(self.replies[rid])).check()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_for_status(broker: Broker, prefix: str, expected: str, timeout: float = 15.0) -> None:
+    """Wait until the retained `P/bridge/status` says `expected`."""
+    got: list[bytes] = []
+    ev = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2)
+    c.username_pw_set("integrations", broker.users["integrations"])
+
+    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        got.append(msg.payload)
+        if msg.payload == expected.encode():
+            ev.set()
+
+    c.on_message = on_message
+    c.on_connect = lambda *a: c.subscribe(f"{prefix}/bridge/status", qos=1)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    try:
+        if not ev.wait(timeout):
+            raise TimeoutError(f"bridge status never became {expected!r}; saw {got}")
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def bridge_env(broker: Broker, base_url: str, **extra: str | int | float) -> dict[str, str]:
+    env = {
+        "OPENAI_BASE_URL": base_url,
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_MODEL": "mock-1",
+        "BRIDGE_MQTT_URL": broker.url("bridge"),
+        "BRIDGE_TOPIC_PREFIX": broker.prefix,
+        "BRIDGE_CLIENT_ID": f"bridge-{free_port()}",
+        "BRIDGE_UPSTREAM_READ_TIMEOUT": "2",
+        "BRIDGE_UPSTREAM_RETRY_BASE": "0.05",
+        "BRIDGE_LOG_LEVEL": "DEBUG",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
