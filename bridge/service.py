@@ -15,8 +15,11 @@ from collections import OrderedDict
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge import protocol as p
+from bridge.hooks import Hooks, Refusal
 from bridge.mqtt import MqttLink, Will
 from bridge.reply import DELTA, ReplyFold, StreamError
 from bridge.settings import Settings
@@ -35,7 +38,9 @@ class Job:
         "cancel_message",
         "device",
         "digest",
+        "fold",
         "outcome",
+        "props",
         "request",
         "rid",
         "seq",
@@ -44,10 +49,21 @@ class Job:
         "topic",
     )
 
-    def __init__(self, device: str, rid: str, topic: str, request: p.ChatRequest, digest: bytes):
+    def __init__(
+        self,
+        device: str,
+        rid: str,
+        topic: str,
+        request: p.ChatRequest,
+        digest: bytes,
+        *,
+        props: Properties | None = None,
+    ) -> None:
         self.device = device
         self.rid = rid
         self.topic = topic
+        self.props = props
+        self.fold: ReplyFold | None = None
         self.request = request
         self.digest = digest
         self.seq = 0
@@ -64,10 +80,18 @@ class Bridge:
     Args:
         settings: the configuration.
         upstream: the API client; made from the settings when not given.
+        hooks: policy, state, integrations and metrics, called in order.
     """
 
-    def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream | None = None,
+        hooks: list[Hooks] | None = None,
+    ) -> None:
         self.settings = settings
+        self.hooks = hooks or []
+        self._keep_text = any(h.needs_text for h in self.hooks)
         self.topics = p.Topics(settings.topic_prefix)
         self.upstream = upstream or Upstream(settings)
         self.qos = settings.response_qos
@@ -80,7 +104,8 @@ class Bridge:
             settings.mqtt,
             client_id=settings.client_id,
             on_message=self.on_message,
-            subscriptions=[(self.topics.req_filter, 1), (self.topics.cancel_filter, 1)],
+            subscriptions=[(self.topics.req_filter, 1), (self.topics.cancel_filter, 1)]
+            + [s for h in self.hooks for s in h.subscriptions()],
             clean_start=False,
             session_expiry=settings.session_expiry,
             keepalive=settings.mqtt_keepalive,
@@ -90,6 +115,8 @@ class Bridge:
             ca_file=settings.mqtt_ca_file,
             tls_insecure=settings.mqtt_tls_insecure,
         )
+        for hook in self.hooks:
+            hook.attach(self)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -116,12 +143,22 @@ class Bridge:
             if pending:
                 await asyncio.wait(pending, timeout=2)
         if self.link.connected.is_set():
+            self._call("stopping")
             self.link.publish(self.topics.status, b"offline", qos=1, retain=True)
         await self.link.stop()
         await self.upstream.aclose()
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
+        self._call("connected")
+
+    def _call(self, name: str, *args: Any) -> None:
+        """Call one hook method on every hook; a failing hook is logged, never fatal."""
+        for hook in self.hooks:
+            try:
+                getattr(hook, name)(*args)
+            except Exception:
+                log.exception("hook %s.%s failed", type(hook).__name__, name)
 
     # --- where requests enter -------------------------------------------------------------
 
@@ -136,27 +173,76 @@ class Bridge:
         try:
             parsed = self.topics.parse(msg.topic)
             if parsed is None:
-                log.warning("ignored message on unexpected topic %r", msg.topic)
+                if not any(h.message(msg) for h in self.hooks):
+                    log.warning("ignored message on unexpected topic %r", msg.topic)
             elif not p.valid_device_id(parsed[0]):
                 log.warning("ignored %s from invalid device id %r", parsed[1], parsed[0][:80])
             elif parsed[1] == "req":
-                self.submit(parsed[0], bytes(msg.payload))
+                props = getattr(msg, "properties", None)
+                self.submit(
+                    parsed[0],
+                    bytes(msg.payload),
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation=getattr(props, "CorrelationData", None),
+                )
             elif parsed[1] == "cancel":
                 self.cancel(parsed[0], bytes(msg.payload))
         finally:
             self.link.ack(msg)
 
-    def submit(self, device: str, payload: bytes) -> None:
-        """Validate a request and start it, or answer it with an error at once."""
-        try:
-            req = p.parse_request(payload, self.settings.max_request_bytes)
-        except p.BadRequest as exc:
-            rid = exc.request_id or p.new_request_id()
-            log.info("refused request device=%s id=%s: %s: %s", device, rid, exc.code, exc.message)
-            self._publish_terminal(
-                self.topics.res(device, rid), p.error_message(0, exc.code, exc.message)
+    def submit(
+        self,
+        device: str,
+        payload: bytes,
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> Job | None:
+        """Validate a request and start it, or answer it with an error at once.
+
+        Args:
+            device: the device id from the topic.
+            payload: the request as received.
+            response_topic: an MQTT v5 Response Topic: the reply goes there
+                (it must lie under `P/D/res/`), each message with `correlation`.
+        Returns:
+            the started job, or None when the request was answered or dropped.
+        """
+        props: Properties | None = None
+        if response_topic is not None or correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation is not None:
+                props.CorrelationData = correlation
+        req: p.ChatRequest | None = None
+        refusal: tuple[str, str, str | None] | None = None
+        if response_topic is not None and not self._own_response_topic(device, response_topic):
+            refusal = (
+                p.BAD_REQUEST,
+                f"response topic must lie under {self.topics.prefix}/{device}/res/",
+                None,
             )
-            return
+            response_topic = None
+        else:
+            try:
+                req = p.parse_request(payload, self.settings.max_request_bytes)
+            except p.BadRequest as exc:
+                refusal = (exc.code, exc.message, exc.request_id)
+        if req is not None:
+            try:
+                for hook in self.hooks:
+                    hook.admit(device, req, len(payload))
+            except Refusal as exc:
+                refusal = (exc.code, exc.message, req.id)
+        if refusal is not None or req is None:
+            code, message, known = refusal or (p.INTERNAL, "no request", None)
+            rid = known or p.new_request_id()
+            log.info("refused request device=%s id=%s: %s: %s", device, rid, code, message)
+            self._publish_terminal(
+                response_topic or self.topics.res(device, rid),
+                p.error_message(0, code, message),
+                props,
+            )
+            return None
         rid = req.id or p.new_request_id()
         key = (device, rid)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
@@ -164,9 +250,9 @@ class Bridge:
         seen = self._recent.get(key)
         if seen is not None and seen[0] == digest and now - seen[1] < self.settings.dedup_window:
             log.info("dropped duplicate delivery device=%s id=%s", device, rid)
-            return
+            return None
         self._remember(key, digest, now)
-        topic = self.topics.res(device, rid)
+        topic = response_topic or self.topics.res(device, rid)
         previous = self.jobs.get(key)
         if (
             previous is None
@@ -176,9 +262,10 @@ class Bridge:
             self._publish_terminal(
                 topic,
                 p.error_message(0, p.OVERLOADED, "the bridge is busy; try again in a few seconds"),
+                props,
             )
-            return
-        job = Job(device, rid, topic, req, digest)
+            return None
+        job = Job(device, rid, topic, req, digest, props=props)
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             previous.task.cancel()
@@ -190,6 +277,15 @@ class Bridge:
             rid,
             req.model or self.settings.openai_model,
             req.stream,
+        )
+        self._call("started", job)
+        return job
+
+    def _own_response_topic(self, device: str, topic: str) -> bool:
+        """A v5 response topic may only point at the asking device's own replies."""
+        base = f"{self.topics.prefix}/{device}/res/"
+        return (
+            topic.startswith(base) and len(topic) > len(base) and not ("+" in topic or "#" in topic)
         )
 
     def cancel(self, device: str, payload: bytes) -> None:
@@ -236,7 +332,8 @@ class Bridge:
                 terminal = p.error_message(job.seq, p.INTERNAL, "internal error in the bridge")
             if self.jobs.get((job.device, job.rid)) is job:
                 del self.jobs[(job.device, job.rid)]
-            self._publish_terminal(job.topic, terminal)
+            self._publish_terminal(job.topic, terminal, job.props)
+            self._call("finished", job, job.outcome, job.fold.usage if job.fold else None)
             log.info(
                 "finished device=%s id=%s outcome=%s chunks=%d seconds=%.3f",
                 job.device,
@@ -255,7 +352,8 @@ class Bridge:
         deadline = loop.time() + s.upstream_total_timeout
         attempt = 0
         while True:
-            fold = ReplyFold(body["model"], keep_text=not req.stream)
+            fold = ReplyFold(body["model"], keep_text=self._keep_text or not req.stream)
+            job.fold = fold
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._attempt(job, body, fold)
@@ -315,9 +413,13 @@ class Bridge:
     async def _attempt(self, job: Job, body: dict[str, Any], fold: ReplyFold) -> None:
         """One upstream call: publish pieces as they come; raise on an incomplete stream."""
         stream = job.request.stream
+        first = True
         async with self.upstream.stream(body) as events:
             async for event, data in events:
                 pieces = fold.feed(event, data)
+                if pieces and first:
+                    first = False
+                    self._call("streaming", job)
                 if stream and pieces:
                     await self._emit(job, pieces)
                 if fold.done:
@@ -339,24 +441,28 @@ class Bridge:
                 if kind == DELTA
                 else p.refusal_message(job.seq, text)
             )
-            link.publish(job.topic, msg, self.qos)
+            link.publish(job.topic, msg, self.qos, properties=job.props)
             job.seq += 1
 
-    def _publish_terminal(self, topic: str, payload: bytes) -> None:
+    def _publish_terminal(
+        self, topic: str, payload: bytes, props: Properties | None = None
+    ) -> None:
         """Publish a terminal message (QoS 1); while disconnected, as soon as we are back."""
         if not self.link.connected.is_set():
-            task = asyncio.create_task(self._publish_when_connected(topic, payload))
+            task = asyncio.create_task(self._publish_when_connected(topic, payload, props))
             self._later.add(task)
             task.add_done_callback(self._later.discard)
             return
         try:
-            self.link.publish(topic, payload, qos=1)
+            self.link.publish(topic, payload, qos=1, properties=props)
         except (ConnectionError, ValueError) as exc:
             log.error("could not publish terminal on %s: %s", topic, exc)
 
-    async def _publish_when_connected(self, topic: str, payload: bytes) -> None:
+    async def _publish_when_connected(
+        self, topic: str, payload: bytes, props: Properties | None
+    ) -> None:
         await self.link.connected.wait()
-        self._publish_terminal(topic, payload)
+        self._publish_terminal(topic, payload, props)
 
 
 async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
