@@ -1,0 +1,109 @@
+# Example program for the Raspberry Pi Pico 2W: join Wi-Fi, ask the LLM,
+# print the reply as it streams. The mode ("mqtt" through the bridge, or
+# "direct" over HTTPS) comes from config.json only.
+#
+# Optional hardware: a push button between gpio.button and GND (asks the next
+# prompt on each press) and an LED on gpio.led (lit while a reply streams;
+# "LED" is the Pico W's on-board LED). Without them the prompts are asked
+# once, in turn. Ctrl-C cancels the reply being streamed.
+
+import sys
+import time
+
+import asyncio
+from picollm import Chat, LLMError, load_config
+
+
+def wifi_up(cfg):
+    try:
+        import network
+    except ImportError:
+        return None  # no Wi-Fi module: a wired board or the Unix port
+    w = cfg.get("wifi") or {}
+    wlan = network.WLAN(network.STA_IF)
+    wlan.active(True)
+    if not wlan.isconnected():
+        print("Wi-Fi: joining", w.get("ssid"))
+        wlan.connect(w.get("ssid"), w.get("password"))
+        start = time.ticks_ms()
+        while not wlan.isconnected():
+            if time.ticks_diff(time.ticks_ms(), start) > cfg.get("wifi_timeout_ms", 20000):
+                raise OSError("Wi-Fi: could not join %s" % w.get("ssid"))
+            time.sleep_ms(200)
+    print("Wi-Fi up, IP", wlan.ifconfig()[0])
+    return wlan
+
+
+def gpio(cfg):
+    g = cfg.get("gpio") or {}
+    led = button = None
+    try:
+        from machine import Pin
+
+        if g.get("led") is not None:
+            led = Pin(g["led"], Pin.OUT)
+        if g.get("button") is not None:
+            button = Pin(g["button"], Pin.IN, Pin.PULL_UP)
+    except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
+        print("no GPIO (%s): running without button and LED" % (e,))
+        led = button = None
+    return led, button
+
+
+async def ask(chat, prompt, led):
+    print(">", prompt)
+    if led:
+        led.value(1)
+    try:
+        reply = chat.stream(prompt)
+        async for piece in reply:
+            print(piece, end="")
+        print()
+        usage = reply.usage or {}
+        print("[%s, %s tokens]" % (reply.finish_reason, usage.get("total_tokens", "?")))
+    except LLMError as e:
+        print()
+        print("[error]", e)
+    finally:
+        if led:
+            led.value(0)
+
+
+async def pressed(button):
+    while button.value():
+        await asyncio.sleep_ms(20)
+    while not button.value():  # wait for the release
+        await asyncio.sleep_ms(20)
+
+
+async def main(chat, cfg, led, button):
+    prompts = cfg.get("prompts") or ["Why is the sky blue?"]
+    if button is None:
+        for prompt in prompts:
+            await ask(chat, prompt, led)
+        return
+    print("press the button to ask")
+    i = 0
+    while True:
+        await pressed(button)
+        await ask(chat, prompts[i % len(prompts)], led)
+        i += 1
+
+
+def run(path="config.json"):
+    cfg = load_config(path)
+    print("picollm: mode", cfg["mode"])
+    wifi_up(cfg)
+    led, button = gpio(cfg)
+    chat = Chat(cfg)
+    try:
+        asyncio.run(main(chat, cfg, led, button))
+    except KeyboardInterrupt:
+        chat.interrupt()  # tell the bridge (or the API) to stop
+        print()
+        print("stopped")
+    asyncio.run(chat.close())
+
+
+if __name__ == "__main__":
+    run(sys.argv[1] if len(sys.argv) > 1 else "config.json")

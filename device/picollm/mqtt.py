@@ -1,0 +1,285 @@
+# MQTT transport: protocol v1 of the llm bridge over umqtt.simple.
+#
+# Requests go to P/D/req at QoS 1, replies come on P/D/res/R as JSON
+# messages {"seq":n,...}; see docs/protocol.md. The client is polled with
+# check_msg() between asyncio.sleep_ms() calls, so other tasks keep running.
+# At most the messages of one poll are held at a time: one chunk.
+
+import json
+import time
+
+import asyncio
+from umqtt.simple import MQTTClient
+
+from picollm import LLMError, LLMTimeout, error_from, new_id, tls_context
+
+
+class MQTTTransport:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.broker = cfg["broker"]
+        self.base = cfg["prefix"] + "/" + cfg["device_id"] + "/"
+        self.client = None
+        self.want = None  # the res topic (bytes) of the reply being read
+        self.box = []  # its messages not yet read, in arrival order
+        self.active = None
+        self.last_out = 0
+        self.connects = 0
+
+    # -- connection ---------------------------------------------------------
+
+    def _on_msg(self, topic, msg):
+        if topic == self.want:
+            self.box.append(msg)
+
+    def connect(self):
+        b = self.broker
+        kw = {}
+        if b["tls"]:
+            kw["ssl"] = tls_context(b["ca"], self.cfg["tls_verify"])
+        port = b["port"] or (8883 if b["tls"] else 1883)
+        c = MQTTClient(
+            b["client_id"] or self.cfg["device_id"],
+            b["host"],
+            port,
+            b["user"] or None,
+            b["password"] or None,
+            b["keepalive"],
+            **kw
+        )
+        c.set_callback(self._on_msg)
+        try:
+            c.connect(b["clean_session"])
+            # Subscribe before the first request is published.
+            c.subscribe((self.base + "res/+").encode(), 1)
+        except Exception:
+            _close_sock(c)
+            raise
+        self.client = c
+        self.connects += 1
+        self.last_out = time.ticks_ms()
+
+    def ensure(self):
+        if self.client is None:
+            self.connect()
+
+    async def reconnect(self):
+        # Reconnect after a dropped socket, retrying until the connect
+        # timeout. With clean_session off the broker has kept the
+        # subscription and queued the chunks published meanwhile.
+        self.drop()
+        limit = self.cfg["connect_timeout_ms"]
+        start = time.ticks_ms()
+        wait = 100
+        while True:
+            try:
+                self.connect()
+                return
+            except OSError as e:
+                err = e
+            if time.ticks_diff(time.ticks_ms(), start) > limit:
+                raise LLMError("unreachable", "broker: %s" % (err,))
+            await asyncio.sleep_ms(wait)
+            wait = min(wait * 2, 2000)
+
+    def drop(self):
+        if self.client is not None:
+            _close_sock(self.client)
+            self.client = None
+
+    async def close(self):
+        c = self.client
+        self.client = None
+        if c is not None:
+            try:
+                c.disconnect()
+            except OSError:
+                _close_sock(c)
+
+    def publish(self, topic, payload):
+        self.client.publish(topic.encode(), payload, False, 1)
+        self.last_out = time.ticks_ms()
+
+    async def publish_retry(self, topic, payload):
+        try:
+            self.ensure()
+            self.publish(topic, payload)
+        except OSError:
+            await self.reconnect()
+            self.publish(topic, payload)
+
+    def poll(self):
+        # Read at most one packet; ping when the keepalive is half spent.
+        c = self.client
+        c.check_msg()
+        ka = self.broker["keepalive"]
+        if ka and time.ticks_diff(time.ticks_ms(), self.last_out) > ka * 500:
+            c.ping()
+            self.last_out = time.ticks_ms()
+
+    # -- requests -----------------------------------------------------------
+
+    def open(self, messages, system, opts):
+        rid = new_id()
+        req = {"id": rid}
+        if len(messages) == 1:
+            req["prompt"] = messages[0]["content"]
+        else:
+            req["messages"] = messages
+        if system:
+            req["system"] = system
+        req["stream"] = True
+        req.update(opts)
+        return MQTTReply(self, rid, json.dumps(req))
+
+    def abort(self):
+        # Synchronous cancel of the reply being read, for a
+        # KeyboardInterrupt caught outside the event loop.
+        r = self.active
+        if r is not None:
+            r.send_cancel()
+            r.finish()
+
+
+class MQTTReply:
+    def __init__(self, t, rid, payload):
+        self.t = t
+        self.id = rid
+        self.payload = payload
+        self.topic = (t.base + "res/" + rid).encode()
+        self.seq = 0
+        self.started = False
+        self.ended = False
+        self.tail = None
+        self.finish_reason = None
+        self.usage = None
+        self.model = None
+        self.refusal = False
+
+    async def start(self):
+        t = self.t
+        if t.active is not None:
+            t.active.finish()
+        t.want = self.topic
+        t.box = []
+        t.active = self
+        self.started = True
+        await t.publish_retry(t.base + "req", self.payload)
+        self.payload = None
+
+    def finish(self):
+        self.ended = True
+        t = self.t
+        if t.active is self:
+            t.active = None
+            t.want = None
+            t.box = []
+
+    def send_cancel(self):
+        t = self.t
+        try:
+            t.ensure()
+            t.publish(t.base + "cancel", json.dumps({"id": self.id}))
+        except OSError:
+            t.drop()
+
+    async def next_msg(self, timeout_ms):
+        t = self.t
+        start = time.ticks_ms()
+        while True:
+            box = t.box
+            while box:
+                m = json.loads(box.pop(0))
+                seq = m.get("seq") if isinstance(m, dict) else None
+                if not isinstance(seq, int):
+                    self.finish()
+                    raise LLMError("protocol", "message without seq")
+                if seq < self.seq:
+                    continue  # a second delivery
+                if seq > self.seq:
+                    self.finish()
+                    raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
+                self.seq += 1
+                return m
+            if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
+                raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
+            try:
+                t.poll()
+            except OSError:
+                await t.reconnect()
+                continue
+            if not t.box:
+                await asyncio.sleep_ms(t.cfg["poll_ms"])
+
+    async def next_piece(self):
+        if self.tail is not None:
+            text = self.tail
+            self.tail = None
+            return text
+        if self.ended:
+            return None
+        try:
+            if not self.started:
+                await self.start()
+            while True:
+                try:
+                    m = await self.next_msg(self.t.cfg["reply_timeout_ms"])
+                except LLMTimeout:
+                    self.send_cancel()
+                    self.finish()
+                    raise
+                if "delta" in m:
+                    if m["delta"]:
+                        return m["delta"]
+                    continue
+                if "refusal" in m:
+                    self.refusal = True
+                    return m["refusal"]
+                self.finish()
+                if "error" in m:
+                    e = m["error"] if isinstance(m["error"], dict) else {}
+                    raise error_from(
+                        e.get("code") or "error", e.get("message") or "", e.get("status")
+                    )
+                if m.get("done"):
+                    self.finish_reason = m.get("finish_reason")
+                    self.usage = m.get("usage")
+                    self.model = m.get("model")
+                    if m.get("refusal"):
+                        self.refusal = True
+                    text = m.get("text") or m.get("refusal")
+                    return text if text else None
+                raise LLMError("protocol", "unknown message")
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if not self.ended:
+                self.send_cancel()
+                self.finish()
+            raise
+
+    async def cancel(self):
+        # Send P/D/cancel and wait (a few seconds at most) for the bridge's
+        # `cancelled` terminal, dropping the chunks still on their way.
+        # True when the bridge confirmed.
+        if self.ended or not self.started:
+            self.finish()
+            return False
+        self.send_cancel()
+        self.ended = True
+        try:
+            while True:
+                m = await self.next_msg(min(5000, self.t.cfg["reply_timeout_ms"]))
+                if "error" in m or "done" in m:
+                    break
+        except LLMError:
+            self.finish()
+            return False
+        self.finish()
+        return "error" in m and m["error"].get("code") == "cancelled"
+
+
+def _close_sock(c):
+    try:
+        if c.sock:
+            c.sock.close()
+    except Exception:
+        pass

@@ -1,0 +1,563 @@
+# Direct transport: an async OpenAI-compatible client over MicroPython
+# asyncio streams, with uopenai's surface:
+#
+#   client = OpenAI(api_key, base_url, ca="ca.pem")
+#   resp = await client.chat.completions.create(model, messages)
+#   resp.choices[0].message.content
+#   stream = await client.chat.completions.create(model, messages, stream=True)
+#   async for line in stream.iter_lines(): ...      # raw SSE lines (uopenai)
+#   async for piece in stream: ...                  # or the text deltas
+#
+# Unlike uopenai, HTTPS verifies the server certificate against a CA bundle
+# (`ca`); verify=False is the explicit opt-out. Memory: one SSE line at a time.
+
+import json
+
+import asyncio
+
+from picollm import LLMError, LLMTimeout, tls_context
+
+MAX_LINE = 16384  # the longest SSE line or error body read
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Obj:
+    def __repr__(self):
+        return "<%s %s>" % (type(self).__name__, self.__dict__)
+
+
+class Message(_Obj):
+    def __init__(self, d):
+        self.role = d.get("role", "assistant")
+        c = d.get("content")
+        self.content = c if c is not None else ""  # thinking models send null
+        self.refusal = d.get("refusal")
+        self.tool_calls = d.get("tool_calls")
+
+
+class Choice(_Obj):
+    def __init__(self, d):
+        self.index = d.get("index", 0)
+        self.message = Message(d.get("message") or {})
+        self.finish_reason = d.get("finish_reason")
+
+
+class ChatCompletion(_Obj):
+    def __init__(self, d):
+        self.id = d.get("id")
+        self.object = d.get("object")
+        self.created = d.get("created")
+        self.model = d.get("model")
+        self.usage = d.get("usage")
+        self.choices = [Choice(c) for c in d.get("choices") or ()]
+
+
+def _check_kwargs(kw):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if name in kw:
+            v = kw[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(name + " must be a number")
+            lo, hi = (0, 2) if name == "temperature" else (0, 1) if name == "top_p" else (-2, 2)
+            if not lo <= v <= hi:
+                raise ValueError("%s must be in %s..%s" % (name, lo, hi))
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in kw:
+            v = kw[name]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(name + " must be an int")
+            if v < 1:
+                raise ValueError(name + " must be >= 1")
+
+
+def _check_messages(messages):
+    if not isinstance(messages, list):
+        raise TypeError("messages must be a list")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    for m in messages:
+        if not isinstance(m, dict):
+            raise TypeError("each message must be a dict")
+        if m.get("role") not in _ROLES:
+            raise ValueError("message role must be one of " + ", ".join(_ROLES))
+        c = m.get("content")
+        if c is not None and not isinstance(c, (str, list)):
+            raise TypeError("message content must be a str, a list or None")
+
+
+class Completions:
+    def __init__(self, client):
+        self._client = client
+
+    async def create(self, model, messages, stream=False, timeout_ms=30000, **kwargs):
+        if not isinstance(model, str):
+            raise TypeError("model must be a str")
+        if not model:
+            raise ValueError("model must not be empty")
+        _check_messages(messages)
+        if not isinstance(stream, bool):
+            raise TypeError("stream must be a bool")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int):
+            raise TypeError("timeout_ms must be an int")
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+        _check_kwargs(kwargs)
+        body = {"model": model, "messages": messages, "stream": stream}
+        body.update(kwargs)
+        data = json.dumps(body).encode()
+        body = None
+        return await self._client._post("/chat/completions", data, timeout_ms, stream)
+
+
+class _ChatNS:
+    def __init__(self, client):
+        self.completions = Completions(client)
+
+
+class OpenAI:
+    def __init__(self, api_key, base_url="https://api.openai.com/v1", ca=None, verify=True,
+                 server_hostname=None):
+        if not isinstance(api_key, str):
+            raise TypeError("api_key must be a str")
+        if not api_key.strip():
+            raise ValueError("api_key must not be empty")
+        if not isinstance(base_url, str):
+            raise TypeError("base_url must be a str")
+        if ca is not None and not isinstance(ca, str):
+            raise TypeError("ca must be a path (str) or None")
+        if not isinstance(verify, bool):
+            raise TypeError("verify must be a bool")
+        url = base_url.strip()
+        while url.endswith("/"):
+            url = url[:-1]
+        if url.startswith("https://"):
+            https, rest = True, url[8:]
+        elif url.startswith("http://"):
+            https, rest = False, url[7:]
+        else:
+            raise ValueError("base_url must start with http:// or https://")
+        hostport, slash, path = rest.partition("/")
+        host, colon, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+        if not host:
+            raise ValueError("base_url has no host")
+        if port:
+            try:
+                port = int(port)
+            except ValueError:
+                raise ValueError("base_url has a bad port")
+        else:
+            port = 443 if https else 80
+        self.base_url = url
+        self._key = api_key
+        self._https = https
+        self._host = host
+        self._port = port
+        self._hosthdr = hostport
+        self._path = slash + path
+        self._ca = ca
+        self._verify = verify
+        self._sni = server_hostname or host
+        self._ctx = None
+        self.chat = _ChatNS(self)
+
+    def __repr__(self):
+        return "<OpenAI %s>" % self.base_url  # never the key
+
+    @staticmethod
+    def encode_image(filepath):
+        # The file's bytes as a base64 str (no data: prefix). Small images:
+        # the whole file is held in memory.
+        if not isinstance(filepath, str):
+            raise TypeError("filepath must be a str")
+        if not filepath:
+            raise ValueError("filepath must not be empty")
+        from binascii import b2a_base64
+
+        with open(filepath, "rb") as f:
+            raw = f.read()
+        return b2a_base64(raw).decode().strip()
+
+    def _ssl(self):
+        if self._ctx is None:
+            if self._verify and not self._ca:
+                raise LLMError("tls", "no CA bundle: pass ca=PATH (or verify=False to opt out)")
+            self._ctx = tls_context(self._ca, self._verify)
+        return self._ctx
+
+    async def _post(self, path, data, timeout_ms, stream):
+        ctx = self._ssl() if self._https else None
+        conn = _Conn(timeout_ms)
+        try:
+            await conn.open(self._host, self._port, ctx, self._sni)
+            head = (
+                "POST %s%s HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\n"
+                "Content-Type: application/json\r\nContent-Length: %d\r\n"
+                "Accept: %s\r\nConnection: close\r\nUser-Agent: picollm\r\n\r\n"
+            ) % (self._path, path, self._hosthdr, self._key, len(data),
+                 "text/event-stream" if stream else "application/json")
+            await conn.send(head.encode(), data)
+            head = None
+            await conn.read_head()
+            if conn.status != 200:
+                raw = await conn.read_all()
+                raise _status_error(conn.status, raw)
+            if stream:
+                return Stream(conn, timeout_ms)
+            raw = await conn.read_all()
+            conn.close()
+            try:
+                d = json.loads(raw)
+            except ValueError:
+                raise LLMError("upstream_protocol", "the body is not JSON")
+            raw = None
+            if not isinstance(d, dict) or "choices" not in d:
+                raise LLMError("upstream_protocol", "not a chat completion")
+            return ChatCompletion(d)
+        except BaseException:
+            conn.close()
+            raise
+
+
+def _status_error(status, raw):
+    msg = ""
+    try:
+        e = json.loads(raw)["error"]
+        msg = e.get("message") if isinstance(e, dict) else str(e)
+    except Exception:
+        msg = raw[:200].decode() if raw else ""
+    return LLMError("upstream_status", "HTTP %d: %s" % (status, (msg or "")[:200]), status)
+
+
+class _Conn:
+    # One HTTP/1.1 exchange on an asyncio stream; the body is read a line
+    # at a time, through chunked transfer coding when the server uses it.
+    def __init__(self, timeout_ms):
+        self.timeout_ms = timeout_ms
+        self.r = self.w = None
+        self.status = 0
+        self.length = -1
+        self.chunked = False
+        self.left = 0  # bytes left in the current chunk / body
+        self.eof = False
+
+    async def _io(self, coro):
+        try:
+            return await asyncio.wait_for_ms(coro, self.timeout_ms)
+        except asyncio.TimeoutError:
+            self.close()
+            raise LLMTimeout("timeout", "no answer within %d ms" % self.timeout_ms)
+        except ValueError as e:
+            # MicroPython's ssl reports a refused certificate this way
+            self.close()
+            raise LLMError("tls", "certificate refused: %s" % str(e).strip())
+        except OSError as e:
+            self.close()
+            code = e.args[0] if e.args else 0
+            if isinstance(code, int) and code < 0:
+                raise LLMError("tls", "TLS failure (%d): the server's certificate was refused "
+                                      "or the handshake failed" % code)
+            raise LLMError("unreachable", "connection failed: %s" % (e,))
+
+    async def open(self, host, port, ctx, sni):
+        if ctx is None:
+            self.r, self.w = await self._io(asyncio.open_connection(host, port))
+        else:
+            self.r, self.w = await self._io(
+                asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni))
+
+    async def send(self, head, data):
+        # write() may already run the TLS handshake: keep it inside _io()
+        await self._io(self._send(head, data))
+
+    async def _send(self, head, data):
+        self.w.write(head)
+        self.w.write(data)
+        await self.w.drain()
+
+    async def _raw_line(self):
+        line = await self._io(self.r.readline())
+        if len(line) > MAX_LINE:
+            raise LLMError("upstream_protocol", "line too long")
+        return line
+
+    async def read_head(self):
+        line = await self._raw_line()
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise LLMError("upstream_protocol", "not an HTTP response")
+        self.status = int(parts[1])
+        while True:
+            line = await self._raw_line()
+            if not line:
+                raise LLMError("upstream_protocol", "headers cut")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip()
+            if name == b"content-length":
+                self.length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                self.chunked = True
+        if not self.chunked and self.length >= 0:
+            self.left = self.length
+            self.eof = self.length == 0
+
+    async def readline(self):
+        # The next line of the body, with its newline; b"" at the end.
+        out = b""
+        while not self.eof:
+            if self.chunked and self.left == 0:
+                size = await self._raw_line()
+                if size in (b"\r\n", b"\n"):
+                    continue  # the CRLF after a chunk's data
+                if not size:
+                    self.eof = True
+                    break
+                self.left = int(size.split(b";")[0].strip(), 16)
+                if self.left == 0:
+                    self.eof = True
+                    break
+            line = await self._raw_line()
+            if not line:
+                self.eof = True
+                break
+            if self.length >= 0 or self.chunked:
+                if len(line) > self.left:
+                    # The chunk ended inside this line: what follows the
+                    # chunk's data is its CRLF, which readline stopped at.
+                    line = line[: self.left]
+                    self.left = 0
+                else:
+                    self.left -= len(line)
+                if not self.chunked and self.left == 0:
+                    self.eof = True
+            out = out + line if out else line
+            if len(out) > MAX_LINE:
+                raise LLMError("upstream_protocol", "line too long")
+            if out.endswith(b"\n"):
+                return out
+        return out
+
+    async def read_all(self):
+        limit = 4 * MAX_LINE
+        if not self.chunked:
+            if self.length > limit:
+                raise LLMError("upstream_protocol", "body too long")
+            if self.length >= 0:
+                self.eof = True
+                return await self._io(self.r.readexactly(self.length))
+            out = b""
+            while True:  # no length: the body ends when the server closes
+                part = await self._io(self.r.read(512))
+                if not part:
+                    self.eof = True
+                    return out
+                out += part
+                if len(out) > limit:
+                    raise LLMError("upstream_protocol", "body too long")
+        out = b""
+        while True:
+            line = await self.readline()
+            if not line:
+                return out
+            out += line
+            if len(out) > 4 * MAX_LINE:
+                raise LLMError("upstream_protocol", "body too long")
+
+    def close(self):
+        w = self.w
+        self.w = self.r = None
+        if w is not None:
+            try:
+                w.close()
+            except Exception:
+                pass
+
+
+class _Lines:
+    def __init__(self, stream):
+        self._s = stream
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        line = await self._s._line()
+        if line is None:
+            raise StopAsyncIteration
+        return line
+
+
+class Stream:
+    # The reply of create(stream=True). Read it once, either as raw SSE
+    # lines (iter_lines(), as in uopenai) or as text pieces (async for).
+    # After the end: id, model, finish_reason, usage, refusal.
+    def __init__(self, conn, timeout_ms):
+        self._conn = conn
+        self.status = conn.status
+        self.id = None
+        self.model = None
+        self.finish_reason = None
+        self.usage = None
+        self.refusal = False
+        self._done = False
+        self._event = None
+
+    async def _line(self):
+        # The next non-empty line without its line end; None at the end.
+        while True:
+            if self._conn.r is None:
+                return None
+            line = await self._conn.readline()
+            if not line:
+                self.close()
+                return None
+            line = line.rstrip(b"\r\n")
+            if line:
+                return line
+
+    def iter_lines(self):
+        return _Lines(self)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        piece = await self.next_piece()
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    async def next_piece(self):
+        # The next text piece (content or refusal), None at the end.
+        try:
+            while not self._done:
+                line = await self._line()
+                if line is None:
+                    self._done = True
+                    if self.finish_reason is None:
+                        raise LLMError("upstream_protocol", "the stream ended before [DONE]")
+                    return None
+                if line.startswith(b"event:"):
+                    self._event = line[6:].strip()
+                    continue
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                line = None
+                if data == b"[DONE]":
+                    self._done = True
+                    self.close()
+                    return None
+                try:
+                    ev = json.loads(data)
+                except ValueError:
+                    raise LLMError("upstream_protocol", "malformed JSON in the stream")
+                data = None
+                if not isinstance(ev, dict):
+                    raise LLMError("upstream_protocol", "malformed event")
+                if "error" in ev or self._event == b"error":
+                    e = ev.get("error", ev)
+                    msg = e.get("message") if isinstance(e, dict) else str(e)
+                    raise LLMError("upstream_error", str(msg)[:200])
+                self.id = ev.get("id") or self.id
+                self.model = ev.get("model") or self.model
+                if ev.get("usage"):
+                    self.usage = ev["usage"]
+                choices = ev.get("choices")
+                if not choices:
+                    continue
+                c = choices[0]
+                if c.get("finish_reason"):
+                    self.finish_reason = c["finish_reason"]
+                delta = c.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    return text
+                text = delta.get("refusal")
+                if text:
+                    self.refusal = True
+                    return text
+            return None
+        except BaseException:
+            self._done = True
+            self.close()
+            raise
+
+    def close(self):
+        self._conn.close()
+
+    async def aclose(self):
+        self.close()
+
+    async def cancel(self):
+        # Closing the socket ends the upstream request.
+        if self._done:
+            return False
+        self._done = True
+        self.close()
+        return True
+
+
+class DirectReply:
+    def __init__(self, t, messages, opts):
+        self.t = t
+        self.messages = messages
+        self.opts = opts
+        self.s = None
+        self.id = None
+        self.finish_reason = None
+        self.usage = None
+        self.model = None
+        self.refusal = False
+
+    async def next_piece(self):
+        t = self.t
+        if self.s is None:
+            opts = self.opts
+            model = opts.pop("model", None) or t.cfg["model"]
+            opts.pop("stream", None)
+            if "stream_options" not in opts:
+                opts["stream_options"] = {"include_usage": True}
+            t.active = self
+            self.s = await t.client.chat.completions.create(
+                model, self.messages, True, t.cfg["reply_timeout_ms"], **opts)
+            self.messages = None
+        piece = await self.s.next_piece()
+        s = self.s
+        self.id, self.model, self.usage = s.id, s.model, s.usage
+        self.finish_reason, self.refusal = s.finish_reason, s.refusal
+        if piece is None and t.active is self:
+            t.active = None
+        return piece
+
+    async def cancel(self):
+        if self.t.active is self:
+            self.t.active = None
+        if self.s is None:
+            return False
+        return await self.s.cancel()
+
+
+class DirectTransport:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.client = OpenAI(cfg["api_key"], cfg["base_url"], cfg["ca"], cfg["tls_verify"],
+                             cfg["server_hostname"])
+        self.active = None
+
+    def open(self, messages, system, opts):
+        if system:
+            messages = [{"role": "system", "content": system}] + messages
+        return DirectReply(self, messages, opts)
+
+    def abort(self):
+        r = self.active
+        self.active = None
+        if r is not None and r.s is not None:
+            r.s._done = True
+            r.s.close()
+
+    async def close(self):
+        self.abort()
