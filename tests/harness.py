@@ -305,8 +305,8 @@ class Device:
             return Reply(rid, list(self.replies[rid])).check()
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def wait_for_status(broker: Broker, prefix: str, expected: str, timeout: float = 15.0) -> None:
