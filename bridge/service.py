@@ -465,9 +465,17 @@ class Bridge:
         self._publish_terminal(topic, payload, props)
 
 
+def build_hooks(settings: Settings) -> list[Hooks]:
+    """The hooks `run_bridge` serves with, in the order they are called."""
+    from bridge.policy import PolicyHook  # noqa: PLC0415 (hooks load only when run)
+
+    hooks: list[Hooks] = [PolicyHook(settings)]
+    return hooks
+
+
 async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     """Run a bridge until `stop` is set (the CLI's `run`)."""
-    bridge = Bridge(settings)
+    bridge = Bridge(settings, hooks=build_hooks(settings))
     await bridge.start()
     log.info(
         "bridge serving %s/+/req from %s, upstream %s",

@@ -29,6 +29,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from bridge.policy import PolicyConfig
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
 
@@ -121,6 +123,12 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    # Per-device policy and provisioning (docs/configuration.md, bridge/policy.py,
+    # bridge/provision.py): the limits, where the counters live, the broker's files.
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    data_dir: Path = Path("data")
+    broker_dir: Path = Path("broker")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,269 @@
+"""Per-device policy: allowed models, a `max_tokens` cap, request size, rate, daily budget, streams.
+
+The limits come from the `policy` section of the configuration (`BRIDGE_POLICY`,
+or `[policy]` in the config file): `policy.default` for every device, and
+`policy.devices.<id>` for the fields one device has differently. A refused
+request gets an error terminal with its own code (docs/protocol.md). The
+request and token counters live in SQLite in `BRIDGE_DATA_DIR`, so a restart
+of the bridge does not hand every device a fresh minute or a fresh day.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bridge import protocol as p
+from bridge.hooks import Hooks, Refusal
+
+if TYPE_CHECKING:
+    from bridge.protocol import ChatRequest
+    from bridge.service import Bridge, Job
+    from bridge.settings import Settings
+
+log = logging.getLogger("bridge.policy")
+
+RATE_LIMITED = "rate_limited"
+BUDGET_EXCEEDED = "budget_exceeded"
+MODEL_NOT_ALLOWED = "model_not_allowed"
+TOO_MANY_STREAMS = "too_many_streams"
+TOO_LARGE = p.TOO_LARGE
+
+COUNTERS_FILE = "counters.sqlite3"
+_WINDOW = 60.0
+
+
+class Limits(BaseModel):
+    """One device's limits; 0 (or an empty `models`) means no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=list)
+    max_tokens: int = Field(default=0, ge=0)
+    max_request_bytes: int = Field(default=0, ge=0)
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_day: int = Field(default=0, ge=0)
+    max_streams: int = Field(default=0, ge=0)
+
+
+class PolicyConfig(BaseModel):
+    """`policy.default` for every device; `policy.devices.<id>` overrides what it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: Limits = Limits()
+    devices: dict[str, Limits] = Field(default_factory=dict)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_ids(cls, v: dict[str, Limits]) -> dict[str, Limits]:
+        for name in v:
+            if not p.valid_device_id(name):
+                raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
+        return v
+
+    def limits(self, device: str) -> Limits:
+        """The limits that apply to `device`: its own fields over the default's."""
+        own = self.devices.get(device)
+        if own is None:
+            return self.default
+        merged = self.default.model_dump()
+        merged.update(own.model_dump(exclude_unset=True))
+        return Limits(**merged)
+
+    @property
+    def counts(self) -> bool:
+        """Whether any limit needs the persistent counters."""
+        return any(
+            lim.requests_per_minute or lim.tokens_per_day
+            for lim in (self.default, *self.devices.values())
+        )
+
+
+def utc_day(now: float) -> str:
+    """The UTC date the daily budget is counted in, `YYYY-MM-DD`."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+class Counters:
+    """Requests (for the per-minute rate) and tokens (per UTC day) per device, in SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS requests (device TEXT NOT NULL, at REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS requests_by_device ON requests (device, at);
+            CREATE TABLE IF NOT EXISTS usage (
+                device TEXT NOT NULL,
+                day TEXT NOT NULL,
+                requests INTEGER NOT NULL DEFAULT 0,
+                tokens INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (device, day)
+            );
+            """
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def requests_since(self, device: str, since: float) -> list[float]:
+        """The times of this device's requests after `since`, oldest first."""
+        rows = self.db.execute(
+            "SELECT at FROM requests WHERE device = ? AND at > ? ORDER BY at", (device, since)
+        )
+        return [float(r[0]) for r in rows]
+
+    def add_request(self, device: str, now: float) -> None:
+        day = utc_day(now)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO requests VALUES (?, ?)", (device, now))
+            self.db.execute("DELETE FROM requests WHERE at < ?", (now - _WINDOW,))
+            self.db.execute(
+                "INSERT INTO usage (device, day, requests) VALUES (?, ?, 1) "
+                "ON CONFLICT (device, day) DO UPDATE SET requests = requests + 1",
+                (device, day),
+            )
+
+    def add_tokens(self, device: str, tokens: int, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO usage (device, day, tokens) VALUES (?, ?, ?) "
+            "ON CONFLICT (device, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+            (device, utc_day(now), tokens),
+        )
+
+    def tokens(self, device: str, day: str) -> int:
+        row = self.db.execute(
+            "SELECT tokens FROM usage WHERE device = ? AND day = ?", (device, day)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def usage(self, day: str) -> dict[str, tuple[int, int]]:
+        """Every device's (requests, tokens) on `day`."""
+        rows = self.db.execute("SELECT device, requests, tokens FROM usage WHERE day = ?", (day,))
+        return {str(d): (int(r), int(t)) for d, r, t in rows}
+
+
+def usage_tokens(usage: Any) -> int:
+    """The tokens a provider's `usage` reports (`total_tokens`, else prompt + completion)."""
+    if not isinstance(usage, dict):
+        return 0
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return max(total, 0)
+    parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    return sum(v for v in parts if isinstance(v, int) and not isinstance(v, bool) and v > 0)
+
+
+class PolicyHook(Hooks):
+    """Applies `settings.policy` at admission and counts what each device spent.
+
+    Checks, in order: size (`too_large`), model (`model_not_allowed`), requests
+    running or waiting (`too_many_streams`), requests in the last 60 s
+    (`rate_limited`), tokens this UTC day (`budget_exceeded`). An admitted
+    request's `max_tokens` (or `max_completion_tokens`) is lowered to the cap,
+    or set to it when the device gave none.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        counters: Counters | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.policy: PolicyConfig = settings.policy
+        self.clock = clock
+        if counters is None and self.policy.counts:
+            counters = Counters(Path(settings.data_dir) / COUNTERS_FILE)
+        self.counters = counters
+        self.streams: Counter[str] = Counter()
+        self._bridge: Bridge | None = None
+
+    def attach(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+
+    def _running(self, device: str, rid: str | None) -> bool:
+        return rid is not None and self._bridge is not None and (device, rid) in self._bridge.jobs
+
+    def admit(self, device: str, request: ChatRequest, size: int) -> None:
+        lim = self.policy.limits(device)
+        if lim.max_request_bytes and size > lim.max_request_bytes:
+            raise Refusal(
+                TOO_LARGE,
+                f"the request is {size} bytes; this device may send at most "
+                f"{lim.max_request_bytes}",
+            )
+        model = request.model or self.settings.openai_model
+        if lim.models and model not in lim.models:
+            raise Refusal(
+                MODEL_NOT_ALLOWED,
+                f"model {model[:80]!r} is not allowed for this device; "
+                f"allowed: {', '.join(lim.models)}",
+            )
+        # A request reusing the id of one still running replaces it (or is its
+        # duplicate delivery): it does not add a stream.
+        if (
+            lim.max_streams
+            and self.streams[device] >= lim.max_streams
+            and not self._running(device, request.id)
+        ):
+            raise Refusal(
+                TOO_MANY_STREAMS,
+                f"this device already has {self.streams[device]} requests running or "
+                f"waiting (at most {lim.max_streams}); wait for one to finish",
+            )
+        now = self.clock()
+        if lim.requests_per_minute and self.counters is not None:
+            recent = self.counters.requests_since(device, now - _WINDOW)
+            if len(recent) >= lim.requests_per_minute:
+                wait = max(recent[-lim.requests_per_minute] + _WINDOW - now, 0.0)
+                raise Refusal(
+                    RATE_LIMITED,
+                    f"at most {lim.requests_per_minute} requests a minute; "
+                    f"try again in {wait:.0f} s",
+                )
+        if lim.tokens_per_day and self.counters is not None:
+            used = self.counters.tokens(device, utc_day(now))
+            if used >= lim.tokens_per_day:
+                raise Refusal(
+                    BUDGET_EXCEEDED,
+                    f"this device used {used} of its {lim.tokens_per_day} tokens for today "
+                    "(the day ends at 00:00 UTC)",
+                )
+        if lim.max_tokens:
+            if request.max_completion_tokens is not None:
+                request.max_completion_tokens = min(request.max_completion_tokens, lim.max_tokens)
+            if request.max_tokens is not None or request.max_completion_tokens is None:
+                request.max_tokens = min(request.max_tokens or lim.max_tokens, lim.max_tokens)
+
+    def started(self, job: Job) -> None:
+        self.streams[job.device] += 1
+        if self.counters is not None:
+            self.counters.add_request(job.device, self.clock())
+
+    def finished(self, job: Job, outcome: str, usage: Any) -> None:
+        self.streams[job.device] -= 1
+        if self.streams[job.device] <= 0:
+            del self.streams[job.device]
+        tokens = usage_tokens(usage)
+        if tokens and self.counters is not None:
+            self.counters.add_tokens(job.device, tokens, self.clock())
+        log.debug("device=%s id=%s outcome=%s tokens=%d", job.device, job.rid, outcome, tokens)
+
+    def stopping(self) -> None:
+        if self.counters is not None:
+            self.counters.close()
+            self.counters = None
