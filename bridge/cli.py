@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
@@ -146,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
     demo.set_defaults(func=cmd_demo)
+
+    from bridge import provision
+
+    device = sub.add_parser("device", help="add, remove and list devices (their broker users)")
+    device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    provision.add_device_commands(device_sub)
+    try:
+        deploy: Any = importlib.import_module("bridge.deploy")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bridge.deploy":
+            raise
+    else:
+        dep = device_sub.add_parser("deploy", help="put the program and config on a board")
+        deploy.add_deploy_arguments(dep)
+        dep.set_defaults(func=deploy.run_deploy)
+
+    broker = sub.add_parser("broker", help="the broker: users, reload, TLS certificates, health")
+    provision.add_broker_commands(
+        broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    )
     return parser
 
 

@@ -1,0 +1,228 @@
+"""`llm-bridge device add|remove|list` and `llm-bridge broker init|reload|check`, run as
+commands against a real Mosquitto started with the project's broker/ files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge import provision
+from bridge.cli import main
+from bridge.passwords import check_password
+from tests.harness import REPO, BridgeProcess, Broker, Device
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker of this module's own: the CLI edits its password file."""
+    b = Broker(tmp_path_factory.mktemp("provision-broker")).start()
+    yield b
+    b.stop()
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`llm-bridge ARGS` as a user runs it, in `cwd`, without the test's BRIDGE_ settings."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    base["PYTHONPATH"] = str(REPO)
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        check=False,
+        cwd=cwd,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def wait_connect(broker: Broker, user: str, password: str, expect: bool = True) -> bool:
+    """Poll until Mosquitto (reloading) accepts, or refuses, `user`."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if broker.can_connect(user, password) == expect:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_device_add_list_rotate_remove(
+    broker: Broker, start_bridge: Callable[..., BridgeProcess], tmp_path: Path
+) -> None:
+    assert broker.proc is not None
+    pid = str(broker.proc.pid)
+    where = ["--broker-dir", str(broker.dir), "--pid", pid]
+    added = cli("device", "add", "kitchen", "--host", "127.0.0.1", "--port", str(broker.port),
+                *where, cwd=tmp_path)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    snippet = json.loads(added.stdout)
+    password = snippet["broker"]["password"]
+    assert snippet["device_id"] == "kitchen" and snippet["mode"] == "mqtt"
+    assert snippet["broker"] == {
+        "host": "127.0.0.1", "port": broker.port, "user": "kitchen", "password": password,
+        "tls": False,
+    }  # fmt: skip
+    assert snippet["prefix"] == "llm"
+    assert "shown only this once" in added.stderr and password not in added.stderr
+    assert f"pid {pid}" in added.stderr  # it reloaded our broker
+
+    passwd = broker.dir / "passwd"
+    assert mode(passwd) == 0o600
+    text = passwd.read_text()
+    assert password not in text  # only the hash is kept
+    line = next(x for x in text.splitlines() if x.startswith("kitchen:"))
+    assert check_password(password, line.split(":", 1)[1])
+    assert {x.split(":")[0] for x in text.splitlines()} == {"bridge", "integrations", "kitchen"}
+    assert wait_connect(broker, "kitchen", password)
+
+    # The provisioned device asks through a bridge with the printed credentials.
+    data = tmp_path / "data"
+    start_bridge(
+        BRIDGE_DATA_DIR=str(data),
+        BRIDGE_POLICY='{"default":{"tokens_per_day":100000}}',
+        BRIDGE_TOPIC_PREFIX="llm",
+    )
+    broker.users["kitchen"] = password
+    dev = Device(broker, "kitchen")
+    try:
+        assert dev.ask({"id": "p1", "prompt": "hello"}).terminal.get("done") is True
+    finally:
+        dev.close()
+    broker.users.pop("kitchen")
+
+    again = cli("device", "add", "kitchen", *where, cwd=tmp_path)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert again.stdout == ""  # never printed twice
+
+    listed = cli("device", "list", "--broker-dir", str(broker.dir), cwd=tmp_path,
+                 env={"BRIDGE_DATA_DIR": str(data)})  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    rows = [r.split() for r in listed.stdout.splitlines()]
+    assert rows[0] == ["device", "requests_today", "tokens_today"]
+    kitchen = next(r for r in rows if r[0] == "kitchen")
+    assert kitchen[1] == "1" and int(kitchen[2]) > 0
+    assert not [r for r in rows if r[0] in ("bridge", "integrations")]
+
+    rotated = cli("device", "add", "kitchen", "--rotate", "--host", "h", *where, cwd=tmp_path)
+    assert rotated.returncode == 0, rotated.stderr
+    new_password = json.loads(rotated.stdout)["broker"]["password"]
+    assert new_password != password
+    assert wait_connect(broker, "kitchen", new_password)
+    assert not broker.can_connect("kitchen", password)
+
+    removed = cli("device", "remove", "kitchen", *where, cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert wait_connect(broker, "kitchen", new_password, expect=False)
+    assert "kitchen" not in passwd.read_text()
+    assert mode(passwd) == 0o600
+    assert broker.can_connect("bridge")  # the others are untouched
+    gone = cli("device", "remove", "kitchen", *where, cwd=tmp_path)
+    assert gone.returncode == 1 and "no device kitchen" in gone.stderr
+
+
+def test_output_file_is_private_and_ids_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    broker_dir = tmp_path / "broker"
+    out = tmp_path / "device" / "config.json"
+    made = cli("device", "add", "garage", "--tls", "--host", "pi.lan", "--output", str(out),
+               "--broker-dir", str(broker_dir), "--no-reload", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert made.stdout == ""
+    config = json.loads(out.read_text())
+    assert mode(out) == 0o600 and mode(broker_dir / "passwd") == 0o600
+    assert config["broker"]["port"] == 8883 and config["broker"]["tls"] is True
+    assert config["broker"]["ca"] == "ca.crt"
+    assert config["broker"]["password"] not in made.stderr
+    assert "not reloaded" in made.stderr
+
+    for bad in ("bridge", "integrations", "a/b", "kitchen+", "#", "x" * 65, ""):
+        argv = ["device", "add", bad, "--broker-dir", str(broker_dir), "--no-reload"]
+        assert main(argv) == 1, bad  # in process: seven interpreters would be slow
+        assert "cannot be a device id" in capsys.readouterr().err
+    assert provision.list_devices(broker_dir) == ["garage"]
+
+    (broker_dir / "passwd").write_text("garage:$7$x\nnot a line\n")
+    broken = cli("device", "list", "--broker-dir", str(broker_dir), cwd=tmp_path)
+    assert broken.returncode == 1 and "passwd:2" in broken.stderr
+
+
+def test_broker_init_creates_service_users_and_env(tmp_path: Path) -> None:
+    (tmp_path / ".env.example").write_text((REPO / ".env.example").read_text())
+    first = cli("broker", "init", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    integrations_pw = first.stdout.strip()
+    passwd = dict(
+        line.split(":", 1) for line in (tmp_path / "broker" / "passwd").read_text().splitlines()
+    )
+    assert set(passwd) == {"bridge", "integrations"}
+    assert check_password(integrations_pw, passwd["integrations"])
+    env_file = tmp_path / ".env"
+    assert mode(env_file) == 0o600 and mode(tmp_path / "broker" / "passwd") == 0o600
+    env = dict(
+        line.split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    url = env["BRIDGE_MQTT_URL"]
+    assert url.startswith("mqtt://bridge:") and url.endswith("@mosquitto:1883")
+    bridge_pw = url.removeprefix("mqtt://bridge:").split("@")[0]
+    assert check_password(bridge_pw, passwd["bridge"])
+    assert bridge_pw not in first.stdout + first.stderr
+    assert env["LOCAL_UID"] == str(os.getuid())
+    assert "OPENAI_API_KEY" in env  # the rest of .env.example is kept
+    assert (tmp_path / "data" / "mosquitto").is_dir() and (tmp_path / "data" / "bridge").is_dir()
+
+    before = env_file.read_text(), (tmp_path / "broker" / "passwd").read_text()
+    second = cli("broker", "init", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == ""  # no password is shown twice
+    assert "kept" in second.stderr
+    assert (env_file.read_text(), (tmp_path / "broker" / "passwd").read_text()) == before
+
+
+def test_broker_reload_and_check(
+    broker: Broker, start_bridge: Callable[..., BridgeProcess], tmp_path: Path
+) -> None:
+    missing = cli("broker", "reload", "--pid", "999999999", cwd=tmp_path)
+    assert missing.returncode == 1 and "no process" in missing.stderr
+    assert broker.proc is not None
+    ok = cli("broker", "reload", "--pid", str(broker.proc.pid), cwd=tmp_path)
+    assert ok.returncode == 0 and "reloads" in ok.stderr
+
+    env = {"BRIDGE_MQTT_URL": broker.url("bridge")}
+    down = cli("broker", "check", "--timeout", "1", cwd=tmp_path, env=env)
+    assert down.returncode == 1, down.stderr  # no bridge has said online on this broker yet
+    proc = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "data"), BRIDGE_TOPIC_PREFIX="llm")
+    up = cli("broker", "check", cwd=tmp_path, env=env)
+    assert up.returncode == 0 and "online" in up.stderr, up.stderr
+    wrong = {"BRIDGE_MQTT_URL": f"mqtt://bridge:wrong@127.0.0.1:{broker.port}"}
+    refused = cli("broker", "check", "--timeout", "2", cwd=tmp_path, env=wrong)
+    assert refused.returncode == 1 and "refused" in refused.stderr
+    proc.stop()
+    after = cli("broker", "check", "--timeout", "2", cwd=tmp_path, env=env)
+    assert after.returncode == 1 and "offline" in after.stderr
+
+
+def test_reload_says_how_without_a_local_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(provision, "mosquitto_pids", list)
+    sent, line = provision.reload_broker()
+    assert not sent and provision.HOW_TO_RELOAD in line
+    monkeypatch.setattr(provision, "mosquitto_pids", lambda: [11, 12])
+    sent, line = provision.reload_broker()
+    assert not sent and "--pid" in line and "11 12" in line
