@@ -20,7 +20,7 @@ from tests.harness import BridgeProcess, Broker, Device
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A broker of this module's own, so no other test's bridge answers these devices."""
+    """A broker of this module's own (the prefix "llm" stays free of other tests' bridges)."""
     b = Broker(tmp_path_factory.mktemp("policy-broker")).start()
     yield b
     b.stop()
@@ -39,11 +39,14 @@ POLICY = {
 }
 
 
-
 def test_each_refusal_has_its_own_code(
     start_bridge: Callable[..., BridgeProcess], make_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    proc = start_bridge(BRIDGE_POLICY=json.dumps(POLICY), BRIDGE_DATA_DIR=str(tmp_path / "data"))
+    proc = start_bridge(
+        BRIDGE_POLICY=json.dumps(POLICY),
+        BRIDGE_DATA_DIR=str(tmp_path / "data"),
+        BRIDGE_TOPIC_PREFIX="llm",
+    )
 
     small = make_device("pol-small")
     assert small.ask({"id": "s1", "prompt": "short"}).terminal.get("done") is True
@@ -59,9 +62,7 @@ def test_each_refusal_has_its_own_code(
     assert other.error_code == "model_not_allowed", other.terminal
     # A device's own `models: []` lifts the default's list.
     anymodel = make_device("pol-any")
-    assert anymodel.ask({"id": "a1", "prompt": "hi", "model": "gpt-expensive"}).terminal.get(
-        "done"
-    )
+    assert anymodel.ask({"id": "a1", "prompt": "hi", "model": "gpt-expensive"}).terminal.get("done")
 
     rate = make_device("pol-rate")
     assert rate.ask({"id": "r1", "prompt": "one"}).terminal.get("done") is True
@@ -99,10 +100,12 @@ def test_each_refusal_has_its_own_code(
 def test_counters_survive_a_restart(
     start_bridge: Callable[..., BridgeProcess], make_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    policy = {
-        "devices": {"pol-r2": {"requests_per_minute": 2}, "pol-b2": {"tokens_per_day": 3}}
+    policy = {"devices": {"pol-r2": {"requests_per_minute": 2}, "pol-b2": {"tokens_per_day": 3}}}
+    env = {
+        "BRIDGE_POLICY": json.dumps(policy),
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "BRIDGE_TOPIC_PREFIX": "llm",
     }
-    env = {"BRIDGE_POLICY": json.dumps(policy), "BRIDGE_DATA_DIR": str(tmp_path / "data")}
     first = start_bridge(**env)
     rate, budget = make_device("pol-r2"), make_device("pol-b2")
     assert rate.ask({"id": "x1", "prompt": "one"}).terminal.get("done") is True
