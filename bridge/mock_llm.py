@@ -438,6 +438,11 @@ class MockLLM:
         """Forget the ``fail_times`` counters, so every directive fails afresh."""
         self._fail_counts.clear()
 
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open now (a client that closes a stream shows here at once)."""
+        return self._open
+
     # ------------------------------------------------------------------ connections
 
     async def _on_connection(

@@ -46,12 +46,17 @@ def bridge(
 def start_bridge(
     broker: Broker, mock_llm: object, tmp_path: Path
 ) -> Iterator[Callable[..., BridgeProcess]]:
-    """Start a bridge of this test's own, with extra BRIDGE_* settings; stopped after the test."""
+    """Start a bridge of this test's own, with extra BRIDGE_* settings; stopped after the test.
+
+    It gets a topic prefix of its own (`proc.prefix`) unless one is given, so
+    that the shared bridge does not answer its requests too.
+    """
     started: list[BridgeProcess] = []
 
     def start(
         *, wait: bool = True, base_url: str | None = None, **env: str | int | float
     ) -> BridgeProcess:
+        env.setdefault("BRIDGE_TOPIC_PREFIX", f"t{next(_ids)}")
         e = bridge_env(broker, base_url or mock_llm.base_url, **env)  # type: ignore[attr-defined]
         proc = BridgeProcess(tmp_path / f"bridge{len(started)}", e).start()
         started.append(proc)

@@ -55,7 +55,9 @@ def mosquitto_binary() -> str:
 class Broker:
     """A Mosquitto process on a free loopback port, with broker/'s config, ACL and users."""
 
-    def __init__(self, workdir: Path, prefix: str = "llm") -> None:
+    def __init__(self, workdir: Path, prefix: str = "llm", acl_prefix: str = "+") -> None:
+        """`acl_prefix` "+" renders broker/acl for any prefix (tests give each bridge its own);
+        the rules per device (%u) are the file's own."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "data").mkdir(exist_ok=True)
@@ -63,7 +65,7 @@ class Broker:
         self.prefix = prefix
         self.users: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
-        (self.dir / "acl").write_text(acl_text(prefix))
+        (self.dir / "acl").write_text(acl_text(acl_prefix))
         self.add_user("bridge", "bridge-pw", reload=False)
         self.add_user("integrations", "integrations-pw", reload=False)
 
@@ -144,6 +146,7 @@ class BridgeProcess:
     """`python -m bridge run` as it runs in production, configured by environment."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.prefix = env.get("BRIDGE_TOPIC_PREFIX", "llm")
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.env = env
