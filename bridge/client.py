@@ -71,6 +71,7 @@ class BridgeClient:
         prefix: str = "llm",
         idle_timeout: float = 60.0,
         ca_file: Path | None = None,
+        version: int = 5,
     ) -> None:
         if not p.valid_device_id(device):
             raise ValueError(f"invalid device id {device!r}")
@@ -85,6 +86,7 @@ class BridgeClient:
             on_message=self._on_message,
             subscriptions=[(self.topics.res_filter(device), 1)],
             ca_file=ca_file,
+            version=version,
         )
 
     async def __aenter__(self) -> BridgeClient:

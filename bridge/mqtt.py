@@ -55,6 +55,7 @@ class MqttLink:
         high_water: publishes not yet written (QoS 0) or acknowledged (QoS 1)
             beyond which `congested` is true and publishers should `await drained()`.
         manual_ack: acknowledge received QoS 1 messages only through `ack()`.
+        version: 5 (MQTT v5) or 4 (MQTT 3.1.1, for brokers without v5).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class MqttLink:
         tls_insecure: bool = False,
         high_water: int = 10_000,
         manual_ack: bool = False,
+        version: int = 5,
     ) -> None:
         self.url = url
         self._subscriptions = subscriptions or []
@@ -95,10 +97,12 @@ class MqttLink:
         self._drained.set()
         self._connect_error: str | None = None
 
+        self._v5 = version == 5
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=paho.MQTTv5,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else clean_start,
         )
         if url.username:
             c.username_pw_set(
@@ -184,8 +188,10 @@ class MqttLink:
 
     async def _connect(self) -> None:
         assert self._loop is not None
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._session_expiry
+        props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry
         # The blocking connect (TCP, TLS handshake, CONNECT packet) runs off the loop;
         # nothing else touches the client until it returns, since publishers wait
         # for `connected`.
@@ -195,7 +201,7 @@ class MqttLink:
                 self.url.host,
                 self.url.port,
                 keepalive=self._keepalive,
-                clean_start=self._clean_start,
+                clean_start=self._clean_start if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
                 properties=props,
             ),
         )

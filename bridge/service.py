@@ -112,6 +112,7 @@ class Bridge:
             will=Will(self.topics.status, b"offline", qos=1, retain=True),
             on_connect=self._online,
             manual_ack=True,
+            version=5 if settings.mqtt_version == "5" else 4,
             ca_file=settings.mqtt_ca_file,
             tls_insecure=settings.mqtt_tls_insecure,
         )

@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     mqtt_ca_file: Path | None = None
     mqtt_tls_insecure: bool = False
     mqtt_keepalive: int = Field(30, ge=5, le=65535)
+    mqtt_version: Literal["5", "3.1.1"] = "5"
     client_id: str = Field("llm-bridge", min_length=1, max_length=64)
     session_expiry: int = Field(86400, ge=0, le=0xFFFFFFFF)
     topic_prefix: str = "llm"
