@@ -1,0 +1,197 @@
+"""`llm-bridge demo`: the whole system on one machine, in one command.
+
+It starts a broker (Mosquitto with the project's broker/ files when it is
+installed, else the embedded Python broker amqtt), the mock LLM (or the real
+API when `OPENAI_API_KEY` is set), the bridge, and a device that asks a
+question and prints the answer as it streams. Ctrl-C stops all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bridge.brokerconf import acl_text, render_config
+from bridge.client import BridgeClient, BridgeError
+from bridge.mock_llm import MockLLM
+from bridge.passwords import new_password, password_line
+from bridge.service import Bridge
+from bridge.settings import load_settings
+
+DEVICE = "demo"
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_port(port: int, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return
+
+
+def _mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+@contextlib.asynccontextmanager
+async def _broker(port: int, users: dict[str, str], workdir: Path) -> AsyncIterator[str]:
+    """Run a broker on 127.0.0.1:port for the demo; yield the MQTT version to speak."""
+    binary = _mosquitto()
+    if binary is not None:
+        (workdir / "data").mkdir()
+        passwd = workdir / "passwd"
+        passwd.write_text("".join(password_line(u, pw) for u, pw in users.items()))
+        passwd.chmod(0o600)
+        (workdir / "acl").write_text(acl_text())
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            render_config(
+                config_dir=workdir,
+                data_dir=workdir / "data",
+                ports={1883: port},
+                log_file=workdir / "mosquitto.log",
+                run_as=getpass.getuser() if os.geteuid() == 0 else None,
+            )
+        )
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-c", str(conf), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await _wait_port(port)
+            _say(f"broker: Mosquitto ({binary}) with broker/ config on 127.0.0.1:{port}")
+            yield "5"
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+        return
+    try:
+        from amqtt.broker import Broker  # noqa: PLC0415 (optional, only without Mosquitto)
+    except ImportError:
+        raise SystemExit(
+            "llm-bridge demo: no broker. Install Mosquitto (sudo apt-get install mosquitto) "
+            "or the embedded one: pip install 'llm-mqtt-bridge[demo]'"
+        ) from None
+    config: dict[str, Any] = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    broker = Broker(config)
+    await broker.start()
+    try:
+        _say(f"broker: embedded amqtt (MQTT 3.1.1) on 127.0.0.1:{port}; install Mosquitto for ACLs")
+        yield "3.1.1"
+    finally:
+        await broker.shutdown()
+
+
+async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Run the demo; return the exit status."""
+    port = args.port or _free_port()
+    users = {"bridge": new_password(), DEVICE: new_password()}
+    mock: MockLLM | None = None
+    with tempfile.TemporaryDirectory(prefix="llm-bridge-demo-") as tmp:
+        async with _broker(port, users, Path(tmp)) as mqtt_version:
+            base = load_settings()
+            overrides: dict[str, Any] = {
+                "mqtt_url": f"mqtt://bridge:{users['bridge']}@127.0.0.1:{port}",
+                "mqtt_version": mqtt_version,
+                "client_id": "llm-bridge-demo",
+                "topic_prefix": "llm",
+                "log_level": "WARNING",
+            }
+            if base.openai_api_key is None:
+                mock = MockLLM(delay_ms=40)
+                mock_port = await mock.start()
+                overrides["openai_base_url"] = f"http://127.0.0.1:{mock_port}/v1"
+                overrides["openai_model"] = "mock-1"
+                _say(f"LLM: mock on 127.0.0.1:{mock_port} (set OPENAI_API_KEY for a real API)")
+            else:
+                _say(f"LLM: {base.openai_base_url}, model {base.openai_model}")
+            settings = load_settings(**overrides)
+            bridge = Bridge(settings)
+            try:
+                await bridge.start(connect_timeout=10)
+                _say("bridge: online")
+                url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
+                version = 5 if mqtt_version == "5" else 4
+                status = await _ask(url, version, args.prompt, stop)
+                if args.keep_running and not stop.is_set():
+                    _say(
+                        "still serving; ask again from another terminal with:\n"
+                        f"  llm-bridge chat --device {DEVICE} --mqtt-url '{url}' 'Hello?'\n"
+                        "Ctrl-C stops everything."
+                    )
+                    await stop.wait()
+                return status
+            finally:
+                await bridge.stop()
+                if mock is not None:
+                    await mock.stop()
+                _say("stopped")
+
+
+async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
+    async with BridgeClient(url, DEVICE, version=version) as client:
+        _say(f"device {DEVICE!r} asks: {prompt}")
+
+        async def stream() -> int:
+            try:
+                async for piece in client.stream(prompt):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except BridgeError as exc:
+                print(file=sys.stdout)
+                _say(f"error: {exc}")
+                return 1
+            print(file=sys.stdout, flush=True)
+            last = client.last
+            if last is not None:
+                tokens = (last.usage or {}).get("total_tokens")
+                _say(f"done: finish_reason={last.finish_reason} tokens={tokens}")
+            return 0
+
+        task = asyncio.create_task(stream())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return 130
+        return task.result()
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `llm-bridge demo` command."""
+    from bridge.cli import _run_until_signal  # noqa: PLC0415 (cli imports this module)
+
+    return _run_until_signal(lambda stop: demo(args, stop))
