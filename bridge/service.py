@@ -471,6 +471,15 @@ def build_hooks(settings: Settings) -> list[Hooks]:
     from bridge.policy import PolicyHook  # noqa: PLC0415 (hooks load only when run)
 
     hooks: list[Hooks] = [PolicyHook(settings)]
+    if settings.state or settings.ha_discovery:
+        from bridge.homeassistant import HomeAssistantHook  # noqa: PLC0415
+        from bridge.state import StateHook  # noqa: PLC0415
+
+        state = StateHook(settings)
+        if settings.ha_discovery:
+            # Before the state hook: a new device's discovery precedes its first state.
+            hooks.append(HomeAssistantHook(settings, state))
+        hooks.append(state)
     return hooks
 
 

@@ -32,6 +32,7 @@ from pydantic_settings import (
 from bridge.policy import PolicyConfig
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
 
 
@@ -122,6 +123,13 @@ class Settings(BaseSettings):
     include_usage: bool = True
     shutdown_grace: float = Field(5.0, ge=0)
 
+    # Integrations (docs/protocol.md "State" and "Home Assistant"): retained
+    # per-device state, Home Assistant discovery, and the devices known ahead.
+    state: bool = True
+    ha_discovery: bool = True
+    ha_prefix: str = "homeassistant"
+    devices: str = ""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -157,6 +165,31 @@ class Settings(BaseSettings):
         if not _PREFIX_RE.match(v):
             raise ValueError("must be topic levels of A-Z a-z 0-9 _ - separated by /")
         return v
+
+    @field_validator("ha_prefix")
+    @classmethod
+    def _ha_prefix(cls, v: str) -> str:
+        v = v.strip("/")
+        if not _PREFIX_RE.match(v):
+            raise ValueError("must be topic levels of A-Z a-z 0-9 _ - separated by /")
+        return v
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            v = ",".join(str(d) for d in v)
+        if isinstance(v, str):
+            for name in filter(None, (d.strip() for d in v.split(","))):
+                if not _DEVICE_RE.match(name):
+                    raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
+        return v
+
+    @property
+    def known_devices(self) -> list[str]:
+        """`BRIDGE_DEVICES` (comma-separated) as a list, in order, without duplicates."""
+        names = (d.strip() for d in self.devices.split(","))
+        return list(dict.fromkeys(d for d in names if d))
 
     @property
     def mqtt(self) -> MqttUrl:

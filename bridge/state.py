@@ -1,0 +1,444 @@
+"""Retained state for integrations: `P/D/state` per device, `P/D/event`, `P/bridge/stats`.
+
+A device's state is published (retained) on every change of its status
+(`idle`, `thinking`, `streaming`, `error`) and when a reply ends, never per
+chunk, so a dashboard that connects late still sees the last reply. The
+bridge's own counters (requests, errors, tokens today) go to
+`P/bridge/stats`, at most once a second. docs/protocol.md describes both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from bridge import protocol as p
+from bridge.hooks import Hooks
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
+
+    from bridge.service import Bridge, Job
+    from bridge.settings import Settings
+
+log = logging.getLogger("bridge.state")
+
+IDLE = "idle"
+THINKING = "thinking"
+STREAMING = "streaming"
+ERROR = "error"
+STATUSES = (IDLE, THINKING, STREAMING, ERROR)
+
+#: Event types on `P/D/event` (the Home Assistant event entity's `event_types`).
+REPLY_COMPLETE = "reply_complete"
+EVENT_ERROR = "error"
+EVENT_TYPES = (REPLY_COMPLETE, EVENT_ERROR)
+
+#: The reply kept in a retained state is cut here (characters); `truncated` says so.
+MAX_STATE_REPLY = 32_768
+#: The question kept in a state (characters).
+MAX_QUESTION = 1_024
+#: Seconds between two publishes of the bridge's counters.
+STATS_INTERVAL = 1.0
+#: Seconds after the first subscription during which the retained counters are read back.
+RESTORE_WINDOW = 0.5
+
+
+def now_iso() -> str:
+    """The current time, UTC, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _today() -> str:
+    return datetime.now().astimezone().date().isoformat()
+
+
+def question_of(request: p.ChatRequest) -> str | None:
+    """The text a person would call the question: the prompt or the last user message."""
+    if request.prompt is not None:
+        return request.prompt[:MAX_QUESTION]
+    for msg in reversed(request.messages or []):
+        if msg.role != "user":
+            continue
+        if isinstance(msg.content, str):
+            return msg.content[:MAX_QUESTION]
+        if isinstance(msg.content, list):
+            texts = [part.text for part in msg.content if isinstance(part, p.TextPart)]
+            return " ".join(texts)[:MAX_QUESTION]
+        return None
+    return None
+
+
+def _total_tokens(usage: Any) -> int:
+    if not isinstance(usage, dict):
+        return 0
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    return sum(n for n in parts if isinstance(n, int) and not isinstance(n, bool))
+
+
+@dataclass
+class DeviceState:
+    """What `P/D/state` says about one device, plus the requests it has running.
+
+    `reply`, `refusal`, `finish_reason`, `usage`, `model` and `replied_at`
+    belong to the last request that ended with `done`; `request_id` and
+    `error` to the request the status is about.
+    """
+
+    status: str = IDLE
+    request_id: str | None = None
+    question: str | None = None
+    reply: str | None = None
+    truncated: bool = False
+    refusal: str | None = None
+    finish_reason: str | None = None
+    usage: Any = None
+    model: str | None = None
+    error: dict[str, Any] | None = None
+    replied_at: str | None = None
+    time: str | None = None
+    #: request id -> whether its first piece was published (not in the payload).
+    active: dict[str, bool] = field(default_factory=dict)
+    #: whether this process published the state (a retained one is then older).
+    published: bool = False
+
+    def current_status(self) -> str:
+        if self.active:
+            return STREAMING if any(self.active.values()) else THINKING
+        return ERROR if self.error else IDLE
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "request_id": self.request_id,
+            "question": self.question,
+            "reply": self.reply,
+            "truncated": self.truncated,
+            "refusal": self.refusal,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "model": self.model,
+            "error": self.error,
+            "replied_at": self.replied_at,
+            "active": len(self.active),
+            "time": self.time,
+        }
+
+    def load(self, data: dict[str, Any]) -> None:
+        """Take the last reply (and what it said) from a retained state."""
+        for key in ("request_id", "question", "reply", "refusal", "finish_reason", "model"):
+            value = data.get(key)
+            if value is None or isinstance(value, str):
+                setattr(self, key, value)
+        self.truncated = data.get("truncated") is True
+        self.usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        err = data.get("error")
+        self.error = err if isinstance(err, dict) else None
+        if isinstance(data.get("replied_at"), str):
+            self.replied_at = data["replied_at"]
+        if data.get("status") in STATUSES:
+            self.status = data["status"]
+
+
+@dataclass
+class Stats:
+    """The bridge's counters on `P/bridge/stats`."""
+
+    requests: int = 0
+    errors: int = 0
+    tokens_total: int = 0
+    tokens_today: int = 0
+    day: str = field(default_factory=_today)
+    restored: bool = False
+
+    def roll(self) -> None:
+        today = _today()
+        if today != self.day:
+            self.day = today
+            self.tokens_today = 0
+
+
+class StateHook(Hooks):
+    """Publishes `P/D/state` (retained), `P/D/event` and `P/bridge/stats` (retained).
+
+    At start it reads the retained states back: a device whose state still
+    says `thinking` or `streaming` lost its request when the bridge stopped,
+    and gets `error` with code `interrupted`; the counters continue from the
+    retained `P/bridge/stats` (tokens today only if it is still the same day).
+    """
+
+    needs_text = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = settings.topic_prefix
+        self.devices: dict[str, DeviceState] = {}
+        self.stats = Stats()
+        self.started_at = now_iso()
+        self.bridge: Bridge | None = None
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self._stats_due = 0.0
+        self._day_timer: asyncio.TimerHandle | None = None
+        self._restoring: asyncio.Task[None] | None = None
+        self._applied = False
+
+    # --- topics -------------------------------------------------------------------------
+
+    def state_topic(self, device: str) -> str:
+        return f"{self.prefix}/{device}/state"
+
+    def event_topic(self, device: str) -> str:
+        return f"{self.prefix}/{device}/event"
+
+    @property
+    def stats_topic(self) -> str:
+        return f"{self.prefix}/bridge/stats"
+
+    # --- hook ---------------------------------------------------------------------------
+
+    def attach(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        # `P/+/state` and `P/bridge/stats` look like protocol topics (P/D/kind),
+        # which the service does not pass to hooks: paho hands them to us directly.
+        client = bridge.link.client
+        client.message_callback_add(f"{self.prefix}/+/state", self._guard(self._on_state))
+        client.message_callback_add(self.stats_topic, self._guard(self._on_stats))
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(f"{self.prefix}/+/state", 0), (self.stats_topic, 0)]
+
+    def connected(self) -> None:
+        if not self.stats.restored and self._restoring is None:
+            self._restoring = asyncio.get_running_loop().create_task(self._restore_window())
+        self._publish_stats_soon()
+
+    async def _restore_window(self) -> None:
+        """The retained counters come right after the subscription is granted; any
+        later ones (after a reconnect) are our own. No counters go out before."""
+        assert self.bridge is not None
+        await self.bridge.link.subscribed.wait()
+        await asyncio.sleep(RESTORE_WINDOW)
+        self.stats.restored = True
+        self._publish_stats_soon()
+
+    def started(self, job: Job) -> None:
+        self.stats.requests += 1
+        dev = self.devices.setdefault(job.device, DeviceState())
+        dev.active[job.rid] = False
+        dev.request_id = job.rid
+        dev.question = question_of(job.request)
+        dev.error = None
+        self._changed(job.device, dev)
+        self._publish_stats_soon()
+
+    def streaming(self, job: Job) -> None:
+        dev = self.devices.get(job.device)
+        if dev is None or job.rid not in dev.active:
+            return
+        dev.active[job.rid] = True
+        self._changed(job.device, dev)
+
+    def finished(self, job: Job, outcome: str, usage: Any) -> None:
+        dev = self.devices.setdefault(job.device, DeviceState())
+        dev.active.pop(job.rid, None)
+        now = now_iso()
+        fold = job.fold
+        event: dict[str, Any]
+        if outcome == "done" and fold is not None:
+            text = fold.text
+            dev.reply = text[:MAX_STATE_REPLY]
+            dev.truncated = len(text) > MAX_STATE_REPLY
+            dev.refusal = fold.refusal
+            dev.finish_reason = fold.finish_reason
+            dev.usage = usage
+            dev.model = fold.model
+            dev.error = None
+            dev.replied_at = now
+            event = {
+                "event_type": REPLY_COMPLETE,
+                "request_id": job.rid,
+                "text": text,
+                "refusal": fold.refusal,
+                "finish_reason": fold.finish_reason,
+                "usage": usage,
+                "model": fold.model,
+            }
+        else:
+            self.stats.errors += 1
+            message = job.cancel_message if outcome == job.cancel_code else None
+            dev.error = {"code": outcome, "message": message}
+            event = {
+                "event_type": EVENT_ERROR,
+                "request_id": job.rid,
+                "code": outcome,
+                "message": message,
+                "usage": usage,
+            }
+        dev.request_id = job.rid
+        self.stats.roll()
+        tokens = _total_tokens(usage)
+        self.stats.tokens_total += tokens
+        self.stats.tokens_today += tokens
+        self._changed(job.device, dev, force=True)
+        event["time"] = now
+        self._publish(self.event_topic(job.device), event, retain=False)
+        self._publish_stats_soon()
+
+    def stopping(self) -> None:
+        if self._restoring is not None:
+            self._restoring.cancel()
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        if self._day_timer is not None:
+            self._day_timer.cancel()
+            self._day_timer = None
+        self._publish_stats()
+
+    # --- publishing ---------------------------------------------------------------------
+
+    def publish_state(self, device: str) -> None:
+        """Publish the device's state as it is (e.g. for a device just configured)."""
+        dev = self.devices.setdefault(device, DeviceState())
+        self._changed(device, dev, force=True)
+
+    def forget(self, device: str) -> None:
+        """Remove a device's retained state."""
+        self.devices.pop(device, None)
+        if self.bridge is not None and self.bridge.link.connected.is_set():
+            self.bridge.link.publish(self.state_topic(device), b"", qos=1, retain=True)
+
+    def _changed(self, device: str, dev: DeviceState, *, force: bool = False) -> None:
+        status = dev.current_status()
+        if status == dev.status and not force and dev.published:
+            return
+        dev.status = status
+        dev.time = now_iso()
+        dev.published = True
+        self._publish(self.state_topic(device), dev.payload(), retain=True)
+
+    def _publish(self, topic: str, payload: dict[str, Any], *, retain: bool) -> None:
+        if self.bridge is None:
+            return
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            self.bridge.link.publish(topic, data, qos=1, retain=retain)
+        except ConnectionError as exc:
+            log.warning("could not publish %s: %s", topic, exc)
+
+    def stats_payload(self) -> dict[str, Any]:
+        self.stats.roll()
+        active = sum(len(d.active) for d in self.devices.values())
+        return {
+            "requests": self.stats.requests,
+            "errors": self.stats.errors,
+            "tokens_today": self.stats.tokens_today,
+            "tokens_total": self.stats.tokens_total,
+            "day": self.stats.day,
+            "active": active,
+            "devices": len(self.devices),
+            "started": self.started_at,
+            "time": now_iso(),
+        }
+
+    def _publish_stats_soon(self) -> None:
+        """Publish the counters now, or at the end of the current interval (coalesced)."""
+        if self._stats_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        delay = max(0.0, self._stats_due - time.monotonic())
+        self._stats_timer = loop.call_later(delay, self._publish_stats)
+        self._arm_day_timer(loop)
+
+    def _publish_stats(self) -> None:
+        self._stats_timer = None
+        self._stats_due = time.monotonic() + STATS_INTERVAL
+        if self.stats.restored and self.bridge is not None and self.bridge.link.connected.is_set():
+            self._publish(self.stats_topic, self.stats_payload(), retain=True)
+
+    def _arm_day_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At local midnight `tokens_today` starts again from 0: publish it then."""
+        if self._day_timer is not None:
+            return
+        now = datetime.now().astimezone()
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        seconds = 86_400 - (now - midnight).total_seconds() + 1
+
+        def fire() -> None:
+            self._day_timer = None
+            self._publish_stats_soon()
+
+        self._day_timer = loop.call_later(seconds, fire)
+
+    # --- retained messages read back ----------------------------------------------------
+
+    def _guard(self, handler: Any) -> Any:
+        def callback(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("state: failed on %s", msg.topic)
+
+        return callback
+
+    def _on_state(self, msg: paho.MQTTMessage) -> None:
+        """A retained `P/D/state`: learn the device and its last reply, fix a stale status."""
+        device = msg.topic[len(self.prefix) + 1 :].split("/", 1)[0]
+        if not msg.retain or not msg.payload or not p.valid_device_id(device):
+            return
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        dev = self.devices.get(device)
+        if dev is not None and dev.published:
+            if dev.reply is None and dev.replied_at is None:
+                active, status = dev.active, dev.status
+                dev.load(data)
+                dev.active, dev.status = active, status
+            return
+        dev = self.devices.setdefault(device, DeviceState())
+        dev.load(data)
+        dev.published = False
+        if dev.status in (THINKING, STREAMING) and not dev.active:
+            log.info("state: %s was %s when the bridge stopped; now error", device, dev.status)
+            dev.error = {
+                "code": p.INTERRUPTED,
+                "message": "the bridge stopped during the request",
+            }
+            self._changed(device, dev, force=True)
+
+    def _on_stats(self, msg: paho.MQTTMessage) -> None:
+        """The retained counters of the previous run: continue from them (once)."""
+        if not msg.retain or not msg.payload or self.stats.restored or self._applied:
+            return
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        self._applied = True
+
+        def count(key: str) -> int:
+            value = data.get(key)
+            return value if isinstance(value, int) and value >= 0 else 0
+
+        self.stats.requests += count("requests")
+        self.stats.errors += count("errors")
+        self.stats.tokens_total += count("tokens_total")
+        if data.get("day") == self.stats.day:
+            self.stats.tokens_today += count("tokens_today")
+        self._publish_stats_soon()
