@@ -449,3 +449,42 @@ def wait_for_status_port(site: Site) -> None:
     """The bridge stayed online through the command."""
     r = site.llm_bridge(["broker", "check", "--timeout", "3"])
     assert r.returncode == 0, r.stderr
+
+
+def test_configuration_doc_lists_every_setting_with_its_default() -> None:
+    from pydantic import AliasChoices
+
+    from bridge.settings import Settings
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    table = text.split("| setting | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    expected = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = str(alias.choices[0]) if isinstance(alias, AliasChoices) else f"BRIDGE_{name.upper()}"
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            shown = "none"
+        elif name == "policy":
+            assert not default.counts and not default.default.models
+            shown = "no limits"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        elif default == "":
+            shown = "(empty)"
+        elif isinstance(default, float):
+            shown = f"`{default:g}`"
+        else:
+            shown = f"`{default}`"
+        expected[env] = shown
+    assert list(rows) == list(expected)  # every setting, in the order of settings.py
+    assert rows == expected
+    from bridge.policy import Limits
+
+    policy = text.split("| field | meaning | refusal |", 1)[1].split("\n\n", 1)[0]
+    fields = [line.split("|")[1].strip().strip("`") for line in policy.strip().splitlines()[1:]]
+    assert fields == list(Limits.model_fields)
