@@ -17,7 +17,8 @@ import asyncio
 
 from picollm import LLMError, LLMTimeout, tls_context
 
-MAX_LINE = 16384  # the longest SSE line or error body read
+MAX_LINE = 16384  # the longest SSE line read
+READ_SIZE = 512  # bytes read from the socket at a time
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -229,16 +230,21 @@ def _status_error(status, raw):
 
 
 class _Conn:
-    # One HTTP/1.1 exchange on an asyncio stream; the body is read a line
-    # at a time, through chunked transfer coding when the server uses it.
+    # One HTTP/1.1 exchange on an asyncio stream. The socket is read in
+    # blocks of READ_SIZE into a small buffer (reading a TLS socket a byte at
+    # a time is slow); the body is decoded from chunked transfer coding when
+    # the server uses it and handed out a line at a time.
     def __init__(self, timeout_ms):
         self.timeout_ms = timeout_ms
         self.r = self.w = None
         self.status = 0
         self.length = -1
         self.chunked = False
-        self.left = 0  # bytes left in the current chunk / body
+        self.left = 0  # bytes left in the current chunk, or in the body
+        self.started = False
         self.eof = False
+        self.buf = b""  # read from the socket, not yet used
+        self.lbuf = b""  # decoded body, not yet handed out
 
     async def _io(self, coro):
         try:
@@ -274,11 +280,45 @@ class _Conn:
         self.w.write(data)
         await self.w.drain()
 
+    async def _fill(self):
+        if self.r is None:
+            return False
+        data = await self._io(self._read())
+        if not data:
+            return False
+        self.buf = self.buf + data if self.buf else data
+        return True
+
+    async def _read(self):
+        # Try the socket first: a TLS layer can hold decrypted bytes (or the
+        # peer's close_notify) that poll() does not see, and waiting for the
+        # socket to become readable would then hang.
+        data = self.r.s.read(READ_SIZE)
+        if data is None:
+            data = await self.r.read(READ_SIZE)
+        return data
+
     async def _raw_line(self):
-        line = await self._io(self.r.readline())
-        if len(line) > MAX_LINE:
-            raise LLMError("upstream_protocol", "line too long")
-        return line
+        # A line of the raw stream (head, chunk sizes), with its newline.
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = self.buf[: i + 1]
+                self.buf = self.buf[i + 1 :]
+                return line
+            if len(self.buf) > MAX_LINE:
+                raise LLMError("upstream_protocol", "line too long")
+            if not await self._fill():
+                line = self.buf
+                self.buf = b""
+                return line
+
+    async def _raw_take(self, n):
+        if not self.buf and not await self._fill():
+            return b""
+        part = self.buf[:n]
+        self.buf = self.buf[n:]
+        return part
 
     async def read_head(self):
         line = await self._raw_line()
@@ -303,65 +343,62 @@ class _Conn:
             self.left = self.length
             self.eof = self.length == 0
 
-    async def readline(self):
-        # The next line of the body, with its newline; b"" at the end.
-        out = b""
-        while not self.eof:
-            if self.chunked and self.left == 0:
+    async def _part(self):
+        # The next piece of the decoded body; b"" at its end.
+        if self.eof:
+            return b""
+        if self.chunked:
+            if self.left == 0:
+                if self.started:
+                    await self._raw_line()  # the CRLF after a chunk's data
+                self.started = True
                 size = await self._raw_line()
-                if size in (b"\r\n", b"\n"):
-                    continue  # the CRLF after a chunk's data
-                if not size:
-                    self.eof = True
-                    break
-                self.left = int(size.split(b";")[0].strip(), 16)
+                try:
+                    self.left = int(size.split(b";")[0].strip(), 16)
+                except ValueError:
+                    self.eof = True  # cut before the last chunk
+                    return b""
                 if self.left == 0:
                     self.eof = True
-                    break
-            line = await self._raw_line()
-            if not line:
+                    return b""
+            part = await self._raw_take(self.left)
+            self.left -= len(part)
+        elif self.length >= 0:
+            part = await self._raw_take(self.left)
+            self.left -= len(part)
+            if self.left == 0:
                 self.eof = True
-                break
-            if self.length >= 0 or self.chunked:
-                if len(line) > self.left:
-                    # The chunk ended inside this line: what follows the
-                    # chunk's data is its CRLF, which readline stopped at.
-                    line = line[: self.left]
-                    self.left = 0
-                else:
-                    self.left -= len(line)
-                if not self.chunked and self.left == 0:
-                    self.eof = True
-            out = out + line if out else line
-            if len(out) > MAX_LINE:
+        else:
+            part = await self._raw_take(READ_SIZE)
+        if not part:
+            self.eof = True
+        return part
+
+    async def readline(self):
+        # The next line of the body, with its newline; b"" at the end.
+        while True:
+            i = self.lbuf.find(b"\n")
+            if i >= 0:
+                line = self.lbuf[: i + 1]
+                self.lbuf = self.lbuf[i + 1 :]
+                return line
+            if len(self.lbuf) > MAX_LINE:
                 raise LLMError("upstream_protocol", "line too long")
-            if out.endswith(b"\n"):
-                return out
-        return out
+            part = await self._part()
+            if not part:
+                line = self.lbuf
+                self.lbuf = b""
+                return line
+            self.lbuf = self.lbuf + part if self.lbuf else part
 
     async def read_all(self):
-        limit = 4 * MAX_LINE
-        if not self.chunked:
-            if self.length > limit:
-                raise LLMError("upstream_protocol", "body too long")
-            if self.length >= 0:
-                self.eof = True
-                return await self._io(self.r.readexactly(self.length))
-            out = b""
-            while True:  # no length: the body ends when the server closes
-                part = await self._io(self.r.read(512))
-                if not part:
-                    self.eof = True
-                    return out
-                out += part
-                if len(out) > limit:
-                    raise LLMError("upstream_protocol", "body too long")
-        out = b""
+        out = self.lbuf
+        self.lbuf = b""
         while True:
-            line = await self.readline()
-            if not line:
+            part = await self._part()
+            if not part:
                 return out
-            out += line
+            out = out + part if out else part
             if len(out) > 4 * MAX_LINE:
                 raise LLMError("upstream_protocol", "body too long")
 

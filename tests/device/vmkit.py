@@ -57,6 +57,17 @@ def mpy_cross_bin() -> str:
     return found
 
 
+def micropython_version() -> str:
+    proc = subprocess.run(
+        [micropython_bin(), "-c", "import sys; print(sys.implementation.version[:3])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MICROPYPATH": ".frozen"},
+    )
+    return ".".join(proc.stdout.strip("()\n ").replace(" ", "").split(","))
+
+
 def ensure_umqtt(cache_dir: Path = CACHE_DIR) -> Path:
     """Return a folder holding ``umqtt/simple.py`` from micropython-umqtt.simple 1.3.4.
 
@@ -107,8 +118,8 @@ def vm_env(extra_path: list[Path] | None = None, **env: str) -> dict[str, str]:
     return out
 
 
-def vm_command(script: Path | str, *args: str) -> list[str]:
-    return [micropython_bin(), "-X", f"heapsize={HEAPSIZE}", str(script), *args]
+def vm_command(script: Path | str, *args: str, heapsize: str = HEAPSIZE) -> list[str]:
+    return [micropython_bin(), "-X", f"heapsize={heapsize}", str(script), *args]
 
 
 def run_vm(
@@ -117,10 +128,11 @@ def run_vm(
     timeout: float = 30,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    heapsize: str = HEAPSIZE,
 ) -> subprocess.CompletedProcess[str]:
     """Run a MicroPython script to its end; return the completed process."""
     return subprocess.run(
-        vm_command(script, *args),
+        vm_command(script, *args, heapsize=heapsize),
         cwd=cwd,
         env=env or vm_env(),
         capture_output=True,
@@ -144,12 +156,25 @@ def start_vm(
 
 
 def run_job(
-    tmp_path: Path, config: dict[str, Any], steps: list[dict[str, Any]], timeout: float = 30
+    tmp_path: Path,
+    config: dict[str, Any],
+    steps: list[dict[str, Any]],
+    *,
+    timeout: float = 30,
+    heapsize: str = HEAPSIZE,
+    env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``tests/device/vm/chat_job.py`` with a config and steps; return its STEP records."""
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"config": config, "steps": steps}))
-    proc = run_vm(PROGRAMS_DIR / "chat_job.py", str(job), timeout=timeout, cwd=tmp_path)
+    proc = run_vm(
+        PROGRAMS_DIR / "chat_job.py",
+        str(job),
+        timeout=timeout,
+        cwd=tmp_path,
+        heapsize=heapsize,
+        env=env,
+    )
     records = parse_records(proc.stdout)
     if proc.returncode != 0 or len(records) != len(steps):
         raise AssertionError(
@@ -234,3 +259,26 @@ def make_certs(folder: Path) -> dict[str, Path]:
         "wronghost_cert": folder / "wronghost.pem",
         "wronghost_key": folder / "wronghost.key",
     }
+
+
+def compile_mpy(dest: Path) -> Path:
+    """Compile the library and umqtt.simple to .mpy with mpy-cross, as a deploy with
+    ``--mpy`` does; return the folder to put on MICROPYPATH."""
+    sources = [(p, Path("picollm") / p.name) for p in sorted((DEVICE_DIR / "picollm").glob("*.py"))]
+    sources.append((ensure_umqtt() / "umqtt" / "simple.py", Path("umqtt") / "simple.py"))
+    for src, rel in sources:
+        out = dest / rel.with_suffix(".mpy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [mpy_cross_bin(), "-o", str(out), "-s", rel.as_posix(), str(src)],
+            check=True,
+            capture_output=True,
+        )
+    return dest
+
+
+def mpy_env(mpy_dir: Path, **env: str) -> dict[str, str]:
+    """VM environment that imports the compiled library instead of the sources."""
+    out = vm_env(**env)
+    out["MICROPYPATH"] = ":".join([".frozen", str(mpy_dir), str(STUBS_DIR)])
+    return out

@@ -34,6 +34,7 @@ async def run_step(chat, step):
     pieces = 0
     keep = step.get("keep_text", True)
     parts = []
+    chat.last = None  # the previous reply is not part of this one's figures
     gc.collect()
     base = gc.mem_alloc()
     peak = base
@@ -73,6 +74,7 @@ async def run_step(chat, step):
             "code": e.code,
             "message": e.message,
             "status": e.status,
+            "id": chat.last.id if chat.last else None,
         }
     rec["pieces"] = pieces
     rec["length"] = length
@@ -83,6 +85,7 @@ async def run_step(chat, step):
         rec["heap_base"] = base
         rec["heap_peak"] = peak
     rec["history"] = len(chat.history)
+    rec["connects"] = getattr(chat.transport, "connects", None)
     return rec
 
 

@@ -205,7 +205,7 @@ async def main():
         ("hang", "x [mock hang=1]", True, 700),
         ("slow_headers", "x [mock first_byte_delay_ms=5000]", False, 700),
         ("error_event", "x [mock tokens=20 error_event_at=3]", True, 30000),
-        ("cut", "x [mock tokens=20 cut_after=3]", True, 30000),
+        ("cut", "x [mock tokens=20 cut_after=3]", True, 1500),
     ):
         got = {"pieces": 0}
         try:

@@ -1,0 +1,349 @@
+"""MQTT mode end to end on the MicroPython VM.
+
+device VM (picollm + umqtt.simple) -> Mosquitto (the project's broker config
+and ACL) -> the bridge process -> the mock LLM, and back. Uses the
+``broker``, ``mock_llm`` and ``bridge`` fixtures of ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.mock_llm import REFUSAL_TEXT, reply_tokens
+from tests.device import vmkit
+from tests.harness import Broker, Device
+
+_ids = itertools.count()
+
+
+def _text(prompt: str, tokens: int | None = None) -> str:
+    return "".join(reply_tokens(prompt, tokens))
+
+
+def tokens_for(size: int, prompt: str) -> int:
+    """The smallest token count whose mock reply is at least `size` characters."""
+    n = 10
+    while len(_text(prompt, n)) < size:
+        n += 10
+    return n
+
+
+@pytest.fixture
+def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
+    """An MQTT-mode config for a new device (its own broker user), with the bridge up."""
+    device_id = f"vm{next(_ids)}"
+    password = broker.add_user(device_id)
+    return {
+        "mode": "mqtt",
+        "device_id": device_id,
+        "prefix": broker.prefix,
+        "broker": {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "user": device_id,
+            "password": password,
+            "keepalive": 30,
+        },
+        "reply_timeout_ms": 8000,
+        "history": 0,
+    }
+
+
+@pytest.fixture
+def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
+    """A second client of the same device user that records every reply message."""
+    d = Device(broker, device_config["device_id"])
+    yield d
+    d.close()
+
+
+def test_normal_reply_stream_ask_and_history(
+    device_config: dict[str, Any], observer: Device, mock_llm: Any, tmp_path: Path
+) -> None:
+    device_config.update(history=2, system="Answer briefly.")
+    recs = vmkit.run_job(
+        tmp_path,
+        device_config,
+        [
+            {"op": "stream", "prompt": "Why is the sky blue?"},
+            {"op": "ask", "prompt": "And at night? [mock tokens=15]"},
+            {"op": "stream", "prompt": "No [mock refusal=1]"},
+        ],
+    )
+    first, second, third = recs
+    assert first["ok"], first
+    assert first["text"] == _text("Why is the sky blue?")
+    assert first["pieces"] == len(reply_tokens("Why is the sky blue?"))
+    assert first["finish_reason"] == "stop"
+    assert first["model"] == "mock-1"
+    assert first["usage"]["completion_tokens"] == first["pieces"]
+    assert second["ok"] and second["text"] == _text("And at night?", 15)
+    assert third["refusal"] is True and third["text"] == REFUSAL_TEXT
+    # request ids: random, unique, valid; the bridge saw them in order
+    ids = [r["id"] for r in recs]
+    assert len(set(ids)) == 3 and all(len(i) == 16 for i in ids)
+    for rid in ids:
+        observer.wait(rid)  # seq 0.. with no gap and one terminal
+    # the second request carried the system prompt and the first turn
+    bodies = [
+        r["body"]
+        for r in mock_llm.requests
+        if isinstance(r.get("body"), dict)
+        and r["body"]["messages"][-1]["content"] == "And at night? [mock tokens=15]"
+    ]
+    assert bodies, "the bridge did not forward the second question"
+    assert [m["role"] for m in bodies[-1]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+    assert bodies[-1]["messages"][0]["content"] == "Answer briefly."
+    assert bodies[-1]["messages"][2]["content"] == _text("Why is the sky blue?")
+
+
+def test_long_reply_heap_stays_bounded(device_config: dict[str, Any], tmp_path: Path) -> None:
+    p4 = "four kilobytes"
+    p16 = "sixteen kilobytes"
+    n4, n16 = tokens_for(4096, p4), tokens_for(16384, p16)
+    recs = vmkit.run_job(
+        tmp_path,
+        device_config,
+        [
+            {"op": "ask", "prompt": "warm up"},
+            {"op": "stream", "prompt": f"{p4} [mock tokens={n4}]", "measure": True,
+             "keep_text": False},
+            {"op": "stream", "prompt": f"{p16} [mock tokens={n16}]", "measure": True,
+             "keep_text": False},
+        ],
+        timeout=60,
+    )  # fmt: skip
+    _, small, big = recs
+    assert small["ok"] and big["ok"]
+    assert small["sha256"] == vmkit.sha256_text(_text(p4, n4))
+    assert big["sha256"] == vmkit.sha256_text(_text(p16, n16))
+    assert big["length"] >= 4 * small["length"] - 100
+    grow_small = small["heap_peak"] - small["heap_base"]
+    grow_big = big["heap_peak"] - big["heap_base"]
+    # one chunk at a time: the peak does not follow the reply's length
+    assert grow_small < 8 * 1024, small
+    assert grow_big < grow_small + 1024, (small, big)
+
+
+def test_long_reply_streams_in_a_heap_smaller_than_it(
+    device_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # The library compiled with mpy-cross, a 32 KB reply, a 48 KB heap of which
+    # about 33 KB are live before the request: the reply cannot be held whole.
+    mpy = vmkit.compile_mpy(tmp_path / "mpy")
+    prompt = "thirty-two kilobytes"
+    n = tokens_for(32768, prompt)
+    (rec,) = vmkit.run_job(
+        tmp_path,
+        device_config,
+        [{"op": "stream", "prompt": f"{prompt} [mock tokens={n}]", "keep_text": False}],
+        heapsize="48K",
+        env=vmkit.mpy_env(mpy),
+        timeout=60,
+    )
+    assert rec["ok"], rec
+    assert rec["length"] >= 32768
+    assert rec["sha256"] == vmkit.sha256_text(_text(prompt, n))
+
+
+def test_error_terminal_raises(device_config: dict[str, Any], tmp_path: Path) -> None:
+    recs = vmkit.run_job(
+        tmp_path,
+        device_config,
+        [
+            {"op": "stream", "prompt": "x [mock status=400]"},
+            {"op": "ask", "prompt": "x [mock tokens=30 error_event_at=4]"},
+            {"op": "ask", "prompt": "still working?"},
+        ],
+    )
+    status, midway, after = recs
+    assert status["ok"] is False and status["error"] == "LLMError"
+    assert status["code"] == "upstream_status" and status["status"] == 400
+    assert midway["ok"] is False and midway["code"] == "upstream_error"
+    assert after["ok"] and after["text"] == _text("still working?")
+
+
+def test_timeout_when_nothing_arrives(
+    device_config: dict[str, Any], observer: Device, tmp_path: Path
+) -> None:
+    device_config["reply_timeout_ms"] = 1000
+    start = time.monotonic()
+    (rec,) = vmkit.run_job(tmp_path, device_config, [{"op": "stream", "prompt": "x [mock hang=1]"}])
+    elapsed = time.monotonic() - start
+    assert rec["ok"] is False and rec["error"] == "LLMTimeout" and rec["code"] == "timeout"
+    assert elapsed < 6
+    # the device told the bridge to stop: the request ends as cancelled
+    rid, reply = observer.wait_any(timeout=5)
+    assert rid == rec["id"]
+    assert reply.error_code == "cancelled"
+
+
+def test_explicit_cancel(device_config: dict[str, Any], observer: Device, tmp_path: Path) -> None:
+    (rec,) = vmkit.run_job(
+        tmp_path,
+        device_config,
+        [{"op": "stream", "prompt": "x [mock tokens=500 delay_ms=20]", "cancel_after": 3}],
+    )
+    assert rec["cancelled"] is True  # the bridge confirmed with a `cancelled` terminal
+    assert rec["pieces"] == 3
+    _rid, reply = observer.wait_any(timeout=5)
+    assert reply.error_code == "cancelled"
+    assert len(reply.text.split()) < 500
+
+
+def test_keyboard_interrupt_cancels(
+    device_config: dict[str, Any], observer: Device, tmp_path: Path
+) -> None:
+    job = tmp_path / "job.json"
+    steps = [{"op": "stream", "prompt": "x [mock tokens=500 delay_ms=20]", "mark": True}]
+    job.write_text(json.dumps({"config": device_config, "steps": steps}))
+    proc = vmkit.start_vm(vmkit.PROGRAMS_DIR / "chat_job.py", str(job), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PIECE"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "INTERRUPTED" in out, out + err
+    _rid, reply = observer.wait_any(timeout=5)
+    assert reply.error_code == "cancelled"
+
+
+class DropProxy:
+    """A TCP proxy to the broker whose connections the test can cut."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.accepted += 1
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def drop(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.srv.close()
+        self.drop()
+
+
+def test_broker_connection_dropped_mid_reply(
+    device_config: dict[str, Any], observer: Device, tmp_path: Path
+) -> None:
+    proxy = DropProxy(device_config["broker"]["port"])
+    device_config["broker"]["port"] = proxy.port
+    prompt = "keep going"
+    job = tmp_path / "job.json"
+    steps = [{"op": "stream", "prompt": f"{prompt} [mock tokens=60 delay_ms=25]", "mark": True}]
+    job.write_text(json.dumps({"config": device_config, "steps": steps}))
+    proc = vmkit.start_vm(vmkit.PROGRAMS_DIR / "chat_job.py", str(job), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PIECE"
+        proxy.drop()  # the socket dies mid-reply
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    (rec,) = vmkit.parse_records(out)
+    assert rec["ok"], out + err
+    assert rec["text"] == _text(prompt, 60)  # nothing lost, nothing twice
+    assert rec["connects"] >= 2
+    assert proxy.accepted >= 2
+
+
+def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:
+    device_config.update(
+        prompts=["Why is the sky blue?", "Is it?"],
+        wifi={"ssid": "home", "password": "wifi-secret"},
+        gpio={"led": "LED", "button": None},
+    )
+    (tmp_path / "config.json").write_text(json.dumps(device_config))
+    log = tmp_path / "stub.log"
+    proc = vmkit.run_vm(
+        vmkit.DEVICE_DIR / "main.py", cwd=tmp_path, env=vmkit.vm_env(STUB_LOG=str(log))
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _text("Why is the sky blue?") in proc.stdout
+    assert _text("Is it?") in proc.stdout
+    assert "[stop," in proc.stdout
+    events = log.read_text().splitlines()
+    assert "wlan connect home" in events
+    assert events.count("pin LED 1") == 2 and events.count("pin LED 0") == 2
+    assert "wifi-secret" not in proc.stdout + log.read_text()
+    assert device_config["broker"]["password"] not in proc.stdout
+
+
+def test_main_program_button_and_no_hardware(device_config: dict[str, Any], tmp_path: Path) -> None:
+    device_config.update(prompts=["first", "second"], gpio={"led": "LED", "button": 14})
+    (tmp_path / "config.json").write_text(json.dumps(device_config))
+    log = tmp_path / "stub.log"
+    proc = vmkit.run_vm(
+        vmkit.DEVICE_DIR / "main.py",
+        cwd=tmp_path,
+        env=vmkit.vm_env(STUB_LOG=str(log), STUB_PRESSES="2"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "press the button" in proc.stdout
+    assert _text("first") in proc.stdout and _text("second") in proc.stdout
+    assert proc.stdout.rstrip().endswith("stopped")  # Ctrl-C after the presses
+    assert log.read_text().count("pin 14 pressed") == 2
+    # no GPIO at all: falls back to asking once
+    proc = vmkit.run_vm(
+        vmkit.DEVICE_DIR / "main.py", cwd=tmp_path, env=vmkit.vm_env(STUB_NO_PINS="1")
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPIO" in proc.stdout
+    assert _text("first") in proc.stdout and _text("second") in proc.stdout
