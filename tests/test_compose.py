@@ -481,7 +481,10 @@ def test_configuration_doc_lists_every_setting_with_its_default() -> None:
         else:
             shown = f"`{default}`"
         expected[env] = shown
-    assert list(rows) == list(expected)  # every setting, in the order of settings.py
+    missing, extra = set(expected) - set(rows), set(rows) - set(expected)
+    assert not missing, f"docs/configuration.md lacks {sorted(missing)}: add a row for each"
+    assert not extra, f"docs/configuration.md lists {sorted(extra)}, which settings.py lacks"
+    assert list(rows) == list(expected)  # in the order of settings.py
     assert rows == expected
     from bridge.policy import Limits
 
