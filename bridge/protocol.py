@@ -205,12 +205,20 @@ class ChatRequest(BaseModel):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | _ToolChoice | None = None
+    chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
+    chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
+    chunk_sentences: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
         return self
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the reply is merged into larger pieces before it is published."""
+        return bool(self.chunk_bytes or self.chunk_ms or self.chunk_sentences)
 
     def upstream_messages(self) -> list[dict[str, Any]]:
         """The conversation as the API expects it, with `system` first."""

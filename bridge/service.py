@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -19,7 +20,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge import protocol as p
+from bridge.chunking import Chunker
 from bridge.hooks import Hooks, Refusal
+from bridge.journal import Journal
 from bridge.mqtt import MqttLink, Will
 from bridge.reply import DELTA, ReplyFold, StreamError
 from bridge.settings import Settings
@@ -29,6 +32,9 @@ log = logging.getLogger("bridge")
 
 _DEDUP_MAX = 100_000
 
+Terminal = Callable[[int], bytes]
+"""Builds a request's terminal message from the seq it will carry."""
+
 
 class Job:
     """One request in flight: who asked, where its reply goes, how far it got."""
@@ -36,6 +42,7 @@ class Job:
     __slots__ = (
         "cancel_code",
         "cancel_message",
+        "chunker",
         "device",
         "digest",
         "fold",
@@ -44,8 +51,10 @@ class Job:
         "request",
         "rid",
         "seq",
+        "slot",
         "started",
         "task",
+        "timer",
         "topic",
     )
 
@@ -72,6 +81,9 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self.cancel_code = p.CANCELLED
         self.cancel_message = "cancelled by the device"
+        self.chunker: Chunker | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.slot = -1
 
 
 class Bridge:
@@ -116,6 +128,12 @@ class Bridge:
             ca_file=settings.mqtt_ca_file,
             tls_insecure=settings.mqtt_tls_insecure,
         )
+        self.journal: Journal | None = None
+        if settings.journal:
+            self.journal = Journal(
+                settings.data_dir / f"inflight-{settings.client_id}.journal",
+                settings.max_streams + settings.max_queue + 16,
+            )
         for hook in self.hooks:
             hook.attach(self)
 
@@ -148,9 +166,27 @@ class Bridge:
             self.link.publish(self.topics.status, b"offline", qos=1, retain=True)
         await self.link.stop()
         await self.upstream.aclose()
+        if self.journal is not None:
+            self.journal.close()
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
+        if self.journal is not None and self.journal.pending:
+            for gone in self.journal.pending:
+                props = None
+                if gone.correlation is not None:
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    props.CorrelationData = gone.correlation
+                message = "the bridge stopped while answering; ask again"
+                self.link.publish(
+                    gone.topic, p.error_message(gone.seq, p.INTERRUPTED, message), 1,
+                    properties=props,
+                )  # fmt: skip
+            log.warning(
+                "sent %d interrupted terminals for requests of a previous run",
+                len(self.journal.pending),
+            )
+            self.journal.pending = []
         self._call("connected")
 
     def _call(self, name: str, *args: Any) -> None:
@@ -267,6 +303,8 @@ class Bridge:
             )
             return None
         job = Job(device, rid, topic, req, digest, props=props)
+        if self.journal is not None:
+            job.slot = self.journal.add(topic, correlation)
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             previous.task.cancel()
@@ -313,7 +351,7 @@ class Bridge:
     # --- one request, start to terminal ---------------------------------------------------
 
     async def _run(self, job: Job, previous: Job | None) -> None:
-        terminal: bytes | None = None
+        terminal: Terminal | None = None
         try:
             if previous is not None and previous.task is not None:
                 await asyncio.wait([previous.task])
@@ -324,16 +362,23 @@ class Bridge:
                 self._slots.release()
         except asyncio.CancelledError:
             job.outcome = job.cancel_code
-            terminal = p.error_message(job.seq, job.cancel_code, job.cancel_message)
+            code, message = job.cancel_code, job.cancel_message
+            terminal = lambda seq: p.error_message(seq, code, message)  # noqa: E731
         except Exception:
             log.exception("internal error device=%s id=%s", job.device, job.rid)
         finally:
             if terminal is None:
                 job.outcome = p.INTERNAL
-                terminal = p.error_message(job.seq, p.INTERNAL, "internal error in the bridge")
+                terminal = lambda seq: p.error_message(seq, p.INTERNAL, "internal error")  # noqa: E731
             if self.jobs.get((job.device, job.rid)) is job:
                 del self.jobs[(job.device, job.rid)]
-            self._publish_terminal(job.topic, terminal, job.props)
+            if job.timer is not None:
+                job.timer.cancel()
+            if job.chunker is not None:
+                self._publish_held(job)
+            self._publish_terminal(job.topic, terminal(job.seq), job.props)
+            if self.journal is not None:
+                self.journal.remove(job.slot)
             self._call("finished", job, job.outcome, job.fold.usage if job.fold else None)
             log.info(
                 "finished device=%s id=%s outcome=%s chunks=%d seconds=%.3f",
@@ -344,8 +389,11 @@ class Bridge:
                 time.monotonic() - job.started,
             )
 
-    async def _serve(self, job: Job) -> bytes:
-        """Call the API (retrying while nothing was published) and return the terminal."""
+    async def _serve(self, job: Job) -> Terminal:
+        """Call the API (retrying while nothing was published); return how to end the reply.
+
+        The terminal is built from the seq it gets, after any held text was published.
+        """
         s = self.settings
         req = job.request
         body = req.upstream_body(s.openai_model, s.include_usage)
@@ -355,24 +403,25 @@ class Bridge:
         while True:
             fold = ReplyFold(body["model"], keep_text=self._keep_text or not req.stream)
             job.fold = fold
+            if req.stream and req.chunked:
+                job.chunker = Chunker(req.chunk_bytes or 0, req.chunk_sentences, req.chunk_ms or 0)
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._attempt(job, body, fold)
             except TimeoutError:
                 job.outcome = p.UPSTREAM_TIMEOUT
-                return p.error_message(
-                    job.seq,
-                    p.UPSTREAM_TIMEOUT,
-                    f"no complete reply within {s.upstream_total_timeout:g} s",
-                )
+                text = f"no complete reply within {s.upstream_total_timeout:g} s"
+                return lambda seq: p.error_message(seq, p.UPSTREAM_TIMEOUT, text)
             except StreamError as exc:
                 job.outcome = exc.code
-                return p.error_message(job.seq, exc.code, self.upstream.redact(exc.message))
+                code, text = exc.code, self.upstream.redact(exc.message)
+                return lambda seq: p.error_message(seq, code, text)
             except UpstreamError as exc:
                 wait = self._retry_wait(exc, attempt, job, deadline - loop.time())
                 if wait is None:
                     job.outcome = exc.code
-                    return p.error_message(job.seq, exc.code, exc.message, exc.status)
+                    error = exc
+                    return lambda seq: p.error_message(seq, error.code, error.message, error.status)
                 attempt += 1
                 log.info(
                     "retrying device=%s id=%s in %.2f s after %s",
@@ -383,8 +432,8 @@ class Bridge:
                 )
                 await asyncio.sleep(wait)
                 continue
-            return p.done_message(
-                job.seq,
+            return lambda seq: p.done_message(
+                seq,
                 finish_reason=fold.finish_reason,
                 usage=fold.usage,
                 model=fold.model,
@@ -436,6 +485,12 @@ class Bridge:
         link = self.link
         if link.congested:
             await link.drained()
+        if job.chunker is not None:
+            pieces = self._chunk(job, pieces)
+        if self.journal is not None:
+            # Counted before publishing: after a crash the journal may be ahead of
+            # what the device got (a gap), never behind it (a repeated seq).
+            self.journal.set_seq(job.slot, job.seq + len(pieces))
         for kind, text in pieces:
             msg = (
                 p.delta_message(job.seq, text)
@@ -443,6 +498,40 @@ class Bridge:
                 else p.refusal_message(job.seq, text)
             )
             link.publish(job.topic, msg, self.qos, properties=job.props)
+            job.seq += 1
+
+    def _chunk(self, job: Job, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Merge deltas as the request asked; start the clock for what is held."""
+        chunker = job.chunker
+        assert chunker is not None
+        out: list[tuple[str, str]] = []
+        for kind, text in pieces:
+            if kind == DELTA:
+                out.extend((DELTA, piece) for piece in chunker.feed(text))
+            else:
+                out.append((kind, text))
+        if chunker.max_ms and chunker.holding and job.timer is None:
+            loop = asyncio.get_running_loop()
+            job.timer = loop.call_later(chunker.max_ms / 1000, self._flush_held, job)
+        return out
+
+    def _flush_held(self, job: Job) -> None:
+        """The time rule: publish what was held for `chunk_ms`."""
+        job.timer = None
+        if job.task is not None and not job.task.done():
+            self._publish_held(job)
+
+    def _publish_held(self, job: Job) -> None:
+        """Publish what the chunker holds (on time, or before the terminal)."""
+        if job.chunker is None or not job.chunker.holding:
+            return
+        held = job.chunker.flush()
+        if self.journal is not None:
+            self.journal.set_seq(job.slot, job.seq + len(held))
+        for text in held:
+            self.link.publish(
+                job.topic, p.delta_message(job.seq, text), self.qos, properties=job.props
+            )
             job.seq += 1
 
     def _publish_terminal(

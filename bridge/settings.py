@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     upstream_retry_max_wait: float = Field(30.0, ge=0)
     include_usage: bool = True
     shutdown_grace: float = Field(5.0, ge=0)
+    journal: bool = True
 
     # Integrations (docs/protocol.md "State" and "Home Assistant"): retained
     # per-device state, Home Assistant discovery, and the devices known ahead.

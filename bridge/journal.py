@@ -1,0 +1,99 @@
+"""Requests in flight, in a memory-mapped file that outlives a crash of the bridge.
+
+After `kill -9` the device of an interrupted request would wait for a
+terminal that never comes. The journal remembers, per running request, where
+its reply goes and how many messages it was given; the next start publishes
+one `interrupted` terminal for each. Writing the count is one store into
+shared memory per chunk batch: no system call, and the kernel keeps the page
+when the process dies.
+
+Slot layout (little-endian): state u8, 3 pad bytes, next seq u32, length u16,
+then JSON `{"t": topic, "c": correlation data in hex or null}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("bridge.journal")
+
+SLOT = 512
+_HEADER = struct.Struct("<B3xIH")
+_SEQ = struct.Struct("<I")
+_ACTIVE = 1
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A request that was running when the bridge stopped without a goodbye."""
+
+    topic: str
+    seq: int
+    correlation: bytes | None
+
+
+class Journal:
+    """A fixed table of slots in `path`, one per request that may run or wait at once."""
+
+    def __init__(self, path: Path, slots: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            size = max(os.fstat(fd).st_size, slots * SLOT)
+            size -= size % SLOT
+            os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._slots = size // SLOT
+        self.pending = self._recover()
+        self._free = list(range(self._slots - 1, -1, -1))
+
+    def _recover(self) -> list[Interrupted]:
+        found = []
+        for i in range(self._slots):
+            off = i * SLOT
+            state, seq, length = _HEADER.unpack_from(self._mm, off)
+            if state != _ACTIVE:
+                continue
+            try:
+                blob = json.loads(self._mm[off + _HEADER.size : off + _HEADER.size + length])
+                corr = bytes.fromhex(blob["c"]) if blob.get("c") else None
+                found.append(Interrupted(blob["t"], seq, corr))
+            except (ValueError, KeyError, TypeError):
+                log.warning("unreadable journal slot %d skipped", i)
+            self._mm[off] = 0
+        return found
+
+    def add(self, topic: str, correlation: bytes | None) -> int:
+        """Take a slot for a new request; -1 when none is free (it is then not journaled)."""
+        blob = json.dumps({"t": topic, "c": correlation.hex() if correlation else None}).encode()
+        if not self._free or len(blob) > SLOT - _HEADER.size:
+            return -1
+        slot = self._free.pop()
+        off = slot * SLOT
+        self._mm[off + _HEADER.size : off + _HEADER.size + len(blob)] = blob
+        _HEADER.pack_into(self._mm, off, 0, 0, len(blob))
+        self._mm[off] = _ACTIVE
+        return slot
+
+    def set_seq(self, slot: int, seq: int) -> None:
+        """Record the seq the next message of this request will carry."""
+        if slot >= 0:
+            _SEQ.pack_into(self._mm, slot * SLOT + 4, seq)
+
+    def remove(self, slot: int) -> None:
+        """The request's terminal was published: forget it."""
+        if slot >= 0:
+            self._mm[slot * SLOT] = 0
+            self._free.append(slot)
+
+    def close(self) -> None:
+        self._mm.close()
