@@ -48,6 +48,9 @@ class Hooks:
     def admit(self, device: str, request: ChatRequest, size: int) -> None:
         """Before a request is queued: raise Refusal to refuse it; may adjust `request`."""
 
+    def refused(self, device: str, code: str) -> None:
+        """A request was answered with an error at once (bad, too large, refused, overloaded)."""
+
     def started(self, job: Job) -> None:
         """A request was accepted (it may still wait for a free stream)."""
 

@@ -110,6 +110,7 @@ class Bridge:
         self.jobs: dict[tuple[str, str], Job] = {}
         self._recent: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_streams)
+        self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
         self.link = MqttLink(
@@ -273,7 +274,11 @@ class Bridge:
         if refusal is not None or req is None:
             code, message, known = refusal or (p.INTERNAL, "no request", None)
             rid = known or p.new_request_id()
-            log.info("refused request device=%s id=%s: %s: %s", device, rid, code, message)
+            log.info(
+                "refused request device=%s id=%s: %s: %s", device, rid, code, message,
+                extra={"device": device, "request_id": rid, "outcome": code},
+            )  # fmt: skip
+            self._call("refused", device, code)
             self._publish_terminal(
                 response_topic or self.topics.res(device, rid),
                 p.error_message(0, code, message),
@@ -295,7 +300,11 @@ class Bridge:
             previous is None
             and len(self.jobs) >= self.settings.max_streams + self.settings.max_queue
         ):
-            log.warning("overloaded: refused device=%s id=%s", device, rid)
+            log.warning(
+                "overloaded: refused device=%s id=%s", device, rid,
+                extra={"device": device, "request_id": rid, "outcome": p.OVERLOADED},
+            )  # fmt: skip
+            self._call("refused", device, p.OVERLOADED)
             self._publish_terminal(
                 topic,
                 p.error_message(0, p.OVERLOADED, "the bridge is busy; try again in a few seconds"),
@@ -316,6 +325,7 @@ class Bridge:
             rid,
             req.model or self.settings.openai_model,
             req.stream,
+            extra={"device": device, "request_id": rid},
         )
         self._call("started", job)
         return job
@@ -356,9 +366,11 @@ class Bridge:
             if previous is not None and previous.task is not None:
                 await asyncio.wait([previous.task])
             await self._slots.acquire()
+            self.active += 1
             try:
                 terminal = await self._serve(job)
             finally:
+                self.active -= 1
                 self._slots.release()
         except asyncio.CancelledError:
             job.outcome = job.cancel_code
@@ -387,6 +399,7 @@ class Bridge:
                 job.outcome,
                 job.seq,
                 time.monotonic() - job.started,
+                extra={"device": job.device, "request_id": job.rid, "outcome": job.outcome},
             )
 
     async def _serve(self, job: Job) -> Terminal:
@@ -560,6 +573,10 @@ def build_hooks(settings: Settings) -> list[Hooks]:
     from bridge.policy import PolicyHook  # noqa: PLC0415 (hooks load only when run)
 
     hooks: list[Hooks] = [PolicyHook(settings)]
+    if settings.metrics_port:
+        from bridge.metrics import MetricsHook  # noqa: PLC0415
+
+        hooks.append(MetricsHook(settings))
     if settings.state or settings.ha_discovery:
         from bridge.homeassistant import HomeAssistantHook  # noqa: PLC0415
         from bridge.state import StateHook  # noqa: PLC0415

@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     include_usage: bool = True
     shutdown_grace: float = Field(5.0, ge=0)
     journal: bool = True
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     # Integrations (docs/protocol.md "State" and "Home Assistant"): retained
     # per-device state, Home Assistant discovery, and the devices known ahead.
