@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.homeassistant")
 
-#: Seconds after a connect to let the retained configs and states arrive before
-#: the bridge decides which devices it knows and which configs are stale.
-SETTLE = 1.0
+#: Seconds after the subscriptions are granted to let the retained configs and
+#: states arrive (the broker sends them at once) before the bridge decides which
+#: devices it knows and which configs are stale.
+SETTLE = 0.5
 #: HA caps an entity's state at 255 characters; the full text is an attribute.
 HA_STATE_MAX = 255
 REPLY_TEMPLATE = "{{ (value_json.reply or value_json.refusal or '')[:255] }}"
@@ -253,6 +254,8 @@ class HomeAssistantHook(Hooks):
     # --- publishing ---------------------------------------------------------------------
 
     async def _after_settle(self) -> None:
+        assert self.bridge is not None
+        await self.bridge.link.subscribed.wait()
         await asyncio.sleep(SETTLE)
         self.reconcile()
 

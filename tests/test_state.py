@@ -111,16 +111,16 @@ def states(w: Watcher, device: str) -> list[dict[str, Any]]:
     return [m.json for m in w.on(f"llm/{device}/state") if m.payload]
 
 
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+@pytest.fixture(scope="module", name="own_broker")
+def own_broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A Mosquitto of this module's own: no other bridge answers or publishes on it."""
     b = Broker(tmp_path_factory.mktemp("broker-integrations")).start()
     yield b
     b.stop()
 
 
-@pytest.fixture
-def own_bridge(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[StartBridge]:
+@pytest.fixture(name="own_bridge")
+def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[StartBridge]:
     """Start bridges on `own_broker` with extra BRIDGE_* settings; stopped after the test."""
     started: list[BridgeProcess] = []
 
@@ -139,8 +139,8 @@ def own_bridge(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[St
         assert "Traceback" not in proc.logs(), proc.logs()[-3000:]
 
 
-@pytest.fixture
-def own_device(own_broker: Broker) -> Iterator[Callable[..., Device]]:
+@pytest.fixture(name="own_device")
+def own_device_fixture(own_broker: Broker) -> Iterator[Callable[..., Device]]:
     made: list[Device] = []
 
     def make(device_id: str | None = None) -> Device:
