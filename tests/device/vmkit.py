@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -282,3 +283,90 @@ def mpy_env(mpy_dir: Path, **env: str) -> dict[str, str]:
     out = vm_env(**env)
     out["MICROPYPATH"] = ":".join([".frozen", str(mpy_dir), str(STUBS_DIR)])
     return out
+
+
+class SerialStandIn:
+    """A stand-in board for mpremote: the VM's REPL on a pseudo-terminal, bridged to
+    ``socket://127.0.0.1:PORT`` (pyserial's socket URL), one connection at a time.
+
+    The VM runs in ``root`` (its filesystem is the host's); mpremote must use
+    ``resume``, since a soft reset ends the Unix port.
+    """
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        import pty
+        import threading
+        import tty
+
+        self.root = root
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.url = f"socket://127.0.0.1:{self.port}"
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        self.master = master
+        self.proc = subprocess.Popen(
+            [micropython_bin(), "-X", f"heapsize={HEAPSIZE}"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=root,
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.output = bytearray()
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import select
+
+        conn: socket.socket | None = None
+        while not self._stop:
+            watch: list[Any] = [self.master, self.srv] + ([conn] if conn else [])
+            ready, _, _ = select.select(watch, [], [], 0.2)
+            if self.master in ready:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.output += data
+                if conn is not None:
+                    try:
+                        conn.sendall(data)
+                    except OSError:
+                        conn.close()
+                        conn = None
+            if self.srv in ready:
+                new, _ = self.srv.accept()
+                # mpremote's many small round trips would wait on Nagle and
+                # delayed ACKs (about 40 ms each) otherwise
+                new.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if conn is not None:
+                    conn.close()
+                conn = new
+            if conn is not None and conn in ready:
+                try:
+                    data = conn.recv(4096)
+                    if hasattr(socket, "TCP_QUICKACK"):
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                except OSError:
+                    data = b""
+                if not data:
+                    conn.close()
+                    conn = None
+                else:
+                    os.write(self.master, data)
+
+    def close(self) -> None:
+        self._stop = True
+        self.srv.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.thread.join(timeout=5)
+        os.close(self.master)
