@@ -12,12 +12,9 @@ from tests.harness import BridgeProcess, Device, free_port
 
 def _value(text: str, name: str) -> float:
     for line in text.splitlines():
-        if (
-            line.startswith(name + " ")
-            or (line.startswith(name + "{")
-            and line.split(" ")[0] == name)
-        ):
-            return float(line.rsplit(" ", 1)[1])
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
     raise AssertionError(f"{name} not in metrics")
 
 
