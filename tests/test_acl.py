@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import API_KEY, BridgeProcess, Broker, Device
+from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 
 class Listener:
@@ -189,3 +190,32 @@ def test_api_key_crosses_the_broker_in_no_message(
         assert API_KEY not in bridge.logs()
     finally:
         ha.close()
+
+
+def test_queued_request_survives_a_broker_restart(mock_llm: Any, tmp_path: Path) -> None:
+    """broker/mosquitto.conf's persistence: a QoS 1 request waiting for the (stopped) bridge
+    outlives a Mosquitto restart and is served when the bridge is back."""
+    b = Broker(tmp_path / "broker").start()
+    env = bridge_env(b, mock_llm.base_url, BRIDGE_CLIENT_ID="persist-bridge",
+                     BRIDGE_DATA_DIR=str(tmp_path / "data"), BRIDGE_TOPIC_PREFIX="llm")  # fmt: skip
+    first = BridgeProcess(tmp_path / "b1", env).start()
+    try:
+        wait_for_status(b, "llm", "online")  # its persistent session now exists
+        assert first.stop() == 0
+        asker = Device(b, "persist-dev", subscribe=False)
+        asker.send({"id": "q1", "prompt": "kept across a restart"})  # PUBACK: stored
+        asker.close()
+        b.restart()
+        reader = Device(b, "persist-dev")
+        second = BridgeProcess(tmp_path / "b2", env).start()
+        try:
+            reply = reader.wait("q1", timeout=15)
+            assert reply.terminal.get("done") is True
+            assert "kept across a restart" in reply.text
+        finally:
+            reader.close()
+            second.stop()
+            assert API_KEY not in second.logs()
+    finally:
+        first.stop()
+        b.stop()
