@@ -397,6 +397,8 @@ def run_llm_bridge(site: Site, args: list[str]) -> None:
     where = args[:1] if args[0] == "chat" else args[:2]
     if where in (["device", "add"], ["device", "remove"]) and site.mosquitto is not None:
         args = [*args, "--pid", str(site.mosquitto.pid)]  # only this test's broker
+    if where == ["device", "deploy"]:
+        args = [*args, "--dry-run"]  # no board here: the mpremote commands it would run
     if where == ["chat"]:
         device = args[args.index("--device") + 1]
         url = args[args.index("--mqtt-url") + 1]
@@ -426,6 +428,10 @@ def run_llm_bridge(site: Site, args: list[str]) -> None:
             time.sleep(0.05)
         if old is not None:
             assert not site.can_connect(device, old)
+    elif where == ["device", "deploy"]:
+        config = args[args.index("--config") + 1]
+        assert f"fs cp {config} :config.json" in r.stdout + r.stderr
+        assert json.loads((site.root / config).read_text())["device_id"] == "kitchen"
     elif where == ["chat"]:
         assert "You said: Why is the sky blue?" in r.stdout
     elif where == ["device", "list"]:
