@@ -235,6 +235,7 @@ class DropProxy:
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         self.conns: list[socket.socket] = []
+        self.sent = bytearray()  # what the device sent, all connections
         self.accepted = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -249,13 +250,15 @@ class DropProxy:
             with self.lock:
                 self.accepted += 1
                 self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, log in ((client, upstream, self.sent), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, log), daemon=True).start()
 
     @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(a: socket.socket, b: socket.socket, log: bytearray | None) -> None:
         try:
             while data := a.recv(65536):
+                if log is not None:
+                    log += data
                 b.sendall(data)
         except OSError:
             pass
@@ -302,6 +305,38 @@ def test_broker_connection_dropped_mid_reply(
     assert rec["text"] == _text(prompt, 60)  # nothing lost, nothing twice
     assert rec["connects"] >= 2
     assert proxy.accepted >= 2
+
+
+def test_keepalive_pings_and_reconnect_after_idle(
+    device_config: dict[str, Any], tmp_path: Path
+) -> None:
+    proxy = DropProxy(device_config["broker"]["port"])
+    device_config["broker"].update(port=proxy.port, keepalive=1)
+    steps = [
+        # 2 s of silence between two chunks: the device pings every 0.5 s
+        {"op": "stream", "prompt": "slow [mock tokens=2 delay_ms=1000]"},
+        {"op": "sleep", "ms": 1000},  # the test cuts the idle connection meanwhile
+        {"op": "ask", "prompt": "after a nap"},
+    ]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": device_config, "steps": steps}))
+    proc = vmkit.start_vm(vmkit.PROGRAMS_DIR / "chat_job.py", str(job), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        pings = proxy.sent.count(b"\xc0\x00")  # PINGREQ
+        proxy.drop()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    slow, _, after = vmkit.parse_records(first + out)
+    assert slow["ok"] and slow["text"] == _text("slow", 2), slow
+    assert pings >= 2, pings
+    assert slow["connects"] == 1
+    assert after["ok"] and after["text"] == _text("after a nap"), out + err
+    assert after["connects"] == 2  # the request found the socket dead and reconnected
 
 
 def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:

@@ -7,6 +7,7 @@
 #    "measure": true,        # sample the live heap after each piece
 #    "mark": true,           # print "PIECE" (flushed) after the first piece
 #    "keep_text": true}      # return the text (else only its sha256 and length)
+#   or {"op": "sleep", "ms": n}
 # A KeyboardInterrupt (SIGINT) during a step calls chat.interrupt() and
 # prints "INTERRUPTED".
 
@@ -91,6 +92,10 @@ async def run_step(chat, step):
 
 async def main(chat, job):
     for step in job["steps"]:
+        if step.get("op") == "sleep":  # the device idles, its client untouched
+            await asyncio.sleep_ms(step["ms"])
+            out("STEP", {"ok": True})
+            continue
         out("STEP", await run_step(chat, step))
     await chat.close()
 
