@@ -265,6 +265,19 @@ class Bridge:
                 req = p.parse_request(payload, self.settings.max_request_bytes)
             except p.BadRequest as exc:
                 refusal = (exc.code, exc.message, exc.request_id)
+        # A second delivery of the same request is dropped before anything else
+        # (policy included), so it can never get a second terminal.
+        known_id = req.id if req is not None else (refusal[2] if refusal else None)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if known_id is not None:
+            key = (device, known_id)
+            now = time.monotonic()
+            seen = self._recent.get(key)
+            window = self.settings.dedup_window
+            if seen is not None and seen[0] == digest and now - seen[1] < window:
+                log.info("dropped duplicate delivery device=%s id=%s", device, known_id)
+                return None
+            self._remember(key, digest, now)
         if req is not None:
             try:
                 for hook in self.hooks:
@@ -287,13 +300,6 @@ class Bridge:
             return None
         rid = req.id or p.new_request_id()
         key = (device, rid)
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        now = time.monotonic()
-        seen = self._recent.get(key)
-        if seen is not None and seen[0] == digest and now - seen[1] < self.settings.dedup_window:
-            log.info("dropped duplicate delivery device=%s id=%s", device, rid)
-            return None
-        self._remember(key, digest, now)
         topic = response_topic or self.topics.res(device, rid)
         previous = self.jobs.get(key)
         if (

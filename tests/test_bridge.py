@@ -524,3 +524,14 @@ def test_many_devices_at_once(bridge: BridgeProcess, make_device: Callable[..., 
     for key, text in results.items():
         dev_id, i = key.split("/")
         assert text == expected(f"{dev_id} {i}", 15)
+
+
+def test_duplicate_of_a_refused_request_gets_no_second_terminal(
+    bridge: BridgeProcess, device: Device
+) -> None:
+    payload = json.dumps({"id": "dr1", "prompt": "x", "colour": "red"})
+    device.send(payload)
+    device.wait("dr1")
+    device.send(payload)
+    reply = device.quiet_after("dr1", 0.5)
+    assert len(reply.messages) == 1 and reply.error_code == "bad_request"
