@@ -107,6 +107,8 @@ class DeviceState:
     time: str | None = None
     #: request id -> whether its first piece was published (not in the payload).
     active: dict[str, bool] = field(default_factory=dict)
+    #: request id -> its question, while it runs (not in the payload).
+    questions: dict[str, str | None] = field(default_factory=dict)
     #: whether this process published the state (a retained one is then older).
     published: bool = False
 
@@ -233,7 +235,7 @@ class StateHook(Hooks):
         dev = self.devices.setdefault(job.device, DeviceState())
         dev.active[job.rid] = False
         dev.request_id = job.rid
-        dev.question = question_of(job.request)
+        dev.question = dev.questions[job.rid] = question_of(job.request)
         dev.error = None
         self._changed(job.device, dev)
         self._publish_stats_soon()
@@ -248,6 +250,8 @@ class StateHook(Hooks):
     def finished(self, job: Job, outcome: str, usage: Any) -> None:
         dev = self.devices.setdefault(job.device, DeviceState())
         dev.active.pop(job.rid, None)
+        if job.rid in dev.questions:
+            dev.question = dev.questions.pop(job.rid)
         now = now_iso()
         fold = job.fold
         event: dict[str, Any]

@@ -460,3 +460,33 @@ def test_home_assistant_schemas() -> None:
     result = validate_with_home_assistant(payloads, {"home/llm/kitchen/state": [state]})
     assert result is not None and result["components"] == 8
     assert ["homeassistant/device/home_llm/kitchen/config", "reply", "no"] in result["rendered"]
+
+
+def test_integration_examples_are_well_formed() -> None:
+    """docs/integrations: the Node-RED flow imports (valid JSON, every wire and config
+    reference resolves) and uses the protocol's topics; the HA automation is YAML that
+    uses the entities discovery creates."""
+    import yaml
+
+    from tests.harness import REPO
+
+    root = REPO / "docs" / "integrations"
+    flow = json.loads((root / "node-red-flow.json").read_text())
+    ids = {n["id"] for n in flow}
+    assert len(ids) == len(flow)
+    for node in flow:
+        for outs in node.get("wires", []):
+            assert set(outs) <= ids, node["id"]
+        for ref in ("broker", "group", "tab", "z"):
+            if ref in node and node["type"] != "mqtt-broker":  # there: the host name
+                assert node[ref] in ids, (node["id"], ref)
+    topics = {n["type"]: n["topic"] for n in flow if n["type"] in ("mqtt in", "mqtt out")}
+    assert topics["mqtt out"] == "llm/kitchen/ask"
+    assert {n["topic"] for n in flow if n["type"] == "mqtt in"} == {
+        "llm/kitchen/res/+",
+        "llm/kitchen/state",
+    }
+    auto = yaml.safe_load((root / "homeassistant-automation.yaml").read_text())
+    text = json.dumps(auto)
+    assert "text.kitchen_ask" in text and "event.kitchen_reply" in text
+    assert auto["triggers"] and auto["actions"]

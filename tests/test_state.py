@@ -261,6 +261,7 @@ def test_two_requests_at_once_one_status(
         # p1 ends while p2 streams: a state with p1's reply, still streaming.
         mid = [s for s in seen if s["request_id"] == "p1" and s["replied_at"]]
         assert mid and mid[0]["status"] == "streaming" and mid[0]["active"] == 1
+        assert mid[0]["question"] == "[mock tokens=5 delay_ms=20] one"  # p1's, not p2's
         assert seen[-1]["request_id"] == "p2" and seen[-1]["status"] == "idle"
         assert len(seen) <= 5  # thinking, streaming, (p1 done), idle: never per chunk
     finally:
