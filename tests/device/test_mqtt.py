@@ -382,3 +382,22 @@ def test_main_program_button_and_no_hardware(device_config: dict[str, Any], tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no GPIO" in proc.stdout
     assert _text("first") in proc.stdout and _text("second") in proc.stdout
+
+
+def test_seq_handling_unit(tmp_path: Path) -> None:
+    """MQTTReply alone, with a stand-in transport: duplicates, gaps, errors, silence."""
+    proc = vmkit.run_vm(vmkit.PROGRAMS_DIR / "seq_unit.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = {
+        line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("R ")
+    }
+    req, cancel = "llm/dev/req", "llm/dev/cancel"
+    assert r["duplicates"] == {"pieces": ["a", "b"], "finish_reason": "stop", "published": [req]}
+    assert r["gap"]["pieces"] == ["a"] and r["gap"]["error"] == "protocol"
+    assert "seq 2 after 0" in r["gap"]["message"]
+    assert r["no_seq"]["error"] == "protocol"
+    assert r["error"]["error"] == "upstream_status" and r["error"]["pieces"] == ["a"]
+    assert r["silence"]["error"] == "timeout" and r["silence"]["published"] == [req, cancel]
+    assert r["whole_text"]["pieces"] == ["all of it"]
