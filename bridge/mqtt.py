@@ -96,6 +96,7 @@ class MqttLink:
         self._drained = asyncio.Event()
         self._drained.set()
         self._connect_error: str | None = None
+        self._refused = asyncio.Event()
 
         self._v5 = version == 5
         c = paho.Client(
@@ -139,7 +140,15 @@ class MqttLink:
         if timeout is not None:
             try:
                 async with asyncio.timeout(timeout):
-                    await self.connected.wait()
+                    up = asyncio.ensure_future(self.connected.wait())
+                    no = asyncio.ensure_future(self._refused.wait())
+                    try:
+                        await asyncio.wait([up, no], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        up.cancel()
+                        no.cancel()
+                    if not self.connected.is_set():
+                        raise TimeoutError
             except TimeoutError:
                 await self.stop()
                 reason = f": {self._connect_error}" if self._connect_error else ""
@@ -270,6 +279,7 @@ class MqttLink:
         if reason.is_failure:
             self._connect_error = f"broker refused the connection: {reason}"
             log.error("%s", self._connect_error)
+            self._refused.set()
             return
         log.info(
             "connected to %s (session %s)",

