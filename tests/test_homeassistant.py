@@ -363,9 +363,9 @@ def test_text_entity_asks_the_device_llm(
 
 
 def test_birth_message_republishes_discovery(own_broker: Broker, own_bridge: StartBridge) -> None:
-    own_bridge(BRIDGE_DEVICES="porch")
     w = Watcher(own_broker, [f"{PREFIX}/#"])
     try:
+        own_bridge(BRIDGE_DEVICES="porch")
         wait_config(w, "porch")
         live = lambda: [m for m in w.msgs if not m.retain and m.topic.endswith("/porch/config")]  # noqa: E731
         w.wait_for(lambda m: not m.retain and m.topic.endswith("/bridge/config"))
