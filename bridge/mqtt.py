@@ -30,6 +30,74 @@ log = logging.getLogger("bridge.mqtt")
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
 
+class BufferedClient(paho.Client):
+    """paho's client with its socket I/O batched, for a client that moves many small messages.
+
+    paho reads a packet with three `recv` calls (type, length, body) and
+    writes each packet with its own `send`. Here reads are served from one
+    `recv` of up to 64 KiB, and what paho writes in one `loop_write` goes out
+    in one `send`. The protocol stays paho's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._batch: bytearray | None = None
+        self._unsent = b""
+
+    def buffered(self) -> bool:
+        """Whether read bytes wait here that the socket will not signal again."""
+        return self._rpos < len(self._rbuf)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(65536)
+            if len(data) <= bufsize:
+                self._rbuf, self._rpos = b"", 0
+                return data
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        out = self._rbuf[self._rpos : end]
+        self._rpos = min(end, len(self._rbuf))
+        return out
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._batch is None:
+            return super()._sock_send(buf)
+        self._batch += buf
+        return len(buf)
+
+    def write_batched(self) -> MQTTErrorCode:
+        """`loop_write`, with everything it writes sent together; keeps what the kernel refuses."""
+        if self._unsent and not self._flush():
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._batch = bytearray()
+        try:
+            rc = self.loop_write()
+        finally:
+            batch, self._batch = self._batch, None
+        if batch:
+            self._unsent = bytes(batch)
+            self._flush()
+        return rc
+
+    def _flush(self) -> bool:
+        """Send what waits; True when nothing is left."""
+        try:
+            sent = super()._sock_send(self._unsent)
+        except BlockingIOError:
+            return False
+        self._unsent = self._unsent[sent:]
+        return not self._unsent
+
+    def unsent(self) -> bool:
+        return bool(self._unsent)
+
+    def reset_buffers(self) -> None:
+        self._rbuf, self._rpos, self._unsent = b"", 0, b""
+
+
 @dataclass(frozen=True)
 class Will:
     """The last will: what the broker publishes for us when we vanish."""
@@ -99,7 +167,7 @@ class MqttLink:
         self._refused = asyncio.Event()
 
         self._v5 = version == 5
-        c = paho.Client(
+        c = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
@@ -117,7 +185,9 @@ class MqttLink:
             c.tls_set_context(ctx)
         if will is not None:
             c.will_set(will.topic, will.payload, will.qos, will.retain)
-        c.max_inflight_messages_set(1000)
+        # 0: no paho cap. With a cap, paho walks every message in flight on each
+        # PUBACK; our own high-water mark bounds what is pending instead.
+        c.max_inflight_messages_set(0)
         c.manual_ack_set(manual_ack)
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
@@ -226,6 +296,7 @@ class MqttLink:
         self._sock = sock
         self._closed.clear()
         c = self.client
+        c.reset_buffers()
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._want_write
         c.on_socket_unregister_write = self._done_writing
@@ -239,7 +310,8 @@ class MqttLink:
 
     def _done_writing(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         assert self._loop is not None
-        self._loop.remove_writer(sock)
+        if not self.client.unsent():
+            self._loop.remove_writer(sock)
 
     def _detach(self) -> None:
         if self._sock is not None and self._loop is not None:
@@ -251,14 +323,27 @@ class MqttLink:
         self.client.on_socket_unregister_write = None
 
     def _read(self) -> None:
-        rc = self.client.loop_read()
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
-            self._lost(rc)
+        c = self.client
+        while True:
+            rc = c.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._sock is not None:
+                    self._lost(rc)
+                return
+            sock = self._sock
+            if not (c.buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
+                return
 
     def _write(self) -> None:
-        rc = self.client.loop_write()
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
-            self._lost(rc)
+        c = self.client
+        rc = c.write_batched()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self._sock is not None:
+                self._lost(rc)
+            return
+        if not c.unsent() and not c.want_write() and self._sock is not None:
+            assert self._loop is not None
+            self._loop.remove_writer(self._sock)
 
     def _lost(self, rc: MQTTErrorCode) -> None:
         log.warning("broker connection lost: %s", paho.error_string(rc))

@@ -32,6 +32,9 @@ log = logging.getLogger("bridge")
 
 _DEDUP_MAX = 100_000
 
+# At most 2 MB of journal (512 B a slot); requests beyond it are not journaled.
+JOURNAL_SLOTS = 4096
+
 Terminal = Callable[[int], bytes]
 """Builds a request's terminal message from the seq it will carry."""
 
@@ -133,7 +136,7 @@ class Bridge:
         if settings.journal:
             self.journal = Journal(
                 settings.data_dir / f"inflight-{settings.client_id}.journal",
-                settings.max_streams + settings.max_queue + 16,
+                min(settings.max_streams + settings.max_queue + 16, JOURNAL_SLOTS),
             )
         for hook in self.hooks:
             hook.attach(self)

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     client_id: str = Field("llm-bridge", min_length=1, max_length=64)
     session_expiry: int = Field(86400, ge=0, le=0xFFFFFFFF)
     topic_prefix: str = "llm"
-    response_qos: Literal[0, 1] = 1
+    response_qos: int = Field(1, ge=0, le=1)
 
     max_streams: int = Field(64, ge=1, le=100_000)
     max_queue: int = Field(256, ge=0, le=1_000_000)
