@@ -16,18 +16,24 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.settings import MqttUrl
 
 log = logging.getLogger("bridge.mqtt")
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
+
+
+_DISCONNECT = b"\xe0"
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 class BufferedClient(paho.Client):
@@ -45,6 +51,22 @@ class BufferedClient(paho.Client):
         self._rpos = 0
         self._batch: bytearray | None = None
         self._unsent = b""
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """A plain success PUBACK (one for every reply chunk) without building objects.
+
+        paho decodes each into a ReasonCode and a Properties; a success with no
+        properties carries only the message id, so shared success objects go to
+        the callback instead. Anything else takes paho's own path.
+        """
+        packet = self._in_packet["packet"]
+        n = len(packet)
+        if cmd == "PUBACK" and (n == 2 or (n <= 4 and not any(packet[2:]))):
+            mid = (packet[0] << 8) | packet[1]
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
 
     def buffered(self) -> bool:
         """Whether read bytes wait here that the socket will not signal again."""
@@ -66,6 +88,11 @@ class BufferedClient(paho.Client):
         if self._batch is None:
             return super()._sock_send(buf)
         self._batch += buf
+        if buf[:1] == _DISCONNECT:
+            # paho closes the socket as soon as this returns: send everything now.
+            self._unsent += bytes(self._batch)
+            self._batch = bytearray()
+            self._flush()
         return len(buf)
 
     def write_batched(self) -> MQTTErrorCode:
@@ -78,7 +105,7 @@ class BufferedClient(paho.Client):
         finally:
             batch, self._batch = self._batch, None
         if batch:
-            self._unsent = bytes(batch)
+            self._unsent += bytes(batch)
             self._flush()
         return rc
 
@@ -88,6 +115,9 @@ class BufferedClient(paho.Client):
             sent = super()._sock_send(self._unsent)
         except BlockingIOError:
             return False
+        except OSError:  # the connection is gone; paho notices on its own
+            self._unsent = b""
+            return True
         self._unsent = self._unsent[sent:]
         return not self._unsent
 

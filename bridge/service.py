@@ -256,18 +256,18 @@ class Bridge:
                 props.CorrelationData = correlation
         req: p.ChatRequest | None = None
         refusal: tuple[str, str, str | None] | None = None
+        try:
+            req = p.parse_request(payload, self.settings.max_request_bytes)
+        except p.BadRequest as exc:
+            refusal = (exc.code, exc.message, exc.request_id)
         if response_topic is not None and not self._own_response_topic(device, response_topic):
+            rid = req.id if req is not None else (refusal[2] if refusal else None)
             refusal = (
                 p.BAD_REQUEST,
                 f"response topic must lie under {self.topics.prefix}/{device}/res/",
-                None,
+                rid,
             )
-            response_topic = None
-        else:
-            try:
-                req = p.parse_request(payload, self.settings.max_request_bytes)
-            except p.BadRequest as exc:
-                refusal = (exc.code, exc.message, exc.request_id)
+            req, response_topic = None, None
         # A second delivery of the same request is dropped before anything else
         # (policy included), so it can never get a second terminal.
         known_id = req.id if req is not None else (refusal[2] if refusal else None)
