@@ -26,7 +26,7 @@ from bridge.passwords import new_password, password_line
 if TYPE_CHECKING:
     from bridge.settings import Settings
 
-SERVICE_USERS = ("bridge", "integrations")
+SERVICE_USERS = ("bridge", "integrations", "automation")
 PASSWD = "passwd"
 ENV_EXAMPLE = ".env.example"
 
@@ -152,7 +152,7 @@ def device_config(
 @dataclass
 class InitResult:
     created: list[str]
-    integrations_password: str | None
+    passwords: dict[str, str]  # the new service users' but the bridge's, to show once
     env_written: bool
 
 
@@ -175,17 +175,17 @@ def init_broker(
     env_file: Path,
     mqtt_host: str = "mosquitto",
 ) -> InitResult:
-    """Create the `bridge` and `integrations` users and the `.env` the bridge uses.
+    """Create the `bridge`, `integrations` and `automation` users and the bridge's `.env`.
 
     Users that exist are kept (run it again safely). The bridge's password
-    goes only into `env_file` (0600), as `BRIDGE_MQTT_URL`; the integrations
-    password is returned to be shown once. `.env` starts as a copy of
+    goes only into `env_file` (0600), as `BRIDGE_MQTT_URL`; the others'
+    passwords are returned to be shown once. `.env` starts as a copy of
     `.env.example`, with the user's uid and gid for the containers, and the data
     directories the containers write to are created.
     """
     pw = PasswordFile(broker_dir / PASSWD)
     created: list[str] = []
-    integrations: str | None = None
+    shown: dict[str, str] = {}
     bridge_password: str | None = None
     for user in SERVICE_USERS:
         if user in pw:
@@ -196,7 +196,7 @@ def init_broker(
         if user == "bridge":
             bridge_password = password
         else:
-            integrations = password
+            shown[user] = password
     if created:
         pw.save()
     env_written = False
@@ -217,7 +217,7 @@ def init_broker(
         env_written = True
     for sub in ("mosquitto", "bridge"):
         (root / "data" / sub).mkdir(parents=True, exist_ok=True)
-    return InitResult(created, integrations, env_written)
+    return InitResult(created, shown, env_written)
 
 
 # --- reloading Mosquitto --------------------------------------------------------------
@@ -455,9 +455,13 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
         _say(f"broker user {user}: {state}")
     if result.env_written:
         _say(f"{args.env} written (owner-only); set OPENAI_API_KEY in it")
-    if result.integrations_password is not None:
-        _say("the integrations user's password (Home Assistant, Node-RED), shown only once:")
-        print(result.integrations_password)
+    if result.passwords:
+        _say(
+            "passwords, shown only once: integrations (read-only: dashboards), "
+            "automation (Home Assistant, flows that ask)"
+        )
+        for user, password in result.passwords.items():
+            print(f"{user} {password}")
     return 0
 
 
@@ -524,7 +528,9 @@ def add_device_commands(sub: Any) -> None:
 
 def add_broker_commands(sub: Any) -> None:
     """`broker init|reload|tls|check` into the `broker` group's subparsers."""
-    init = sub.add_parser("init", help="create the bridge and integrations users and .env")
+    init = sub.add_parser(
+        "init", help="create the service users (bridge, integrations, automation) and .env"
+    )
     init.add_argument("--env", default=".env", help="the .env file to write (default .env)")
     init.add_argument(
         "--mqtt-host", default="mosquitto", help="the broker's host name for the bridge"

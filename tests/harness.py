@@ -68,6 +68,7 @@ class Broker:
         (self.dir / "acl").write_text(acl_text(acl_prefix))
         self.add_user("bridge", "bridge-pw", reload=False)
         self.add_user("integrations", "integrations-pw", reload=False)
+        self.add_user("automation", "automation-pw", reload=False)
 
     @property
     def log_file(self) -> Path:
@@ -230,20 +231,41 @@ class Device:
     """A test device: a paho client that asks and collects replies per request id."""
 
     def __init__(
-        self, broker: Broker, device_id: str, prefix: str = "llm", *, subscribe: bool = True
+        self,
+        broker: Broker,
+        device_id: str,
+        prefix: str = "llm",
+        *,
+        subscribe: bool = True,
+        persistent: bool = False,
     ) -> None:
+        """`persistent`: a session the broker keeps (clean session off, fixed client id)
+        and a quick reconnect, so that the device rides out a broker restart; it
+        counts its connections in `connects`."""
         self.id = device_id
         self.prefix = prefix
         if device_id not in broker.users:
             broker.add_user(device_id)
         self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.raw: list[tuple[str, bytes]] = []
+        self.connects = 0
         self._cond = threading.Condition()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{device_id}-{os.getpid()}")
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"t-{device_id}-{os.getpid()}",
+            clean_session=not persistent,
+        )
+        if persistent:
+            c.reconnect_delay_set(1, 2)
         c.username_pw_set(device_id, broker.users[device_id])
         c.on_message = self._on_message
         ready = threading.Event()
-        c.on_connect = lambda *a: ready.set()
+
+        def on_connect(*_a: Any) -> None:
+            self.connects += 1
+            ready.set()
+
+        c.on_connect = on_connect
         c.on_subscribe = lambda *a: ready.set()
         c.connect("127.0.0.1", broker.port)
         c.loop_start()
@@ -283,6 +305,23 @@ class Device:
                     raise TimeoutError(f"no terminal for {rid} in {timeout} s; got {got[-3:]}")
                 self._cond.wait(left)
             return Reply(rid, list(self.replies[rid])).check()
+
+    def wait_raw(self, rid: str, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """Wait for request `rid`'s first terminal; return what came, unchecked."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any("done" in m or "error" in m for m in self.replies.get(rid, [])):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    got = self.replies.get(rid, [])
+                    raise TimeoutError(f"no terminal for {rid} in {timeout} s; got {got[-3:]}")
+                self._cond.wait(left)
+            return list(self.replies[rid])
+
+    def messages(self, rid: str) -> list[dict[str, Any]]:
+        """What came for `rid` so far, unchecked."""
+        with self._cond:
+            return list(self.replies.get(rid, []))
 
     def ask(self, payload: dict[str, Any], timeout: float = 15.0) -> Reply:
         self.send(payload)
@@ -350,3 +389,17 @@ def bridge_env(broker: Broker, base_url: str, **extra: str | int | float) -> dic
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set size (VmRSS) in kB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

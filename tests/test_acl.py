@@ -140,6 +140,7 @@ def test_integrations_user_reads_everything_and_cannot_publish(
         ha.publish("llm/integrations/req", json.dumps({"id": "ha2", "prompt": "as a device"}))
         ha.publish(f"llm/{dev.id}/res/fake", json.dumps({"seq": 0, "done": True}))
         ha.publish(f"llm/{dev.id}/cancel", "x")
+        ha.publish(f"llm/{dev.id}/ask", "from HA: asking needs the automation user")
         ha.publish("llm/bridge/status", "offline", retain=True)
         # The device's own request goes through, and integrations sees it all.
         assert dev.ask({"id": "real1", "prompt": "hello"}).terminal.get("done") is True
@@ -152,7 +153,7 @@ def test_integrations_user_reads_everything_and_cannot_publish(
         assert ("llm/bridge/status", b"offline") not in seen
         for _, payload in seen:
             assert b"from HA" not in payload and b"as a device" not in payload
-        assert set(dev.replies) == {"real1"}  # no "fake", no "ha1"
+        assert set(dev.replies) == {"real1"}  # no "fake", no "ha1", no answer to the ask
         logs = bridge.logs()
         assert "id=ha1" not in logs and "id=ha2" not in logs
         assert "device=integrations" not in logs

@@ -389,6 +389,7 @@ def test_deploy_doc_from_empty_pi_to_provisioned_device(site: Site) -> None:
         ran.append(line)
     assert ran == commands
     assert site.can_connect("integrations", site.passwords["integrations"])
+    assert site.can_connect("automation", site.passwords["automation"])
     assert site.bridge is not None and "device=kitchen" in site.bridge.logs()
 
 
@@ -409,7 +410,7 @@ def run_llm_bridge(site: Site, args: list[str]) -> None:
 
     if where == ["broker", "init"]:
         assert (site.root / "broker" / "passwd").exists() and (site.root / ".env").exists()
-        site.passwords["integrations"] = r.stdout.strip()
+        site.passwords.update(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     elif where == ["device", "add"]:
         device = args[2]
         if "--output" in args:

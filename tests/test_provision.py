@@ -86,7 +86,12 @@ def test_device_add_list_rotate_remove(
     assert password not in text  # only the hash is kept
     line = next(x for x in text.splitlines() if x.startswith("kitchen:"))
     assert check_password(password, line.split(":", 1)[1])
-    assert {x.split(":")[0] for x in text.splitlines()} == {"bridge", "integrations", "kitchen"}
+    assert {x.split(":")[0] for x in text.splitlines()} == {
+        "bridge",
+        "integrations",
+        "automation",
+        "kitchen",
+    }
     assert wait_connect(broker, "kitchen", password)
 
     # The provisioned device asks through a bridge with the printed credentials.
@@ -115,7 +120,7 @@ def test_device_add_list_rotate_remove(
     assert rows[0] == ["device", "requests_today", "tokens_today"]
     kitchen = next(r for r in rows if r[0] == "kitchen")
     assert kitchen[1] == "1" and int(kitchen[2]) > 0
-    assert not [r for r in rows if r[0] in ("bridge", "integrations")]
+    assert not [r for r in rows if r[0] in ("bridge", "integrations", "automation")]
 
     rotated = cli("device", "add", "kitchen", "--rotate", "--host", "h", *where, cwd=tmp_path)
     assert rotated.returncode == 0, rotated.stderr
@@ -151,7 +156,7 @@ def test_output_file_is_private_and_ids_are_checked(
     assert config["broker"]["password"] not in made.stderr
     assert "not reloaded" in made.stderr
 
-    for bad in ("bridge", "integrations", "a/b", "kitchen+", "#", "x" * 65, ""):
+    for bad in ("bridge", "integrations", "automation", "a/b", "kitchen+", "#", "x" * 65, ""):
         argv = ["device", "add", bad, "--broker-dir", str(broker_dir), "--no-reload"]
         assert main(argv) == 1, bad  # in process: seven interpreters would be slow
         assert "cannot be a device id" in capsys.readouterr().err
@@ -166,12 +171,14 @@ def test_broker_init_creates_service_users_and_env(tmp_path: Path) -> None:
     (tmp_path / ".env.example").write_text((REPO / ".env.example").read_text())
     first = cli("broker", "init", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    integrations_pw = first.stdout.strip()
+    shown = dict(line.split(" ", 1) for line in first.stdout.strip().splitlines())
     passwd = dict(
         line.split(":", 1) for line in (tmp_path / "broker" / "passwd").read_text().splitlines()
     )
-    assert set(passwd) == {"bridge", "integrations"}
-    assert check_password(integrations_pw, passwd["integrations"])
+    assert set(passwd) == {"bridge", "integrations", "automation"}
+    assert set(shown) == {"integrations", "automation"}  # never the bridge's
+    for user, password in shown.items():
+        assert check_password(password, passwd[user])
     env_file = tmp_path / ".env"
     assert mode(env_file) == 0o600 and mode(tmp_path / "broker" / "passwd") == 0o600
     env = dict(

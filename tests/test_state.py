@@ -3,7 +3,7 @@
 
 These tests run on a Mosquitto of their own (the project's broker/ files), so that
 no other bridge answers or publishes state there; `Watcher` is what Home Assistant
-or Node-RED would be: the `integrations` user.
+or Node-RED would be: the `automation` user (it may also ask).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Msg:
 class Watcher:
     """An MQTT v5 client that records every message it may read, in order."""
 
-    def __init__(self, broker: Broker, filters: list[str], user: str = "integrations") -> None:
+    def __init__(self, broker: Broker, filters: list[str], user: str = "automation") -> None:
         self.msgs: list[Msg] = []
         self._cond = threading.Condition()
         ready = threading.Event()
