@@ -170,7 +170,7 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         ca_file: Path | None = None,
         tls_insecure: bool = False,
-        high_water: int = 10_000,
+        high_water: int = 4_000,
         manual_ack: bool = False,
         version: int = 5,
     ) -> None:

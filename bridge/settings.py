@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, le=1_000_000)
     max_request_bytes: int = Field(262_144, ge=256, le=16 * 1024 * 1024)
     dedup_window: float = Field(600.0, ge=0)
+    upstream_ca_file: Path | None = None
     upstream_connect_timeout: float = Field(10.0, gt=0)
     upstream_read_timeout: float = Field(60.0, gt=0)
     upstream_total_timeout: float = Field(600.0, gt=0)

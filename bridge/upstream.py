@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from bridge import protocol as p
+from bridge.netio import AsyncioTransport
 from bridge.settings import Settings
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -111,6 +113,18 @@ class Upstream:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.url = settings.openai_base_url + "/chat/completions"
+        if transport is None:
+            verify: ssl.SSLContext | bool = True
+            if settings.upstream_ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(settings.upstream_ca_file))
+            transport = AsyncioTransport(
+                verify=verify,
+                trust_env=False,
+                limits=httpx.Limits(
+                    max_connections=settings.max_streams + 8,
+                    max_keepalive_connections=settings.max_streams + 8,
+                ),
+            )
         self.client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(
@@ -118,10 +132,6 @@ class Upstream:
                 read=settings.upstream_read_timeout,
                 write=settings.upstream_read_timeout,
                 pool=settings.upstream_connect_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.max_streams + 8,
-                max_keepalive_connections=settings.max_streams + 8,
             ),
             transport=transport,
             trust_env=False,

@@ -7,9 +7,11 @@ device's side (and, where it matters, from what the API received).
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -17,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.mock_llm import reply_tokens, running_mock
+from bridge.tlsgen import make_certificates
 from tests.harness import API_KEY, BridgeProcess, Broker, Device, free_port, wait_for_status
 
 StartBridge = Callable[..., BridgeProcess]
@@ -534,3 +537,23 @@ def test_duplicate_of_a_refused_request_gets_no_second_terminal(
     device.send(payload)
     reply = device.quiet_after("dr1", 0.5)
     assert len(reply.messages) == 1 and reply.error_code == "bad_request"
+
+
+def test_https_api_behind_a_private_ca(
+    start_bridge: StartBridge, make_device: MakeDevice, tmp_path: Path
+) -> None:
+    """Real providers are HTTPS: the bridge streams over TLS and checks the certificate."""
+    issued = make_certificates(tmp_path / "certs")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(issued.server_cert, issued.server_key)
+    with running_mock(api_key=API_KEY, ssl_context=ctx) as secure:
+        url = f"https://localhost:{secure.port}/v1"
+        trusted = start_bridge(base_url=url, BRIDGE_UPSTREAM_CA_FILE=str(issued.ca_cert))
+        dev = make_device(prefix=trusted.prefix)
+        reply = dev.ask({"id": "tls1", "prompt": "over TLS [mock tokens=12]"})
+        assert reply.text == expected("over TLS", 12)
+        untrusting = start_bridge(base_url=url, BRIDGE_UPSTREAM_RETRIES=0)
+        dev2 = make_device(prefix=untrusting.prefix)
+        refused = dev2.ask({"id": "tls2", "prompt": "not without the CA"})
+        assert refused.error_code == "upstream_unreachable"
+        assert "certificate" in refused.terminal["error"]["message"].lower()

@@ -1,0 +1,150 @@
+"""httpcore's network I/O on plain asyncio streams, for the upstream client.
+
+httpcore runs on anyio by default, which opens a cancel scope for every read
+and pauses and resumes the socket transport around it. With a hundred
+streams each trickling a token every 20 ms, that bookkeeping was the largest
+cost of the bridge after paho's (docs/performance.md). httpcore lets a client
+bring its own network backend; this is that backend on asyncio's streams.
+HTTP stays httpcore's and h11's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+import httpx
+
+# Bytes a stream's reader holds before it stops reading the socket (it pauses
+# at twice this): the rest waits in the kernel, so memory per stream stays small.
+READ_LIMIT = 16 * 1024
+
+SocketOption = (
+    tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+)
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    """One connection: an asyncio StreamReader and StreamWriter."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._reader.read(max_bytes)
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+        except TimeoutError:
+            raise httpcore.ReadTimeout("read timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            self._writer.write(buffer)
+            if timeout is None:
+                await self._writer.drain()
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
+        except TimeoutError:
+            raise httpcore.WriteTimeout("write timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        self._writer.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError:
+            self._writer.close()
+            raise httpcore.ConnectTimeout("TLS handshake timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            self._writer.close()
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            # An idle keep-alive connection that is readable was closed by the server.
+            return self._reader.at_eof() or self._writer.transport.is_closing()
+        key = {"client_addr": "sockname", "server_addr": "peername"}.get(info, info)
+        return self._writer.get_extra_info(key)
+
+
+def _map_connect(exc: BaseException) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return httpcore.ConnectTimeout("connect timed out")
+    return httpcore.ConnectError(str(exc) or type(exc).__name__)
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """Opens connections as asyncio streams (TCP_NODELAY is asyncio's default)."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    local_addr=(local_address, 0) if local_address else None,
+                    limit=READ_LIMIT,
+                )
+        except (TimeoutError, OSError) as exc:
+            raise _map_connect(exc) from exc
+        sock: socket.socket | None = writer.get_extra_info("socket")
+        if sock is not None:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+        return AsyncioStream(reader, writer)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
+        except (TimeoutError, OSError) as exc:
+            raise _map_connect(exc) from exc
+        return AsyncioStream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class AsyncioTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport (pooling, TLS settings, error mapping) on `AsyncioBackend`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        pool = self._pool
+        if not hasattr(pool, "_network_backend"):
+            raise RuntimeError("this httpcore version does not take a network backend here")
+        pool._network_backend = AsyncioBackend()
