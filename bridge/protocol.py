@@ -276,6 +276,35 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _loads(text: str) -> Any:
+    """`json.loads` of standard JSON only: NaN, Infinity and numbers beyond a float are
+    refused, since the upstream body (strict JSON) could not carry them."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
+
+
+def _encodable(data: Any) -> bool:
+    """Whether every string in `data` is valid Unicode (a lone `\\udXXX` escape is not)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
 def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
     """Turn a `P/D/req` payload into a request, or raise BadRequest saying why.
 
@@ -298,7 +327,9 @@ def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
     if not stripped.startswith("{"):
         return ChatRequest.model_validate({"prompt": stripped})
     try:
-        data = json.loads(stripped)
+        data = _loads(stripped)
+    except RecursionError:
+        raise BadRequest(BAD_REQUEST, "request is nested too deeply", salvage_id(payload)) from None
     except ValueError as exc:
         raise BadRequest(
             BAD_REQUEST, f"request is not valid JSON: {exc}", salvage_id(payload)
@@ -307,6 +338,10 @@ def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
     known = rid if isinstance(rid, str) and valid_id(rid) else None
     if not isinstance(data, dict):
         raise BadRequest(BAD_REQUEST, "request must be a JSON object")
+    if _SURROGATE_ESCAPE_RE.search(stripped) and not _encodable(data):
+        raise BadRequest(
+            BAD_REQUEST, "request holds a lone UTF-16 surrogate (\\ud800-\\udfff)", known
+        )
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -321,8 +356,8 @@ def parse_cancel(payload: bytes) -> str | None:
         return None
     if text.startswith("{"):
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = _loads(text)
+        except (ValueError, RecursionError):
             return None
         rid = data.get("id") if isinstance(data, dict) else None
         return rid if isinstance(rid, str) and valid_id(rid) else None
