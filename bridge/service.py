@@ -491,14 +491,14 @@ class Bridge:
         first = True
         async with self.upstream.stream(body) as events:
             async for event, data in events:
+                if fold.done:
+                    continue  # read to the end of the body, so the connection is reused
                 pieces = fold.feed(event, data)
                 if pieces and first:
                     first = False
                     self._call("streaming", job)
                 if stream and pieces:
                     await self._emit(job, pieces)
-                if fold.done:
-                    break
         if not fold.complete:
             raise UpstreamError(
                 p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
