@@ -21,7 +21,7 @@ import httpx
 
 # Bytes a stream's reader holds before it stops reading the socket (it pauses
 # at twice this): the rest waits in the kernel, so memory per stream stays small.
-READ_LIMIT = 16 * 1024
+READ_LIMIT = 8 * 1024
 
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
