@@ -31,6 +31,19 @@ def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | 
         return 130
 
 
+async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) -> int:
+    """Run `work` until it ends or `stop` is set (Ctrl-C): its status, or 130 when stopped."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return 130
+    return task.result()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bridge.logs import setup_logging
     from bridge.service import run_bridge
@@ -86,17 +99,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 1
             return 0
 
-        task = asyncio.create_task(ask())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        try:
+            return await unless_stopped(ask(), stop)
+        finally:
             await client.close()
-            return 130
-        await client.close()
-        return task.result()
 
     return _run_until_signal(main)
 

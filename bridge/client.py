@@ -224,21 +224,7 @@ class BridgeClient:
 # --- the openai SDK's shape, over MQTT ------------------------------------------------------
 
 #: The openai `chat.completions.create` parameters the protocol forwards.
-FORWARDED = frozenset(
-    {
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "reasoning_effort",
-        "tools",
-        "tool_choice",
-    }
-)
+FORWARDED = frozenset({*p.SAMPLING_FIELDS, "tools", "tool_choice"})
 
 
 @dataclass

@@ -160,6 +160,8 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
+    from bridge.cli import unless_stopped  # noqa: PLC0415 (cli imports this module)
+
     async with BridgeClient(url, DEVICE, version=version) as client:
         _say(f"device {DEVICE!r} asks: {prompt}")
 
@@ -179,15 +181,7 @@ async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
                 _say(f"done: finish_reason={last.finish_reason} tokens={tokens}")
             return 0
 
-        task = asyncio.create_task(stream())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return 130
-        return task.result()
+        return await unless_stopped(stream(), stop)
 
 
 def run(args: argparse.Namespace) -> int:
