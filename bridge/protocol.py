@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 RESERVED_DEVICE_IDS = frozenset({"bridge"})
 
@@ -369,14 +370,23 @@ def parse_cancel(payload: bytes) -> str | None:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8 for the wire; a lone UTF-16 surrogate (which an API's JSON may carry, as
+    `\\ud83d` without its pair) becomes U+FFFD instead of failing the request."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
+
+
 def delta_message(seq: int, text: str) -> bytes:
     """`{"seq":n,"delta":"…"}`, built without a dict since it is sent once per chunk."""
-    return b'{"seq":%d,"delta":%s}' % (seq, _dumps(text).encode())
+    return b'{"seq":%d,"delta":%s}' % (seq, _utf8(_dumps(text)))
 
 
 def refusal_message(seq: int, text: str) -> bytes:
     """`{"seq":n,"refusal":"…"}`: a piece of the model's refusal."""
-    return b'{"seq":%d,"refusal":%s}' % (seq, _dumps(text).encode())
+    return b'{"seq":%d,"refusal":%s}' % (seq, _utf8(_dumps(text)))
 
 
 def done_message(
@@ -403,7 +413,7 @@ def done_message(
         msg["refusal"] = refusal
     if tool_calls:
         msg["tool_calls"] = tool_calls
-    return _dumps(msg).encode()
+    return _utf8(_dumps(msg))
 
 
 def error_message(seq: int, code: str, message: str, status: int | None = None) -> bytes:
@@ -411,4 +421,4 @@ def error_message(seq: int, code: str, message: str, status: int | None = None) 
     err: dict[str, Any] = {"code": code, "message": message}
     if status is not None:
         err["status"] = status
-    return _dumps({"seq": seq, "error": err}).encode()
+    return _utf8(_dumps({"seq": seq, "error": err}))

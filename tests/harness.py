@@ -261,9 +261,7 @@ class Device:
         c.on_message = self._on_message
         # Without it each request waits ~40 ms behind the PUBACKs this client sends
         # (Nagle's algorithm meeting delayed ACKs), as any device's would.
-        c.on_socket_open = lambda _c, _u, s: s.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-        )
+        c.on_socket_open = lambda _c, _u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ready = threading.Event()
 
         def on_connect(*_a: Any) -> None:

@@ -190,3 +190,12 @@ def test_refusal_unstreamed(bridge: BridgeProcess, device: Device) -> None:
     reply = device.ask({"id": "u2", "prompt": f"[mock corpus={name}]", "stream": False})
     assert reply.terminal["refusal"] == _case(name)["expect"]["refusal"]
     assert reply.terminal["text"] == ""
+
+
+def test_lone_surrogate_from_the_api_is_replaced_not_fatal() -> None:
+    """JSON may carry half a UTF-16 pair (`\\ud83d`); the device gets U+FFFD, not an error."""
+    fold = ReplyFold("m")
+    pieces = fold.feed("", '{"choices":[{"index":0,"delta":{"content":"a\\ud83db"}}]}')
+    from bridge.protocol import delta_message
+
+    assert json.loads(delta_message(0, pieces[0][1])) == {"seq": 0, "delta": "a\ufffdb"}
