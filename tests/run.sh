@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "== installing the package and its dev tools"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,demo]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,demo,bench]'
 
 echo "== ruff"
 .venv/bin/ruff check .
