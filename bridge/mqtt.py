@@ -432,6 +432,15 @@ class MqttLink:
         if self._pending <= self._low_water and not self._drained.is_set():
             self._drained.set()
 
+    def flush(self) -> None:
+        """Write what is queued now, rather than when the loop next runs the writer.
+
+        A task that reads a burst of already-buffered upstream data never yields,
+        so without this a reply's first chunk would leave with its last.
+        """
+        if self._sock is not None and (self.client.want_write() or self.client.unsent()):
+            self._write()
+
     def ack(self, msg: paho.MQTTMessage) -> None:
         """Acknowledge a QoS 1 message (with `manual_ack`): the broker may forget it."""
         if msg.qos > 0 and self.connected.is_set():

@@ -524,6 +524,8 @@ class Bridge:
             )
             link.publish(job.topic, msg, self.qos, properties=job.props)
             job.seq += 1
+        if job.seq == len(pieces):
+            link.flush()  # the first chunk leaves at once: time to first chunk
 
     def _chunk(self, job: Job, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Merge deltas as the request asked; start the clock for what is held."""
