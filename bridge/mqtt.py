@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ MessageHandler = Callable[[paho.MQTTMessage], None]
 
 
 _DISCONNECT = b"\xe0"
+# Seconds a published message may wait to be batched with others before it is written.
+MAX_WRITE_DELAY = 0.001
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
@@ -184,6 +187,7 @@ class MqttLink:
         self._high_water = high_water
         self._low_water = high_water // 2
         self._pending = 0
+        self._unwritten_since: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._sock: socket.socket | None = None
@@ -366,6 +370,7 @@ class MqttLink:
 
     def _write(self) -> None:
         c = self.client
+        self._unwritten_since = None
         rc = c.write_batched()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             if self._sock is not None:
@@ -479,5 +484,12 @@ class MqttLink:
             self._pending += 1
             if self._pending >= self._high_water:
                 self._drained.clear()
+            # Writes wait for the loop's writer, which runs after every read and
+            # task step of a busy iteration; no message waits longer than this.
+            now = time.monotonic()
+            if self._unwritten_since is None:
+                self._unwritten_since = now
+            elif now - self._unwritten_since > MAX_WRITE_DELAY:
+                self.flush()
             return
         raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
