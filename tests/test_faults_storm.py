@@ -30,7 +30,7 @@ pytestmark = pytest.mark.faults
 REQUESTS = 1200
 SEED = 20261122
 RETRIES = 2  # BRIDGE_UPSTREAM_RETRIES (the default)
-READ_TIMEOUT = 0.5
+READ_TIMEOUT = 1.0  # a slow first byte (150 ms) stays well inside it on a loaded machine
 RETRY_AFTER = 1
 
 
@@ -84,7 +84,7 @@ def make_case(rid: str, rng: random.Random) -> Case:
         case "slow_first_byte":
             return Case(rid, kind, f"tokens={n} first_byte_delay_ms=150", "done", 1, tokens=n)
         case "first_byte_timeout":
-            return Case(rid, kind, "first_byte_delay_ms=1500", "upstream_timeout", retried)
+            return Case(rid, kind, "first_byte_delay_ms=2500", "upstream_timeout", retried)
         case "429_retry_after":
             d = f"status=429 retry_after={RETRY_AFTER} fail_times=1 tokens={n}"
             return Case(rid, kind, d, "done", 2, tokens=n)
