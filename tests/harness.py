@@ -299,15 +299,7 @@ class Device:
 
     def wait(self, rid: str, timeout: float = 15.0) -> Reply:
         """Wait for request `rid`'s terminal and return its checked reply."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not any("done" in m or "error" in m for m in self.replies.get(rid, [])):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    got = self.replies.get(rid, [])
-                    raise TimeoutError(f"no terminal for {rid} in {timeout} s; got {got[-3:]}")
-                self._cond.wait(left)
-            return Reply(rid, list(self.replies[rid])).check()
+        return Reply(rid, self.wait_raw(rid, timeout)).check()
 
     def wait_raw(self, rid: str, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Wait for request `rid`'s first terminal; return what came, unchecked."""
