@@ -275,7 +275,7 @@ class Bench:
         self.mock = self._start(
             python_proc(
                 "mock-llm",
-                ["bridge.mock_llm", "--host", HOST, "--port", str(self.mock_port), "--api-key",
+                ["bridge.dev.mock_llm", "--host", HOST, "--port", str(self.mock_port), "--api-key",
                  API_KEY],
                 self.dir / "mock.log",
             )

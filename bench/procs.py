@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from bridge.brokerconf import acl_text, render_config
-from bridge.passwords import password_line
+from bridge.ops.brokerconf import acl_text, render_config
+from bridge.ops.passwords import password_line
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -6,47 +6,17 @@ import argparse
 import asyncio
 import importlib
 import os
-import signal
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bridge.settings import ConfigError, load_settings
-
-
-def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
-    """Run `main(stop)` and set `stop` on SIGINT or SIGTERM, so every part shuts down cleanly."""
-
-    async def runner() -> int | None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await main(stop)
-
-    try:
-        return asyncio.run(runner()) or 0
-    except KeyboardInterrupt:
-        return 130
-
-
-async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) -> int:
-    """Run `work` until it ends or `stop` is set (Ctrl-C): its status, or 130 when stopped."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return 130
-    return task.result()
+from bridge.app import run_until_signal, unless_stopped
+from bridge.core.settings import ConfigError, load_settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.app import run_bridge
     from bridge.logs import setup_logging
-    from bridge.service import run_bridge
 
     settings = load_settings(args.config)
     setup_logging(settings.log_level, settings.log_format)
@@ -54,17 +24,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> None:
         await run_bridge(settings, stop)
 
-    return _run_until_signal(main)
+    return run_until_signal(main)
 
 
 def cmd_mock_llm(args: argparse.Namespace) -> int:
-    from bridge import mock_llm
+    from bridge.dev import mock_llm
 
     return mock_llm.run(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from bridge.client import BridgeClient, BridgeError
+    from bridge.dev.client import BridgeClient, BridgeError
 
     fields: dict[str, Any] = {"stream": not args.no_stream}
     if args.model:
@@ -104,11 +74,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         finally:
             await client.close()
 
-    return _run_until_signal(main)
+    return run_until_signal(main)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bridge import demo
+    from bridge.dev import demo
 
     return demo.run(args)
 
@@ -124,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     run.set_defaults(func=cmd_run)
 
-    from bridge import mock_llm
+    from bridge.dev import mock_llm
 
     mock = sub.add_parser("mock-llm", help="serve a mock OpenAI-compatible API for development")
     mock_llm.add_arguments(mock)
@@ -154,15 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
     demo.set_defaults(func=cmd_demo)
 
-    from bridge import provision
+    from bridge.ops import provision
 
     device = sub.add_parser("device", help="add, remove and list devices (their broker users)")
     device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     provision.add_device_commands(device_sub)
     try:
-        deploy: Any = importlib.import_module("bridge.deploy")
+        deploy: Any = importlib.import_module("bridge.ops.deploy")
     except ModuleNotFoundError as exc:
-        if exc.name != "bridge.deploy":
+        if exc.name != "bridge.ops.deploy":
             raise
     else:
         dep = device_sub.add_parser("deploy", help="put the program and config on a board")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.mock_llm import running_mock
+from bridge.dev.mock_llm import running_mock
 from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 _ids = itertools.count()

@@ -21,8 +21,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.brokerconf import acl_text, render_config
-from bridge.passwords import password_line
+from bridge.ops.brokerconf import acl_text, render_config
+from bridge.ops.passwords import password_line
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-DO-NOT-LEAK-4f9a7c2e1b"

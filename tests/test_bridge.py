@@ -18,8 +18,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.mock_llm import reply_tokens, running_mock
-from bridge.tlsgen import make_certificates
+from bridge.dev.mock_llm import reply_tokens, running_mock
+from bridge.ops.tlsgen import make_certificates
 from tests.harness import API_KEY, BridgeProcess, Broker, Device, free_port, wait_for_status
 
 StartBridge = Callable[..., BridgeProcess]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.chunking import Chunker, cut_utf8
-from bridge.journal import Journal
-from bridge.mock_llm import reply_tokens
+from bridge.core.chunking import Chunker, cut_utf8
+from bridge.core.journal import Journal
+from bridge.dev.mock_llm import reply_tokens
 from tests.harness import BridgeProcess, Device
 
 

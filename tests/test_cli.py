@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.mock_llm import reply_tokens
+from bridge.dev.mock_llm import reply_tokens
 from tests.harness import REPO, BridgeProcess, Broker, free_port, wait_port
 
 
@@ -54,7 +54,7 @@ def test_configuration_mistake_is_one_line_and_status_2(
 
 def test_config_file_and_dotenv(tmp_path: Path) -> None:
     """A TOML file is read; `.env` beats it; the environment beats both."""
-    from bridge.settings import load_settings
+    from bridge.core.settings import load_settings
 
     (tmp_path / "bridge.toml").write_text('topic_prefix = "fromfile"\nmax_streams = 3\n'
                                          'openai_model = "file-model"\n')  # fmt: skip
@@ -74,7 +74,7 @@ def test_config_file_and_dotenv(tmp_path: Path) -> None:
 
 
 def test_yaml_config_file(tmp_path: Path) -> None:
-    from bridge.settings import load_settings
+    from bridge.core.settings import load_settings
 
     (tmp_path / "bridge.yaml").write_text("topic_prefix: home/llm\nresponse_qos: 0\n")
     s = load_settings(tmp_path / "bridge.yaml")
@@ -82,7 +82,7 @@ def test_yaml_config_file(tmp_path: Path) -> None:
 
 
 def test_mqtt_url_parsing() -> None:
-    from bridge.settings import MqttUrl
+    from bridge.core.settings import MqttUrl
 
     u = MqttUrl.parse("mqtts://dev%40x:p%3Ass@example.org")
     assert (u.tls, u.host, u.port, u.username) == (True, "example.org", 8883, "dev@x")

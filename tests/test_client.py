@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge.client import BridgeClient, BridgeError, ChatCompletion, MqttOpenAI
+from bridge.dev.client import BridgeClient, BridgeError, ChatCompletion, MqttOpenAI
 from tests.harness import API_KEY, BridgeProcess, Broker
 from tests.test_state import Watcher
 

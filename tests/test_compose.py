@@ -31,10 +31,10 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.brokerconf import render_config
 from bridge.cli import build_parser
-from bridge.provision import set_env_var
-from bridge.settings import load_settings
+from bridge.core.settings import load_settings
+from bridge.ops.brokerconf import render_config
+from bridge.ops.provision import set_env_var
 from tests.harness import (
     API_KEY,
     REPO,
@@ -461,7 +461,7 @@ def wait_for_status_port(site: Site) -> None:
 def test_configuration_doc_lists_every_setting_with_its_default() -> None:
     from pydantic import AliasChoices
 
-    from bridge.settings import Settings
+    from bridge.core.settings import Settings
 
     text = (REPO / "docs" / "configuration.md").read_text()
     table = text.split("| setting | default | meaning |", 1)[1].split("\n\n", 1)[0]
@@ -493,7 +493,7 @@ def test_configuration_doc_lists_every_setting_with_its_default() -> None:
     assert not extra, f"docs/configuration.md lists {sorted(extra)}, which settings.py lacks"
     assert list(rows) == list(expected)  # in the order of settings.py
     assert rows == expected
-    from bridge.policy import Limits
+    from bridge.core.settings import Limits
 
     policy = text.split("| field | meaning | refusal |", 1)[1].split("\n\n", 1)[0]
     fields = [line.split("|")[1].strip().strip("`") for line in policy.strip().splitlines()[1:]]

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.mock_llm import default_corpus_dir
-from bridge.reply import ReplyFold, StreamError
-from bridge.settings import load_settings
-from bridge.upstream import Upstream, UpstreamError
+from bridge.core.reply import ReplyFold, StreamError
+from bridge.core.settings import load_settings
+from bridge.core.upstream import Upstream, UpstreamError
+from bridge.dev.mock_llm import default_corpus_dir
 from tests.harness import BridgeProcess, Device
 
 CORPUS = default_corpus_dir()
@@ -196,6 +196,6 @@ def test_lone_surrogate_from_the_api_is_replaced_not_fatal() -> None:
     """JSON may carry half a UTF-16 pair (`\\ud83d`); the device gets U+FFFD, not an error."""
     fold = ReplyFold("m")
     pieces = fold.feed("", '{"choices":[{"index":0,"delta":{"content":"a\\ud83db"}}]}')
-    from bridge.protocol import delta_message
+    from bridge.core.protocol import delta_message
 
     assert json.loads(delta_message(0, pieces[0][1])) == {"seq": 0, "delta": "a\ufffdb"}

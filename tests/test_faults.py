@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bridge.mock_llm import reply_tokens
+from bridge.dev.mock_llm import reply_tokens
 from tests.harness import BridgeProcess, Broker, Device, Reply, bridge_env, wait_for_status
 
 pytestmark = pytest.mark.faults

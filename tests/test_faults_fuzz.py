@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.mock_llm import reply_tokens
+from bridge.dev.mock_llm import reply_tokens
 from tests.harness import BridgeProcess, Broker, Reply, bridge_env, rss_kb, wait_for_status
 
 pytestmark = pytest.mark.faults

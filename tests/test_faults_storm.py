@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-import bridge.mock_llm as mock_module
-from bridge.mock_llm import reply_tokens, running_mock
+import bridge.dev.mock_llm as mock_module
+from bridge.dev.mock_llm import reply_tokens, running_mock
 from tests.harness import API_KEY, BridgeProcess, Device, cpu_seconds
 
 pytestmark = pytest.mark.faults

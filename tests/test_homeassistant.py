@@ -445,9 +445,9 @@ def test_home_assistant_schemas() -> None:
     above does the same with the payloads a running bridge published)."""
     if ha_python() is None:
         pytest.skip("no Python with homeassistant: set HA_PYTHON (docs/integrations/README.md)")
-    from bridge.homeassistant import HomeAssistantHook
-    from bridge.settings import Settings
-    from bridge.state import StateHook
+    from bridge.core.settings import Settings
+    from bridge.plugins.homeassistant import HomeAssistantHook
+    from bridge.plugins.state import StateHook
 
     settings = Settings(_env_file=None, topic_prefix="home/llm")  # type: ignore[call-arg]
     ha = HomeAssistantHook(settings, StateHook(settings))

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.mock_llm import (
+from bridge.dev.mock_llm import (
     FILLER_WORDS,
     REFUSAL_TEXT,
     MockHandle,
@@ -518,7 +518,7 @@ def test_https(tmp_path: Path) -> None:
 
 def test_cli_runs_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.mock_llm", "--port", "0", "--api-key", KEY],
+        [sys.executable, "-m", "bridge.dev.mock_llm", "--port", "0", "--api-key", KEY],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.policy import Counters, PolicyConfig, utc_day
-from bridge.settings import ConfigError, load_settings
+from bridge.core.settings import ConfigError, PolicyConfig, load_settings
+from bridge.plugins.policy import Counters, utc_day
 from tests.harness import BridgeProcess, Broker, Device
 
 

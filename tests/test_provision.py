@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge import provision
 from bridge.cli import main
-from bridge.passwords import check_password
+from bridge.ops import provision
+from bridge.ops.passwords import check_password
 from tests.harness import REPO, BridgeProcess, Broker, Device
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from bridge.brokerconf import render_config
-from bridge.tlsgen import make_certificates
+from bridge.ops.brokerconf import render_config
+from bridge.ops.tlsgen import make_certificates
 from tests.harness import REPO, BridgeProcess, Broker, free_port, mosquitto_binary, wait_port
 
 

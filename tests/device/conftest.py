@@ -54,7 +54,7 @@ def tls_mock(certs: dict[str, Path]) -> Iterator[object]:
     Its ``base_url`` uses the name ``localhost`` so the device checks the
     certificate's name.
     """
-    from bridge.mock_llm import running_mock
+    from bridge.dev.mock_llm import running_mock
 
     with running_mock(
         ssl_context=server_context(certs["cert"], certs["key"]), api_key=API_KEY

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bridge.mock_llm import reply_tokens, running_mock
+from bridge.dev.mock_llm import reply_tokens, running_mock
 from tests.device import vmkit
 from tests.device.conftest import API_KEY as DIRECT_KEY
 from tests.device.conftest import server_context

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from bridge.deploy import add_deploy_arguments, run_deploy
-from bridge.mock_llm import reply_tokens
+from bridge.ops.deploy import add_deploy_arguments, run_deploy
+from bridge.dev.mock_llm import reply_tokens
 from tests.device import vmkit
 from tests.harness import API_KEY as MOCK_KEY
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge.mock_llm import REFUSAL_TEXT, reply_tokens
+from bridge.dev.mock_llm import REFUSAL_TEXT, reply_tokens
 from tests.device import vmkit
 from tests.device.conftest import API_KEY, server_context
 
@@ -294,7 +294,7 @@ def test_wrong_ca_is_refused(tls_mock: Any, certs: dict[str, Path], tmp_path: Pa
 
 
 def test_wrong_hostname_is_refused(certs: dict[str, Path], tmp_path: Path) -> None:
-    from bridge.mock_llm import running_mock
+    from bridge.dev.mock_llm import running_mock
 
     ctx = server_context(certs["wronghost_cert"], certs["wronghost_key"])
     with running_mock(ssl_context=ctx, api_key=API_KEY) as mock:

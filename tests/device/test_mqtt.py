@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bridge.mock_llm import REFUSAL_TEXT, reply_tokens
+from bridge.dev.mock_llm import REFUSAL_TEXT, reply_tokens
 from tests.device import vmkit
 from tests.harness import Broker, Device
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from bridge import protocol as p
-from bridge.mqtt import MqttLink
-from bridge.settings import MqttUrl
+from bridge.core import protocol as p
+from bridge.core.mqtt import MqttLink
+from bridge.core.settings import MqttUrl
 
 
 class BridgeError(Exception):

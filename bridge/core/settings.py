@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -29,11 +30,58 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from bridge.policy import PolicyConfig
+from bridge.core import protocol as p
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
+
+
+class Limits(BaseModel):
+    """One device's limits; 0 (or an empty `models`) means no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=list)
+    max_tokens: int = Field(default=0, ge=0)
+    max_request_bytes: int = Field(default=0, ge=0)
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_day: int = Field(default=0, ge=0)
+    max_streams: int = Field(default=0, ge=0)
+
+
+class PolicyConfig(BaseModel):
+    """`policy.default` for every device; `policy.devices.<id>` overrides what it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: Limits = Limits()
+    devices: dict[str, Limits] = Field(default_factory=dict)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_ids(cls, v: dict[str, Limits]) -> dict[str, Limits]:
+        for name in v:
+            if not p.valid_device_id(name):
+                raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
+        return v
+
+    def limits(self, device: str) -> Limits:
+        """The limits that apply to `device`: its own fields over the default's."""
+        own = self.devices.get(device)
+        if own is None:
+            return self.default
+        merged = self.default.model_dump()
+        merged.update(own.model_dump(exclude_unset=True))
+        return Limits(**merged)
+
+    @property
+    def counts(self) -> bool:
+        """Whether any limit needs the persistent counters."""
+        return any(
+            lim.requests_per_minute or lim.tokens_per_day
+            for lim in (self.default, *self.devices.values())
+        )
 
 
 class ConfigError(Exception):

@@ -200,7 +200,7 @@ def default_corpus_dir() -> Path | None:
     env = os.environ.get("MOCK_LLM_CORPUS_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parent.parent.parent / "shared" / "sse-corpus"
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "sse-corpus"
     return candidate if candidate.is_dir() else None
 
 
@@ -1069,7 +1069,7 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(
-        prog="python -m bridge.mock_llm",
+        prog="python -m bridge.dev.mock_llm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,10 +6,12 @@ Mosquitto 2 stores `user:$7$<iterations>$<base64 salt>$<base64 PBKDF2-SHA512>`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+from pathlib import Path
 
 ITERATIONS = 101
 _SALT_BYTES = 12
@@ -47,3 +49,25 @@ def password_line(user: str, password: str) -> str:
     if not user or ":" in user or "\n" in user:
         raise ValueError(f"invalid MQTT user name {user!r}")
     return f"{user}:{hash_password(password)}\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable and writable by its owner only (0600).
+
+    The file is written beside its final place and renamed, so a reader (a
+    reloading Mosquitto) sees the old file or the new one, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

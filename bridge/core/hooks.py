@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from bridge.protocol import ChatRequest
-    from bridge.service import Bridge, Job
+    from bridge.core.protocol import ChatRequest
+    from bridge.core.service import Bridge, Job
 
 
 class Refusal(Exception):

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bridge.provision import write_private
+from bridge.ops.passwords import write_private
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "mosquitto")
 CA_DAYS = 3650

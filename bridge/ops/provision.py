@@ -13,18 +13,17 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge import protocol as p
-from bridge.passwords import new_password, password_line
+from bridge.core import protocol as p
+from bridge.ops.passwords import new_password, password_line, write_private
 
 if TYPE_CHECKING:
-    from bridge.settings import Settings
+    from bridge.core.settings import Settings
 
 SERVICE_USERS = ("bridge", "integrations", "automation")
 PASSWD = "passwd"
@@ -33,28 +32,6 @@ ENV_EXAMPLE = ".env.example"
 
 class ProvisionError(Exception):
     """A provisioning step that cannot be done, worded for the user (no secrets)."""
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable and writable by its owner only (0600).
-
-    The file is written beside its final place and renamed, so a reader (a
-    reloading Mosquitto) sees the old file or the new one, never half of one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class PasswordFile:
@@ -347,7 +324,7 @@ def guess_host() -> str:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from bridge.settings import load_settings  # noqa: PLC0415
+    from bridge.core.settings import load_settings  # noqa: PLC0415
 
     return load_settings(getattr(args, "config", None))
 
@@ -418,7 +395,7 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
 def cmd_device_list(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
-    from bridge.policy import COUNTERS_FILE, Counters, utc_day  # noqa: PLC0415
+    from bridge.plugins.policy import COUNTERS_FILE, Counters, utc_day  # noqa: PLC0415
 
     settings = _settings(args)
     try:
@@ -472,7 +449,7 @@ def cmd_broker_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_tls(args: argparse.Namespace) -> int:
-    from bridge.tlsgen import make_certificates  # noqa: PLC0415
+    from bridge.ops.tlsgen import make_certificates  # noqa: PLC0415
 
     settings = _settings(args)
     cert_dir = Path(args.dir) if args.dir else _broker_dir(args, settings) / "certs"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-BROKER_DIR = Path(__file__).resolve().parent.parent / "broker"
+BROKER_DIR = Path(__file__).resolve().parents[2] / "broker"
 _CONTAINER_CONFIG = "/mosquitto/config/"
 _CONTAINER_DATA = "/mosquitto/data/"
 _LISTENER = re.compile(r"^listener\s+(\d+)(\s+\S+)?\s*$")

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
+DEVICE_DIR = Path(__file__).resolve().parents[2] / "device"
 LIBRARY = "picollm"
 
 

@@ -25,9 +25,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.settings import MqttUrl
+from bridge.core.settings import MqttUrl
 
-log = logging.getLogger("bridge.mqtt")
+log = logging.getLogger("bridge.core.mqtt")
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 

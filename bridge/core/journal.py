@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("bridge.journal")
+log = logging.getLogger("bridge.core.journal")
 
 SLOT = 512
 _HEADER = struct.Struct("<B3xIH")

@@ -21,12 +21,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bridge.brokerconf import acl_text, render_config
-from bridge.client import BridgeClient, BridgeError
-from bridge.mock_llm import MockLLM
-from bridge.passwords import new_password, password_line
-from bridge.service import Bridge
-from bridge.settings import load_settings
+from bridge.app import run_until_signal, unless_stopped
+from bridge.core.service import Bridge
+from bridge.core.settings import load_settings
+from bridge.dev.client import BridgeClient, BridgeError
+from bridge.dev.mock_llm import MockLLM
+from bridge.ops.brokerconf import acl_text, render_config
+from bridge.ops.passwords import new_password, password_line
 
 DEVICE = "demo"
 
@@ -160,7 +161,6 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
-    from bridge.cli import unless_stopped  # noqa: PLC0415 (cli imports this module)
 
     async with BridgeClient(url, DEVICE, version=version) as client:
         _say(f"device {DEVICE!r} asks: {prompt}")
@@ -186,6 +186,5 @@ async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The `llm-bridge demo` command."""
-    from bridge.cli import _run_until_signal  # noqa: PLC0415 (cli imports this module)
 
-    return _run_until_signal(lambda stop: demo(args, stop))
+    return run_until_signal(lambda stop: demo(args, stop))

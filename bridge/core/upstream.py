@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, SSEError
 
-from bridge import protocol as p
-from bridge.netio import AsyncioTransport
-from bridge.settings import Settings
+from bridge.core import protocol as p
+from bridge.core.netio import AsyncioTransport
+from bridge.core.settings import Settings
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bridge import protocol as p
-from bridge.hooks import Hooks
+from bridge.core import protocol as p
+from bridge.core.hooks import Hooks
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from bridge.service import Bridge, Job
-    from bridge.settings import Settings
+    from bridge.core.service import Bridge, Job
+    from bridge.core.settings import Settings
 
-log = logging.getLogger("bridge.state")
+log = logging.getLogger("bridge.plugins.state")
 
 IDLE = "idle"
 THINKING = "thinking"

@@ -18,17 +18,17 @@ import re
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from bridge import protocol as p
-from bridge.hooks import Hooks
-from bridge.state import EVENT_TYPES, StateHook
+from bridge.core import protocol as p
+from bridge.core.hooks import Hooks
+from bridge.plugins.state import EVENT_TYPES, StateHook
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from bridge.service import Bridge, Job
-    from bridge.settings import Settings
+    from bridge.core.service import Bridge, Job
+    from bridge.core.settings import Settings
 
-log = logging.getLogger("bridge.homeassistant")
+log = logging.getLogger("bridge.plugins.homeassistant")
 
 #: Seconds after the subscriptions are granted to let the retained configs and
 #: states arrive (the broker sends them at once) before the bridge decides which

@@ -7,8 +7,6 @@ message, published in `_run`'s `finally`, whatever happened before it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import hashlib
 import logging
 import time
@@ -20,20 +18,19 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge import protocol as p
-from bridge.chunking import Chunker
-from bridge.hooks import Hooks, Refusal
-from bridge.journal import Journal
-from bridge.mqtt import MqttLink, Will
-from bridge.reply import DELTA, ReplyFold, StreamError
-from bridge.settings import Settings
-from bridge.upstream import Upstream, UpstreamError
+from bridge.core import protocol as p
+from bridge.core.chunking import Chunker
+from bridge.core.hooks import Hooks, Refusal
+from bridge.core.journal import Journal
+from bridge.core.mqtt import MqttLink, Will
+from bridge.core.reply import DELTA, ReplyFold, StreamError
+from bridge.core.settings import Settings
+from bridge.core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("bridge")
 
 _DEDUP_MAX = 100_000
 
-GC_THRESHOLD = 20_000
 
 # At most 2 MB of journal (512 B a slot); requests beyond it are not journaled.
 JOURNAL_SLOTS = 4096
@@ -591,46 +588,3 @@ def _cancel_soon(task: asyncio.Task[None]) -> None:
     lands after it.
     """
     asyncio.get_running_loop().call_soon(task.cancel)
-
-
-def build_hooks(settings: Settings) -> list[Hooks]:
-    """The hooks `run_bridge` serves with, in the order they are called."""
-    from bridge.policy import PolicyHook  # noqa: PLC0415 (hooks load only when run)
-
-    hooks: list[Hooks] = [PolicyHook(settings)]
-    if settings.metrics_port:
-        from bridge.metrics import MetricsHook  # noqa: PLC0415
-
-        hooks.append(MetricsHook(settings))
-    if settings.state or settings.ha_discovery:
-        from bridge.homeassistant import HomeAssistantHook  # noqa: PLC0415
-        from bridge.state import StateHook  # noqa: PLC0415
-
-        state = StateHook(settings)
-        if settings.ha_discovery:
-            # Before the state hook: a new device's discovery precedes its first state.
-            hooks.append(HomeAssistantHook(settings, state))
-        hooks.append(state)
-    return hooks
-
-
-async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
-    """Run a bridge until `stop` is set (the CLI's `run`)."""
-    bridge = Bridge(settings, hooks=build_hooks(settings))
-    await bridge.start()
-    # The modules loaded at start are never garbage: keep the collector off them,
-    # and let it run less often, since every chunk allocates a few short-lived
-    # objects. Measured in docs/performance.md.
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 20)
-    log.info(
-        "bridge serving %s/+/req from %s, upstream %s",
-        settings.topic_prefix,
-        settings.mqtt.display(),
-        settings.openai_base_url,
-    )
-    try:
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await bridge.stop()

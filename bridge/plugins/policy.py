@@ -18,17 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from bridge import protocol as p
-from bridge.hooks import Hooks, Refusal
+from bridge.core import protocol as p
+from bridge.core.hooks import Hooks, Refusal
+from bridge.core.settings import PolicyConfig
 
 if TYPE_CHECKING:
-    from bridge.protocol import ChatRequest
-    from bridge.service import Bridge, Job
-    from bridge.settings import Settings
+    from bridge.core.protocol import ChatRequest
+    from bridge.core.service import Bridge, Job
+    from bridge.core.settings import Settings
 
-log = logging.getLogger("bridge.policy")
+log = logging.getLogger("bridge.plugins.policy")
 
 RATE_LIMITED = "rate_limited"
 BUDGET_EXCEEDED = "budget_exceeded"
@@ -38,53 +37,6 @@ TOO_LARGE = p.TOO_LARGE
 
 COUNTERS_FILE = "counters.sqlite3"
 _WINDOW = 60.0
-
-
-class Limits(BaseModel):
-    """One device's limits; 0 (or an empty `models`) means no limit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    models: list[str] = Field(default_factory=list)
-    max_tokens: int = Field(default=0, ge=0)
-    max_request_bytes: int = Field(default=0, ge=0)
-    requests_per_minute: int = Field(default=0, ge=0)
-    tokens_per_day: int = Field(default=0, ge=0)
-    max_streams: int = Field(default=0, ge=0)
-
-
-class PolicyConfig(BaseModel):
-    """`policy.default` for every device; `policy.devices.<id>` overrides what it names."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    default: Limits = Limits()
-    devices: dict[str, Limits] = Field(default_factory=dict)
-
-    @field_validator("devices")
-    @classmethod
-    def _device_ids(cls, v: dict[str, Limits]) -> dict[str, Limits]:
-        for name in v:
-            if not p.valid_device_id(name):
-                raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
-        return v
-
-    def limits(self, device: str) -> Limits:
-        """The limits that apply to `device`: its own fields over the default's."""
-        own = self.devices.get(device)
-        if own is None:
-            return self.default
-        merged = self.default.model_dump()
-        merged.update(own.model_dump(exclude_unset=True))
-        return Limits(**merged)
-
-    @property
-    def counts(self) -> bool:
-        """Whether any limit needs the persistent counters."""
-        return any(
-            lim.requests_per_minute or lim.tokens_per_day
-            for lim in (self.default, *self.devices.values())
-        )
 
 
 def utc_day(now: float) -> str:

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from bridge.hooks import Hooks
+from bridge.core.hooks import Hooks
 
 if TYPE_CHECKING:
-    from bridge.service import Bridge, Job
-    from bridge.settings import Settings
+    from bridge.core.service import Bridge, Job
+    from bridge.core.settings import Settings
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -1,0 +1,95 @@
+"""The application: wires the core and the plugins together, and runs it until a signal.
+
+This is the one place that knows both the core (`bridge.core`) and the plugins
+(`bridge.plugins`); the CLI and the demo start the bridge through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bridge.core.hooks import Hooks
+from bridge.core.service import Bridge
+from bridge.core.settings import Settings
+
+log = logging.getLogger("bridge")
+
+GC_THRESHOLD = 20_000
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run `main(stop)` and set `stop` on SIGINT or SIGTERM, so every part shuts down cleanly."""
+
+    async def runner() -> int | None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(runner()) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) -> int:
+    """Run `work` until it ends or `stop` is set (Ctrl-C): its status, or 130 when stopped."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return 130
+    return task.result()
+
+
+def build_hooks(settings: Settings) -> list[Hooks]:
+    """The hooks `run_bridge` serves with, in the order they are called."""
+    from bridge.plugins.policy import PolicyHook  # noqa: PLC0415 (plugins load only when enabled)
+
+    hooks: list[Hooks] = [PolicyHook(settings)]
+    if settings.metrics_port:
+        from bridge.plugins.metrics import MetricsHook  # noqa: PLC0415
+
+        hooks.append(MetricsHook(settings))
+    if settings.state or settings.ha_discovery:
+        from bridge.plugins.homeassistant import HomeAssistantHook  # noqa: PLC0415
+        from bridge.plugins.state import StateHook  # noqa: PLC0415
+
+        state = StateHook(settings)
+        if settings.ha_discovery:
+            # Before the state hook: a new device's discovery precedes its first state.
+            hooks.append(HomeAssistantHook(settings, state))
+        hooks.append(state)
+    return hooks
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a bridge until `stop` is set (the CLI's `run`)."""
+    bridge = Bridge(settings, hooks=build_hooks(settings))
+    await bridge.start()
+    # The modules loaded at start are never garbage: keep the collector off them,
+    # and let it run less often, since every chunk allocates a few short-lived
+    # objects. Measured in docs/performance.md.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+    log.info(
+        "bridge serving %s/+/req from %s, upstream %s",
+        settings.topic_prefix,
+        settings.mqtt.display(),
+        settings.openai_base_url,
+    )
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await bridge.stop()
