@@ -38,12 +38,14 @@ class MQTTTransport:
         if b["tls"]:
             kw["ssl"] = tls_context(b["ca"], self.cfg["tls_verify"])
         port = b["port"] or (8883 if b["tls"] else 1883)
+        # umqtt.simple sizes every field with len(): hand it bytes, never a
+        # str, or a multi-byte character makes the packet longer than it says.
         c = MQTTClient(
-            b["client_id"] or self.cfg["device_id"],
+            _utf8(b["client_id"] or self.cfg["device_id"]),
             b["host"],
             port,
-            b["user"] or None,
-            b["password"] or None,
+            _utf8(b["user"]),
+            _utf8(b["password"]),
             b["keepalive"],
             **kw
         )
@@ -97,6 +99,7 @@ class MQTTTransport:
                 _close_sock(c)
 
     def publish(self, topic, payload):
+        # payload: UTF-8 bytes (see connect())
         self.client.publish(topic.encode(), payload, False, 1)
         self.last_out = time.ticks_ms()
 
@@ -130,7 +133,7 @@ class MQTTTransport:
             req["system"] = system
         req["stream"] = True
         req.update(opts)
-        return MQTTReply(self, rid, json.dumps(req))
+        return MQTTReply(self, rid, json.dumps(req).encode())
 
     def abort(self):
         # Synchronous cancel of the reply being read, for a
@@ -179,7 +182,7 @@ class MQTTReply:
         t = self.t
         try:
             t.ensure()
-            t.publish(t.base + "cancel", json.dumps({"id": self.id}))
+            t.publish(t.base + "cancel", json.dumps({"id": self.id}).encode())
         except OSError:
             t.drop()
 
@@ -275,6 +278,11 @@ class MQTTReply:
             return False
         self.finish()
         return "error" in m and m["error"].get("code") == "cancelled"
+
+
+def _utf8(s):
+    # None and "" stay None (no user name, no password)
+    return s.encode() if s else None
 
 
 def _close_sock(c):

@@ -113,6 +113,60 @@ def test_normal_reply_stream_ask_and_history(
     assert bodies[-1]["messages"][2]["content"] == _text("Why is the sky blue?")
 
 
+def test_multi_byte_prompts_and_history_arrive_whole(
+    device_config: dict[str, Any], observer: Device, mock_llm: Any, tmp_path: Path
+) -> None:
+    # umqtt.simple sizes a packet with len(): a str payload with "é", CJK or an
+    # emoji would be announced shorter than its UTF-8 bytes, cut by the broker,
+    # and its tail read as the next packet. Every prompt here holds more bytes
+    # than characters; the history carries multi-byte replies into later requests.
+    device_config.update(history=3, system="Réponds en une phrase. 簡潔に")
+    prompts = [
+        "Pourquoi le ciel est-il bleu, café crème? é",
+        "日本語で答えて 🎉",
+        "naïve ✓ " + "é" * 150,  # past 127 bytes: the length takes two bytes
+        "plain ASCII after them",
+    ]
+    recs = vmkit.run_job(tmp_path, device_config, [{"op": "ask", "prompt": p} for p in prompts])
+    for prompt, rec in zip(prompts, recs, strict=True):
+        assert rec["ok"], rec
+        assert rec["text"] == _text(prompt), rec
+        assert rec["connects"] == 1, rec  # the stream never broke
+    for rec in recs:
+        assert observer.wait(rec["id"]).terminal.get("done") is True
+    # the bridge forwarded the system prompt and the history, every character intact
+    bodies = [
+        r["body"]
+        for r in mock_llm.requests
+        if isinstance(r.get("body"), dict)
+        and r["body"]["messages"][-1]["content"] == prompts[-1]
+    ]
+    assert bodies, "the bridge did not forward the last question"
+    msgs = bodies[-1]["messages"]
+    assert msgs[0] == {"role": "system", "content": "Réponds en une phrase. 簡潔に"}
+    contents = [m["content"] for m in msgs[1:]]
+    assert contents == [
+        prompts[0], _text(prompts[0]), prompts[1], _text(prompts[1]), prompts[2],
+        _text(prompts[2]), prompts[3],
+    ]  # fmt: skip
+
+
+def test_multi_byte_password_connects(broker: Broker, bridge: Any, tmp_path: Path) -> None:
+    device_id = f"vm{next(_ids)}"
+    password = broker.add_user(device_id, "pässwörd-日本-🔑")
+    config = {
+        "mode": "mqtt",
+        "device_id": device_id,
+        "prefix": broker.prefix,
+        "broker": {"host": "127.0.0.1", "port": broker.port, "user": device_id,
+                   "password": password},
+        "reply_timeout_ms": 8000,
+        "history": 0,
+    }  # fmt: skip
+    (rec,) = vmkit.run_job(tmp_path, config, [{"op": "ask", "prompt": "Grüße"}])
+    assert rec["ok"] and rec["text"] == _text("Grüße"), rec
+
+
 def test_long_reply_heap_stays_bounded(device_config: dict[str, Any], tmp_path: Path) -> None:
     p4 = "four kilobytes"
     p16 = "sixteen kilobytes"
