@@ -199,10 +199,10 @@ class MQTTReply:
                     raise LLMError("protocol", "message without seq")
                 if seq < self.seq:
                     continue  # a second delivery
-                if seq > self.seq:
+                if seq > self.seq and not _interrupted(m):
                     self.finish()
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
-                self.seq += 1
+                self.seq = seq + 1
                 return m
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
@@ -278,6 +278,15 @@ class MQTTReply:
             return False
         self.finish()
         return "error" in m and m["error"].get("code") == "cancelled"
+
+
+def _interrupted(m):
+    # The `interrupted` terminal a bridge sends after a crash: chunks it
+    # held in memory are lost, so it may follow a gap (docs/protocol.md,
+    # "Delivery"); the reply then ends with LLMError("interrupted").
+    e = m.get("error")
+    return isinstance(e, dict) and e.get("code") == "interrupted" and "delta" not in m \
+        and "refusal" not in m
 
 
 def _utf8(s):

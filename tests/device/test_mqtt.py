@@ -455,3 +455,27 @@ def test_seq_handling_unit(tmp_path: Path) -> None:
     assert r["error"]["error"] == "upstream_status" and r["error"]["pieces"] == ["a"]
     assert r["silence"]["error"] == "timeout" and r["silence"]["published"] == [req, cancel]
     assert r["whole_text"]["pieces"] == ["all of it"]
+
+
+def test_interrupted_terminal_after_a_gap_ends_the_reply_as_interrupted(tmp_path: Path) -> None:
+    """docs/protocol.md, Delivery: a device accepts an `interrupted` terminal after a gap
+    (chunks lost in a crashed bridge's memory); every other gap stays a protocol error."""
+    proc = vmkit.run_vm(vmkit.PROGRAMS_DIR / "seq_unit.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = {
+        line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("R ")
+    }
+    req = "llm/dev/req"
+    assert r["gap_interrupted"] == {
+        "pieces": ["a"], "error": "interrupted", "message": "the bridge restarted",
+        "published": [req],
+    }  # fmt: skip
+    assert r["interrupted_first"]["pieces"] == [] and r["interrupted_first"]["error"] == "interrupted"
+    assert r["interrupted_in_order"]["error"] == "interrupted"
+    assert r["interrupted_in_order"]["pieces"] == ["a"]
+    for case in ("gap_other_error", "gap_done", "gap_interrupted_not_terminal"):
+        assert r[case]["error"] == "protocol", (case, r[case])
+        assert r[case]["pieces"] == ["a"], (case, r[case])
+        assert "seq 2 after 0" in r[case]["message"], (case, r[case])

@@ -66,6 +66,26 @@ async def main():
         ],
         "silence": [{"seq": 0, "delta": "a"}],
         "whole_text": [{"seq": 0, "done": True, "finish_reason": "stop", "text": "all of it"}],
+        # a bridge back from a crash: chunks lost in its memory, then `interrupted`
+        "gap_interrupted": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 3, "error": {"code": "interrupted", "message": "the bridge restarted"}},
+        ],
+        "interrupted_first": [{"seq": 2, "error": {"code": "interrupted", "message": "x"}}],
+        "interrupted_in_order": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 1, "error": {"code": "interrupted", "message": "the bridge stopped"}},
+        ],
+        # any other terminal after a gap is still a protocol error
+        "gap_other_error": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 2, "error": {"code": "upstream_error", "message": "x"}},
+        ],
+        "gap_done": [{"seq": 0, "delta": "a"}, {"seq": 2, "done": True, "finish_reason": "stop"}],
+        "gap_interrupted_not_terminal": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 2, "delta": "c", "error": {"code": "interrupted"}},
+        ],
     }
     for name, messages in cases.items():
         sys.stdout.write("R " + name + " " + json.dumps(await collect(messages)) + "\n")
