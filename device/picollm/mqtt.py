@@ -11,14 +11,15 @@ import time
 import asyncio
 from umqtt.simple import MQTTClient
 
-from picollm import LLMError, LLMTimeout, error_from, new_id, tls_context
+from picollm import LLMError, LLMTimeout, Reply, error_from, new_id, tls_context
+from picollm.topics import Topics
 
 
 class MQTTTransport:
     def __init__(self, cfg):
         self.cfg = cfg
         self.broker = cfg["broker"]
-        self.base = cfg["prefix"] + "/" + cfg["device_id"] + "/"
+        self.topics = Topics(cfg["prefix"], cfg["device_id"])
         self.client = None
         self.want = None  # the res topic (bytes) of the reply being read
         self.box = []  # its messages not yet read, in arrival order
@@ -53,7 +54,7 @@ class MQTTTransport:
         try:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
-            c.subscribe((self.base + "res/+").encode(), 1)
+            c.subscribe(self.topics.res_filter(), 1)
         except Exception:
             _close_sock(c)
             raise
@@ -99,8 +100,8 @@ class MQTTTransport:
                 _close_sock(c)
 
     def publish(self, topic, payload):
-        # payload: UTF-8 bytes (see connect())
-        self.client.publish(topic.encode(), payload, False, 1)
+        # topic and payload: bytes (see connect())
+        self.client.publish(topic, payload, False, 1)
         self.last_out = time.ticks_ms()
 
     async def publish_retry(self, topic, payload):
@@ -142,22 +143,18 @@ class MQTTTransport:
         if r is not None:
             r.send_cancel()
             r.finish()
+            r.done = True
 
 
-class MQTTReply:
+class MQTTReply(Reply):
     def __init__(self, t, rid, payload):
+        super().__init__(rid)
         self.t = t
-        self.id = rid
         self.payload = payload
-        self.topic = (t.base + "res/" + rid).encode()
+        self.topic = t.topics.res(rid)
         self.seq = 0
         self.started = False
         self.ended = False
-        self.tail = None
-        self.finish_reason = None
-        self.usage = None
-        self.model = None
-        self.refusal = False
 
     async def start(self):
         t = self.t
@@ -167,7 +164,7 @@ class MQTTReply:
         t.box = []
         t.active = self
         self.started = True
-        await t.publish_retry(t.base + "req", self.payload)
+        await t.publish_retry(t.topics.req(), self.payload)
         self.payload = None
 
     def finish(self):
@@ -182,7 +179,7 @@ class MQTTReply:
         t = self.t
         try:
             t.ensure()
-            t.publish(t.base + "cancel", json.dumps({"id": self.id}).encode())
+            t.publish(t.topics.cancel(), json.dumps({"id": self.id}).encode())
         except OSError:
             t.drop()
 
@@ -215,10 +212,6 @@ class MQTTReply:
                 await asyncio.sleep_ms(t.cfg["poll_ms"])
 
     async def next_piece(self):
-        if self.tail is not None:
-            text = self.tail
-            self.tail = None
-            return text
         if self.ended:
             return None
         try:
@@ -259,7 +252,7 @@ class MQTTReply:
                 self.finish()
             raise
 
-    async def cancel(self):
+    async def _cancel(self):
         # Send P/D/cancel and wait (a few seconds at most) for the bridge's
         # `cancelled` terminal, dropping the chunks still on their way.
         # True when the bridge confirmed.

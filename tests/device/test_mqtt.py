@@ -138,8 +138,7 @@ def test_multi_byte_prompts_and_history_arrive_whole(
     bodies = [
         r["body"]
         for r in mock_llm.requests
-        if isinstance(r.get("body"), dict)
-        and r["body"]["messages"][-1]["content"] == prompts[-1]
+        if isinstance(r.get("body"), dict) and r["body"]["messages"][-1]["content"] == prompts[-1]
     ]
     assert bodies, "the bridge did not forward the last question"
     msgs = bodies[-1]["messages"]
@@ -472,7 +471,9 @@ def test_interrupted_terminal_after_a_gap_ends_the_reply_as_interrupted(tmp_path
         "pieces": ["a"], "error": "interrupted", "message": "the bridge restarted",
         "published": [req],
     }  # fmt: skip
-    assert r["interrupted_first"]["pieces"] == [] and r["interrupted_first"]["error"] == "interrupted"
+    assert (
+        r["interrupted_first"]["pieces"] == [] and r["interrupted_first"]["error"] == "interrupted"
+    )
     assert r["interrupted_in_order"]["error"] == "interrupted"
     assert r["interrupted_in_order"]["pieces"] == ["a"]
     for case in ("gap_other_error", "gap_done", "gap_interrupted_not_terminal"):

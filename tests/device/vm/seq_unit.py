@@ -8,12 +8,13 @@ import sys
 
 from picollm import LLMError
 from picollm.mqtt import MQTTReply
+from picollm.topics import Topics
 
 
 class FakeTransport:
     def __init__(self, messages):
         self.cfg = {"poll_ms": 1, "reply_timeout_ms": 300}
-        self.base = "llm/dev/"
+        self.topics = Topics("llm", "dev")
         self.box = []
         self.want = None
         self.active = None
@@ -21,13 +22,13 @@ class FakeTransport:
         self.published = []
 
     async def publish_retry(self, topic, payload):
-        self.published.append(topic)
+        self.published.append(topic.decode())
 
     def ensure(self):
         pass
 
     def publish(self, topic, payload):
-        self.published.append(topic)
+        self.published.append(topic.decode())
 
     def poll(self):
         if self.pending:
