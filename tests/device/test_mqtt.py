@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import signal
 import socket
 import threading
@@ -22,7 +23,7 @@ import pytest
 
 from bridge.mock_llm import REFUSAL_TEXT, reply_tokens
 from tests.device import vmkit
-from tests.harness import Broker, Device
+from tests.harness import BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 _ids = itertools.count()
 
@@ -62,8 +63,10 @@ def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
-    """A second client of the same device user that records every reply message."""
-    d = Device(broker, device_config["device_id"])
+    """A client that records every reply message of the device. It logs in as
+    `integrations`: a second client with the device's user name would take the
+    device's client id on a broker with `use_username_as_clientid`."""
+    d = Device(broker, device_config["device_id"], user="integrations")
     yield d
     d.close()
 
@@ -390,6 +393,89 @@ def test_keepalive_pings_and_reconnect_after_idle(
     assert slow["connects"] == 1
     assert after["ok"] and after["text"] == _text("after a nap"), out + err
     assert after["connects"] == 2  # the request found the socket dead and reconnected
+
+
+def test_client_id_is_the_device_id(
+    device_config: dict[str, Any], broker: Broker, tmp_path: Path
+) -> None:
+    # No broker.client_id in the config: the client id is the device id, which is
+    # also its user name, so a broker with use_username_as_clientid sees no change.
+    assert "client_id" not in device_config["broker"]
+    dev = device_config["device_id"]
+    (rec,) = vmkit.run_job(tmp_path, device_config, [{"op": "ask", "prompt": "who am I"}])
+    assert rec["ok"], rec
+    log = broker.log_file.read_text()
+    assert f" as {dev} (" in log and f"u'{dev}')" in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def username_broker(tmp_path_factory: pytest.TempPathFactory, mock_llm: Any) -> Iterator[Broker]:
+    """The project's broker with `use_username_as_clientid true`, and a bridge on it."""
+    from tests import harness
+
+    plain = harness.render_config
+
+    def render(**kw: Any) -> str:
+        text = plain(**kw)
+        if "use_username_as_clientid true" in text:  # broker/ has it already
+            return text
+        # a listener's own option in Mosquitto 2: one line in each listener block
+        return re.sub(r"(?m)^(listener .*)$", r"\1\nuse_username_as_clientid true", text)
+
+    b = Broker(tmp_path_factory.mktemp("username-broker"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "render_config", render)
+        b.start()
+    assert "use_username_as_clientid true" in (b.dir / "mosquitto.conf").read_text()
+    bridge = BridgeProcess(
+        tmp_path_factory.mktemp("username-bridge"), bridge_env(b, mock_llm.base_url)
+    ).start()
+    try:
+        wait_for_status(b, b.prefix, "online")
+        yield b
+    finally:
+        bridge.stop()
+        b.stop()
+
+
+def test_device_keeps_its_session_when_the_broker_names_clients_by_user(
+    username_broker: Broker, tmp_path: Path
+) -> None:
+    # The broker takes the user name as client id; the device's persistent session
+    # is found again after the socket dies mid-reply: nothing lost, nothing twice.
+    dev = f"vm{next(_ids)}"
+    password = username_broker.add_user(dev)
+    proxy = DropProxy(username_broker.port)
+    config = {
+        "mode": "mqtt",
+        "device_id": dev,
+        "prefix": username_broker.prefix,
+        "broker": {"host": "127.0.0.1", "port": proxy.port, "user": dev, "password": password,
+                   "keepalive": 30},
+        "reply_timeout_ms": 8000,
+        "history": 0,
+    }  # fmt: skip
+    prompt = "by user name"
+    job = tmp_path / "job.json"
+    steps = [{"op": "stream", "prompt": f"{prompt} [mock tokens=60 delay_ms=25]", "mark": True}]
+    job.write_text(json.dumps({"config": config, "steps": steps}))
+    proc = vmkit.start_vm(vmkit.PROGRAMS_DIR / "chat_job.py", str(job), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PIECE"
+        proxy.drop()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    (rec,) = vmkit.parse_records(out)
+    assert rec["ok"], out + err
+    assert rec["text"] == _text(prompt, 60)
+    assert rec["connects"] >= 2
+    log = username_broker.log_file.read_text()
+    assert f" as {dev} (" in log and "Client " + dev + " already connected" not in log
+    assert " as bridge (" in log  # the option is on: the bridge is named by its user
 
 
 def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:
