@@ -330,9 +330,14 @@ def test_flow_asks_as_automation_and_streams_the_reply_into_the_dashboard(
         assert len(shown) >= 3 and shown[-1] == want
         assert all(want.startswith(s) for s in shown)
         assert all(len(a) < len(b) for a, b in itertools.pairwise(shown[:-1])), shown
-        browser.wait_for(lambda e: e["event"] == f"msg-input:{STATUS_TEXT}"
-                         and e["args"][0]["payload"] == "idle")  # fmt: skip
-        assert "streaming" in browser.shown(STATUS_TEXT) or "thinking" in browser.shown(STATUS_TEXT)
+
+        def busy_then_idle(_: object) -> bool:
+            """Status went thinking/streaming, then idle (not a state left by earlier tests)."""
+            seen = browser.shown(STATUS_TEXT)
+            busy = [i for i, v in enumerate(seen) if v in ("thinking", "streaming")]
+            return bool(busy) and "idle" in seen[busy[0] :]
+
+        browser.wait_for(busy_then_idle)
         browser.wait_for(lambda e: e["topic"] == "debug" and e["data"]["id"] == "llm_debug")
         assert [d["msg"] for d in browser.sidebar() if d.get("id") == "llm_debug"] == [want]
 
@@ -374,7 +379,10 @@ def test_flow_with_the_read_only_user_shows_why_it_cannot_ask(
         )
         assert f"`{refused}`" in " ".join(README.read_text().split())  # as documented
         warn = browser.wait_for(lambda e: e["topic"] == "debug" and e["data"].get("level") == 30)
-        assert warn["data"]["id"] == "llm_refusal" and "Not authorized" in warn["data"]["msg"]
+        assert warn["data"]["id"] == "llm_refusal" and warn["data"]["msg"] == refused
+        # In the editor, under the catch's function node: the reason code.
+        browser.wait_for(lambda e: e["topic"] == "status/llm_refusal"
+                         and e["data"]["text"] == "refused: 135")  # fmt: skip
         node_red.wait_log(r"\[warn\] \[function:say why\] the broker refused the question: .*"
                           r"Not authorized \(reason code 135\)")  # fmt: skip
         time.sleep(0.3)
