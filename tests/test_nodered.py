@@ -296,7 +296,11 @@ def deployed(
         assert "Waiting for missing types" not in log, log[-2000:]  # every type is installed
         node_red.wait_log(r"Connected to broker: \S+", connected + 1)
         # Mosquitto's log: the flow's client speaks MQTT v5 as `user`.
-        assert re.search(rf"as nodered\w+ \(p5, c1, k60, u'{user}'\)", broker.log_file.read_text())
+        seen = rf"as nodered\w+ \(p5, c1, k60, u'{user}'\)"
+        deadline = time.monotonic() + 5
+        while not re.search(seen, broker.log_file.read_text()):
+            assert time.monotonic() < deadline, f"no {seen!r} in Mosquitto's log"
+            time.sleep(0.05)
         page = httpx.get(f"{node_red.url}/dashboard/llm", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         b = Browser(node_red)
