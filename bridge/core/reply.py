@@ -1,7 +1,7 @@
 """Folding a `chat.completion.chunk` stream into the reply a device gets.
 
 Kept apart from the HTTP client so that the rules for what providers send
-(see `shared/sse-corpus/README.md`) are one small, testable piece: content of
+(see `tests/fixtures/streams/README.md`) are one small, testable piece: content of
 choice 0 only, reasoning never, refusals kept, tool-call fragments joined,
 the last finish_reason and usage, errors inside the stream.
 """
