@@ -29,11 +29,11 @@ from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wa
 from tests.streams import NO_SHARED, OWN, SHARED, Case, cases, load, names
 
 CASES = cases()
-#: Keys every own fixture's `expect` has (the corpus has the same, plus reasoning rules).
+#: The keys of every `expect` (the recorded corpus uses the same).
 EXPECT_KEYS = {"content", "reasoning", "refusal", "tool_calls", "finish_reason", "usage", "error"}
 
 
-def test_own_fixtures_are_whole_cases() -> None:
+def test_own_fixtures_are_whole_cases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each own case is a body plus its expected reply, and the mock serves them by default."""
     stems = {p.stem for p in OWN.iterdir() if p.suffix in (".sse", ".json")}
     assert len(stems) >= 40
@@ -43,6 +43,7 @@ def test_own_fixtures_are_whole_cases() -> None:
         case = load("own", name)
         assert set(case.expect) == EXPECT_KEYS, name
         assert len(case.body) < 4096, f"{name}: keep fixtures small"
+    monkeypatch.delenv("MOCK_LLM_CORPUS_DIR", raising=False)
     assert default_corpus_dir() == OWN
 
 
