@@ -340,3 +340,61 @@ def test_journal_answers_requests_of_a_killed_bridge(
         assert seqs == sorted(set(seqs)), seqs  # increasing, no repeat
         assert msgs[-1]["error"]["code"] == "interrupted"
         assert sum(1 for m in msgs if "error" in m or "done" in m) == 1
+
+
+def test_a_reply_with_no_sentence_end_does_not_delay_another_device(
+    start_bridge: Callable[..., BridgeProcess], make_device: Callable[..., Device]
+) -> None:
+    """Streams are independent: 40,000 words without a sentence end for one device
+    (chunk_sentences holds them all) leave another device's short request fast.
+
+    Before, each delta re-scanned all the held text on the event loop: the
+    short request waited for seconds (10 s behind 12,000 tokens)."""
+    proc = start_bridge()
+    slow, quick = make_device(prefix=proc.prefix), make_device(prefix=proc.prefix)
+    slow.send({"id": "long", "prompt": "hi [mock tokens=40000]", "chunk_sentences": True})
+    deadline = time.monotonic() + 10
+    while not slow.messages("long"):  # "You said: hi. ": the rest is one endless sentence
+        assert time.monotonic() < deadline, "no first sentence"
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    reply = quick.ask({"id": "short", "prompt": "quick [mock tokens=5]"}, timeout=1.5)
+    took = time.monotonic() - t0
+    still_streaming = not any("done" in m for m in slow.messages("long"))
+    assert reply.text == _whole("quick", 5)
+    long = slow.wait("long", timeout=30)
+    assert long.text == _whole("hi", 40000)
+    assert [m["delta"] for m in long.messages[:-1]] == ["You said: hi. ", long.text[14:]]
+    assert still_streaming, "the long reply ended before the short one: nothing was measured"
+    assert took < 1.5, took
+
+
+def test_chunk_bytes_piece_leaves_when_full_with_chunk_ms(
+    bridge: BridgeProcess, device: Device
+) -> None:
+    """ "You" + " said:" is exactly 9 bytes: sent then, not when the next token
+    overfills it (400 ms later) nor when chunk_ms (5 s) ends."""
+    t0 = time.monotonic()
+    device.send({"id": "full", "prompt": "ab [mock tokens=3 delay_ms=400]", "chunk_bytes": 9,
+                 "chunk_ms": 5000})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not device.messages("full"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first = time.monotonic()
+    reply = device.wait("full")
+    end = time.monotonic()
+    assert [m.get("delta") for m in reply.messages] == ["You said:", " ab.", None]
+    assert end - first > 0.2, (first - t0, end - t0)
+
+
+def test_chunk_ms_counts_from_the_text_still_held(bridge: BridgeProcess, device: Device) -> None:
+    """Tokens every 250 ms, chunk_ms 1000, whole sentences: the first sentence leaves at its
+    end (~1 s, with " alpha"); "alpha" is held from then, so the reply's end (~1.5 s) comes
+    before its 1000 ms are up. Before, the timer started with "You" fired at ~1.25 s and
+    sent "alpha bravo" alone."""
+    ask = {"id": "aged", "prompt": "ab [mock tokens=6 delay_ms=250]", "chunk_sentences": True,
+           "chunk_ms": 1000}  # fmt: skip
+    reply = device.ask(ask)
+    deltas = [m["delta"] for m in reply.messages[:-1]]
+    assert deltas == ["You said: ab. ", "alpha bravo charlie"]
