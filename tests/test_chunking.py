@@ -157,19 +157,27 @@ _END_IN = re.compile(r"[.!?\u2026][\"')\]]*\s|[\u3002\uff01\uff1f]|\n")
 
 
 @given(
-    st.lists(st.sampled_from(_TRICKY), min_size=1, max_size=60),
+    st.lists(st.tuples(st.sampled_from(_TRICKY), st.booleans()), min_size=1, max_size=60),
     st.sampled_from([0, 8, 9, 13]),
     st.booleans(),
     st.booleans(),
 )
 @settings(max_examples=400, deadline=None)
-def test_every_rule_combination(deltas: list[str], size: int, sentences: bool, timed: bool) -> None:
-    """Nothing lost or reordered; a piece leaves only when full or at a sentence end, and
-    then at once: after each delta no full piece and no whole sentence end is held."""
+def test_every_rule_combination(
+    deltas: list[tuple[str, bool]], size: int, sentences: bool, timed: bool
+) -> None:
+    """Nothing lost or reordered; a piece leaves only when full or at a sentence end (or
+    when its time is up), and then at once: after each delta no full piece and no whole
+    sentence end is held."""
     c = Chunker(max_bytes=size, sentences=sentences, max_ms=100 if timed else 0)
     sent = ""
     held = ""
-    for d in deltas:
+    for d, time_is_up in deltas:
+        if timed and time_is_up:  # what the caller's timer does
+            flushed = c.flush()
+            assert "".join(flushed) == held
+            sent += held
+            held = ""
         pieces = c.feed(d)
         held += d
         for piece in pieces:
@@ -190,6 +198,7 @@ def test_every_rule_combination(deltas: list[str], size: int, sentences: bool, t
             assert not _END_IN.search(held), (sent, held)
     rest = c.flush()
     assert "".join(rest) == held
+    assert sent + held == "".join(d for d, _ in deltas)
     assert all(len(piece.encode()) <= size for piece in rest) if size else len(rest) <= 1
 
 
@@ -389,12 +398,12 @@ def test_chunk_bytes_piece_leaves_when_full_with_chunk_ms(
 
 
 def test_chunk_ms_counts_from_the_text_still_held(bridge: BridgeProcess, device: Device) -> None:
-    """Tokens every 250 ms, chunk_ms 1000, whole sentences: the first sentence leaves at its
-    end (~1 s, with " alpha"); "alpha" is held from then, so the reply's end (~1.5 s) comes
-    before its 1000 ms are up. Before, the timer started with "You" fired at ~1.25 s and
-    sent "alpha bravo" alone."""
-    ask = {"id": "aged", "prompt": "ab [mock tokens=6 delay_ms=250]", "chunk_sentences": True,
-           "chunk_ms": 1000}  # fmt: skip
+    """Tokens every 400 ms, chunk_ms 1400, whole sentences: the first sentence leaves at its
+    end (token 4, " alpha", ~1.6 s); "alpha" is held from then, so the reply's end (~2.4 s)
+    comes before its 1400 ms are up (~3.0 s). Before, the timer started with "You" (~0.4 s)
+    fired at ~1.8 s and sent "alpha" alone. (Margins of 600 ms either way.)"""
+    ask = {"id": "aged", "prompt": "ab [mock tokens=6 delay_ms=400]", "chunk_sentences": True,
+           "chunk_ms": 1400}  # fmt: skip
     reply = device.ask(ask)
     deltas = [m["delta"] for m in reply.messages[:-1]]
     assert deltas == ["You said: ab. ", "alpha bravo charlie"]
