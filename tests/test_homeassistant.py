@@ -22,16 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Broker, Device
-from tests.test_state import (  # noqa: F401 (the *_fixture names are fixtures used here)
-    Msg,
-    StartBridge,
-    Watcher,
-    own_bridge_fixture,
-    own_broker_fixture,
-    own_device_fixture,
-    retained,
-)
+from tests.conftest import StartBridge
+from tests.harness import Broker, Device, Msg, Watcher, retained
 
 PREFIX = "homeassistant/device/llm"
 STATUS = "llm/bridge/status"
@@ -446,11 +438,11 @@ def test_home_assistant_schemas() -> None:
     if ha_python() is None:
         pytest.skip("no Python with homeassistant: set HA_PYTHON (docs/integrations/README.md)")
     from bridge.core.settings import Settings
-    from bridge.plugins.homeassistant import HomeAssistantHook
-    from bridge.plugins.state import StateHook
+    from bridge.plugins.homeassistant import HomeAssistantPlugin
+    from bridge.plugins.state import StatePlugin
 
     settings = Settings(_env_file=None, topic_prefix="home/llm")  # type: ignore[call-arg]
-    ha = HomeAssistantHook(settings, StateHook(settings))
+    ha = HomeAssistantPlugin(settings, StatePlugin(settings))
     payloads = [
         (ha.config_topic("kitchen"), ha.device_config("kitchen")),
         (ha.bridge_config_topic, ha.bridge_config()),

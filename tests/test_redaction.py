@@ -12,12 +12,12 @@ import json
 
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from bridge.core import protocol as p
+from bridge.core.errors import UpstreamError
 from bridge.core.settings import load_settings
-from bridge.core.upstream import SECRET_RUN, Redactor, Upstream, UpstreamError
+from bridge.core.upstream import SECRET_RUN, Redactor, Upstream
 from tests.harness import API_KEY, BridgeProcess, Device
 
 RUNS = {API_KEY[i : i + SECRET_RUN] for i in range(len(API_KEY) - SECRET_RUN + 1)}
