@@ -684,6 +684,10 @@ class Bridge:
         """The time rule: publish what was held for `chunk_ms`."""
         job.timer = None
         if job.task is not None and not job.task.done():
+            wait = job.chunker.due_in() if job.chunker is not None else None
+            if wait is not None and wait > 0.001:  # what is held now came after the timer began
+                job.timer = asyncio.get_running_loop().call_later(wait, self._flush_held, job)
+                return
             self._publish_held(job)
 
     def _publish_held(self, job: Job) -> None:
