@@ -5,6 +5,11 @@
 name is its device id; the broker's ACL (broker/acl) derives its rights from
 that name. Passwords are written only as Mosquitto `$7$` hashes, in files
 only their owner can read; the plain password is shown once and kept nowhere.
+
+The broker makes every client id its user name, so every program needs a user
+of its own: `llm-bridge broker user add` makes further service users (a second
+bridge worker `bridge-2`, a second dashboard `integrations-NAME`), each with a
+copy of its kind's rules in broker/acl.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge import protocol as p
+from bridge.brokerconf import SERVICE_KINDS, extra_user_kind, with_extra_users
 from bridge.passwords import new_password, password_line
 
 if TYPE_CHECKING:
     from bridge.settings import Settings
 
-SERVICE_USERS = ("bridge", "integrations", "automation")
+SERVICE_USERS = (*SERVICE_KINDS, "healthcheck")
 PASSWD = "passwd"
+ACL = "acl"
 ENV_EXAMPLE = ".env.example"
 
 
@@ -41,15 +48,20 @@ def write_private(path: Path, text: str) -> None:
     The file is written beside its final place and renamed, so a reader (a
     reloading Mosquitto) sees the old file or the new one, never half of one.
     """
+    write_atomic(path, text, 0o600)
+
+
+def write_atomic(path: Path, text: str, mode: int) -> None:
+    """Replace `path` with `text` (file mode `mode`) by writing beside it and renaming."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -86,14 +98,23 @@ class PasswordFile:
         write_private(self.path, "".join(f"{u}:{h}\n" for u, h in self.entries.items()))
 
     def devices(self) -> list[str]:
-        return sorted(u for u in self.entries if u not in SERVICE_USERS)
+        return sorted(u for u in self.entries if not is_service_user(u))
+
+    def extra_users(self) -> list[str]:
+        """The further service users (`bridge-2`, `integrations-NAME`, ...), in file order."""
+        return [u for u in self.entries if extra_user_kind(u)]
+
+
+def is_service_user(name: str) -> bool:
+    return name in SERVICE_USERS or extra_user_kind(name) is not None
 
 
 def check_device_id(device: str) -> None:
-    if not p.valid_device_id(device) or device in SERVICE_USERS:
+    if not p.valid_device_id(device) or is_service_user(device):
+        kinds = "|".join(SERVICE_KINDS)
         raise ProvisionError(
             f"{device[:80]!r} cannot be a device id: use 1 to 64 of A-Z a-z 0-9 _ - "
-            f"other than {', '.join(SERVICE_USERS)}"
+            f"other than {', '.join(SERVICE_USERS)} and {kinds}-NAME (service users)"
         )
 
 
@@ -124,6 +145,77 @@ def list_devices(broker_dir: Path) -> list[str]:
     return PasswordFile(broker_dir / PASSWD).devices()
 
 
+# --- further service users (bridge workers, more dashboards and automations) ----------
+
+
+def sync_acl(broker_dir: Path, pw: PasswordFile | None = None) -> bool:
+    """Make broker/acl's generated part hold one block per further service user in passwd.
+
+    Each block is a fresh copy of its kind's rules, so running this after an
+    update of broker/acl (`broker init` does) carries the new rules to them.
+    Returns whether the file changed; an unchanged file is not rewritten.
+    """
+    pw = pw or PasswordFile(broker_dir / PASSWD)
+    path = broker_dir / ACL
+    try:
+        old = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProvisionError(f"no ACL file {path}: it comes with the project") from None
+    try:
+        new = with_extra_users(old, pw.extra_users())
+    except ValueError as exc:
+        raise ProvisionError(f"{path}: {exc}") from None
+    if new == old:
+        return False
+    write_atomic(path, new, 0o644)
+    return True
+
+
+def check_extra_user(name: str) -> str:
+    kind = extra_user_kind(name)
+    if kind is None:
+        raise ProvisionError(
+            f"{name[:80]!r} is not a service user name: use KIND-NAME, KIND one of "
+            f"{', '.join(SERVICE_KINDS)}, NAME 1 to 40 of A-Z a-z 0-9 _ - (e.g. bridge-2)"
+        )
+    return kind
+
+
+def add_service_user(broker_dir: Path, name: str, *, rotate: bool = False) -> str:
+    """Create (or, with `rotate`, give a new password to) a further service user.
+
+    Its rules are its kind's (`bridge-2` has the bridge's); returns the new password.
+    """
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if name in pw and not rotate:
+        raise ProvisionError(
+            f"user {name} exists; `llm-bridge broker user add {name} --rotate` gives it a new "
+            "password (its old one stops working)"
+        )
+    password = new_password()
+    pw.set(name, password)
+    # The rules first: a user the broker knows before its rules would briefly
+    # have only the device patterns, never more.
+    sync_acl(broker_dir, pw)
+    pw.save()
+    return password
+
+
+def remove_service_user(broker_dir: Path, name: str) -> None:
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if not pw.remove(name):
+        raise ProvisionError(f"no user {name} in {pw.path}")
+    pw.save()
+    sync_acl(broker_dir, pw)
+
+
+def list_service_users(broker_dir: Path) -> list[str]:
+    pw = PasswordFile(broker_dir / PASSWD)
+    return [u for u in SERVICE_USERS if u in pw] + pw.extra_users()
+
+
 def device_config(
     device: str,
     password: str,
@@ -152,8 +244,13 @@ def device_config(
 @dataclass
 class InitResult:
     created: list[str]
-    passwords: dict[str, str]  # the new service users' but the bridge's, to show once
+    passwords: dict[str, str]  # the new service users' but those in .env, to show once
     env_written: bool
+    acl_updated: bool = False
+
+
+# The service users whose passwords go only into the bridge's .env, as these URLs.
+ENV_USERS = {"bridge": "BRIDGE_MQTT_URL", "healthcheck": "BRIDGE_CHECK_MQTT_URL"}
 
 
 def set_env_var(text: str, name: str, value: str) -> str:
@@ -175,49 +272,50 @@ def init_broker(
     env_file: Path,
     mqtt_host: str = "mosquitto",
 ) -> InitResult:
-    """Create the `bridge`, `integrations` and `automation` users and the bridge's `.env`.
+    """Create the service users (`bridge`, `integrations`, `automation`, `healthcheck`) and `.env`.
 
-    Users that exist are kept (run it again safely). The bridge's password
-    goes only into `env_file` (0600), as `BRIDGE_MQTT_URL`; the others'
-    passwords are returned to be shown once. `.env` starts as a copy of
-    `.env.example`, with the user's uid and gid for the containers, and the data
-    directories the containers write to are created.
+    Users that exist are kept (run it again safely). The bridge's and the
+    health check's passwords go only into `env_file` (0600), as
+    `BRIDGE_MQTT_URL` and `BRIDGE_CHECK_MQTT_URL`; the others' passwords are
+    returned to be shown once. `.env` starts as a copy of `.env.example`, with
+    the user's uid and gid for the containers, and the data directories the
+    containers write to are created. The further service users' ACL blocks
+    are refreshed from their kinds' rules (sync_acl).
     """
     pw = PasswordFile(broker_dir / PASSWD)
     created: list[str] = []
     shown: dict[str, str] = {}
-    bridge_password: str | None = None
+    env_urls: dict[str, str] = {}
     for user in SERVICE_USERS:
         if user in pw:
             continue
         password = new_password()
         pw.set(user, password)
         created.append(user)
-        if user == "bridge":
-            bridge_password = password
+        if user in ENV_USERS:
+            env_urls[ENV_USERS[user]] = f"mqtt://{user}:{password}@{mqtt_host}:1883"
         else:
             shown[user] = password
+    acl_updated = sync_acl(broker_dir, pw) if (broker_dir / ACL).exists() else False
     if created:
         pw.save()
     env_written = False
-    if bridge_password is not None or not env_file.exists():
+    if env_urls or not env_file.exists():
         if env_file.exists():
             text = env_file.read_text(encoding="utf-8")
         elif (root / ENV_EXAMPLE).exists():
             text = (root / ENV_EXAMPLE).read_text(encoding="utf-8")
         else:
             text = ""
-        if bridge_password is not None:
-            text = set_env_var(
-                text, "BRIDGE_MQTT_URL", f"mqtt://bridge:{bridge_password}@{mqtt_host}:1883"
-            )
+        for name, url in env_urls.items():
+            text = set_env_var(text, name, url)
         text = set_env_var(text, "LOCAL_UID", str(os.getuid()))
         text = set_env_var(text, "LOCAL_GID", str(os.getgid()))
         write_private(env_file, text)
         env_written = True
     for sub in ("mosquitto", "bridge"):
         (root / "data" / sub).mkdir(parents=True, exist_ok=True)
-    return InitResult(created, shown, env_written)
+    return InitResult(created, shown, env_written, acl_updated)
 
 
 # --- reloading Mosquitto --------------------------------------------------------------
@@ -275,8 +373,10 @@ def reload_broker(pid: int | None = None) -> tuple[bool, str]:
 def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     """Whether the broker answers and the bridge's retained status is `online`.
 
-    Connects with the bridge's own `BRIDGE_MQTT_URL` user under another client
-    id (so the bridge is not disconnected): the health check of compose.yaml.
+    Connects as the user of `BRIDGE_CHECK_MQTT_URL` (`healthcheck`, made by
+    `broker init`), never as the bridge's: the broker makes a client's id its
+    user name, so a check logged in as `bridge` would replace the bridge's
+    connection. The health check of compose.yaml.
     """
     import ssl  # noqa: PLC0415
     import threading  # noqa: PLC0415
@@ -284,14 +384,19 @@ def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     import paho.mqtt.client as paho  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    url = settings.mqtt
+    from bridge.settings import MqttUrl  # noqa: PLC0415
+
+    if not settings.check_mqtt_url:
+        return False, (
+            "BRIDGE_CHECK_MQTT_URL is not set: `llm-bridge broker init` makes the healthcheck "
+            "user and writes it to .env (the bridge's own user would disconnect the bridge)"
+        )
+    url = MqttUrl.parse(settings.check_mqtt_url)
     topic = f"{settings.topic_prefix}/bridge/status"
     result: list[str] = []
     done = threading.Event()
     c = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{settings.client_id}-check-{os.getpid()}",
-        protocol=paho.MQTTv311,
+        CallbackAPIVersion.VERSION2, client_id=url.username or "", protocol=paho.MQTTv311
     )
     if url.username:
         c.username_pw_set(url.username, url.password.get_secret_value() if url.password else None)
