@@ -560,13 +560,69 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
         _say(f"broker user {user}: {state}")
     if result.env_written:
         _say(f"{args.env} written (owner-only); set OPENAI_API_KEY in it")
+    if result.acl_updated:
+        _say(f"{broker_dir / ACL}: the added users' rules were brought up to date")
     if result.passwords:
         _say(
             "passwords, shown only once: integrations (read-only: dashboards), "
-            "automation (Home Assistant, flows that ask)"
+            "automation (Home Assistant, flows that ask). One program per user: a second "
+            "login as the same user replaces the first (`llm-bridge broker user add "
+            "integrations-NAME` makes another)"
         )
         for user, password in result.passwords.items():
             print(f"{user} {password}")
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    broker_dir = _broker_dir(args, settings)
+    try:
+        kind = check_extra_user(args.name)
+        password = add_service_user(broker_dir, args.name, rotate=args.rotate)
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user add: {exc}")
+        return 1
+    verb = "has a new password" if args.rotate else f"added with the rules of `{kind}`"
+    if kind == "bridge":
+        line = f"BRIDGE_MQTT_URL=mqtt://{args.name}:{password}@{args.mqtt_host}:1883\n"
+        what = "the worker's BRIDGE_MQTT_URL (its other settings as in .env)"
+    else:
+        line = f"{args.name} {password}\n"
+        what = "its password"
+    if args.output:
+        write_private(Path(args.output), line)
+        _say(f"user {args.name} {verb}; {what} is in {args.output}")
+    else:
+        _say(f"user {args.name} {verb}; {what}, shown only this once:")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    _reload_after(args)
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    broker_dir = _broker_dir(args, settings)
+    try:
+        remove_service_user(broker_dir, args.name)
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user remove: {exc}")
+        return 1
+    _say(f"user {args.name} removed from {broker_dir / PASSWD} and {broker_dir / ACL}")
+    _reload_after(args)
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        users = list_service_users(_broker_dir(args, settings))
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user list: {exc}")
+        return 1
+    for user in users:
+        print(f"{user}  ({extra_user_kind(user) or user})")
     return 0
 
 
@@ -634,7 +690,8 @@ def add_device_commands(sub: Any) -> None:
 def add_broker_commands(sub: Any) -> None:
     """`broker init|reload|tls|check` into the `broker` group's subparsers."""
     init = sub.add_parser(
-        "init", help="create the service users (bridge, integrations, automation) and .env"
+        "init",
+        help="create the service users (bridge, integrations, automation, healthcheck) and .env",
     )
     init.add_argument("--env", default=".env", help="the .env file to write (default .env)")
     init.add_argument(
@@ -653,6 +710,28 @@ def add_broker_commands(sub: Any) -> None:
     tls.add_argument("--dir", help="where to write (default BROKER_DIR/certs)")
     _common(tls)
     tls.set_defaults(func=cmd_broker_tls)
+
+    user = sub.add_parser(
+        "user", help="more service users: bridge workers, dashboards, automations"
+    ).add_subparsers(dest="user_command", required=True)
+    uadd = user.add_parser(
+        "add", help="add KIND-NAME (bridge-2, integrations-nodered, automation-ha2)"
+    )
+    uadd.add_argument("name", help="KIND-NAME; it gets the rules of the user KIND")
+    uadd.add_argument("--rotate", action="store_true", help="give it a new password")
+    uadd.add_argument(
+        "--mqtt-host", default="mosquitto", help="the broker's host name in a worker's URL"
+    )
+    uadd.add_argument("--output", help="write the password (a worker's URL) there, 0600")
+    _common(uadd, reload=True)
+    uadd.set_defaults(func=cmd_user_add)
+    uremove = user.add_parser("remove", help="delete a user added with `broker user add`")
+    uremove.add_argument("name")
+    _common(uremove, reload=True)
+    uremove.set_defaults(func=cmd_user_remove)
+    ulist = user.add_parser("list", help="the service users and their kinds")
+    _common(ulist)
+    ulist.set_defaults(func=cmd_user_list)
 
     check = sub.add_parser("check", help="exit 0 when the bridge is online (health check)")
     check.add_argument("--timeout", type=float, default=5.0)

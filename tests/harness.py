@@ -270,7 +270,7 @@ class Device:
         self._cond = threading.Condition()
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"t-{device_id}-{os.getpid()}",
+            client_id=device_id,  # as the device library does (the broker makes it so anyway)
             clean_session=not persistent,
         )
         if persistent:
