@@ -73,8 +73,12 @@ class Broker:
         self.add_user("healthcheck", "healthcheck-pw", reload=False)
 
     def _write_acl(self) -> None:
-        """broker/acl, with a block for each further service user (`bridge-NAME`, ...)."""
-        extra = [u for u in self.users if extra_user_kind(u)]
+        """broker/acl, with a block for each further service user (`bridge-NAME`, ...) of
+        the password file (as `llm-bridge broker user add` writes it)."""
+        path = self.dir / "passwd"
+        lines = path.read_text().splitlines() if path.exists() else []
+        names = [x.partition(":")[0] for x in lines]
+        extra = [u for u in names if extra_user_kind(u)]
         (self.dir / "acl").write_text(acl_text(self.acl_prefix, users=extra))
 
     @property
@@ -121,12 +125,18 @@ class Broker:
         """Add a broker user (a device's user name is its id) and make Mosquitto read it."""
         password = password or f"pw-{name}"
         self.users[name] = password
-        if extra_user_kind(name):
-            self._write_acl()
-        lines = "".join(password_line(u, pw) for u, pw in self.users.items())
         path = self.dir / "passwd"
+        # Users that `llm-bridge device add` (a test of the CLI) wrote are kept.
+        kept = [
+            line + "\n"
+            for line in (path.read_text().splitlines() if path.exists() else [])
+            if line.partition(":")[0] not in self.users
+        ]
+        lines = "".join(kept) + "".join(password_line(u, pw) for u, pw in self.users.items())
         path.write_text(lines)
         path.chmod(0o600)
+        if extra_user_kind(name):
+            self._write_acl()
         if reload and self.proc is not None:
             self.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 5
