@@ -30,14 +30,16 @@ def _no_client_takeover(request: pytest.FixtureRequest) -> Iterator[None]:
     subscriptions): such a test would pass or fail by timing. Tests that take
     over a connection on purpose run a broker of their own.
     """
-    if "broker" not in request.fixturenames:
-        yield
-        return
-    b = request.getfixturevalue("broker")
-    before = len(b.takeovers())
+    brokers = [
+        request.getfixturevalue(name)
+        for name in ("broker", "own_broker")
+        if name in request.fixturenames
+    ]
+    before = [len(b.takeovers()) for b in brokers]
     yield
-    new = b.takeovers()[before:]
-    assert not new, f"two connections of one broker user replaced each other: {new[:3]}"
+    for b, n in zip(brokers, before, strict=True):
+        new = b.takeovers()[n:]
+        assert not new, f"two connections of one broker user replaced each other: {new[:3]}"
 
 
 @pytest.fixture(scope="session")

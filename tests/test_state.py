@@ -97,8 +97,10 @@ class Watcher:
 
 
 def retained(broker: Broker, topic: str, timeout: float = 1.0) -> bytes | None:
-    """The retained message on `topic` as a new subscriber gets it (None when there is none)."""
-    w = Watcher(broker, [topic])
+    """The retained message on `topic` as a new subscriber gets it (None when there is none).
+
+    As `integrations`: a second `automation` login would replace a test's Watcher."""
+    w = Watcher(broker, [topic], user="integrations")
     try:
         return w.wait_for(lambda m: m.retain, timeout).payload
     except TimeoutError:
