@@ -62,8 +62,9 @@ def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
-    """A second client of the same device user that records every reply message."""
-    d = Device(broker, device_config["device_id"])
+    """A client that records every reply message of the device (as a read-only user: a
+    second login as the device would replace the device's connection)."""
+    d = Device(broker, device_config["device_id"], user="integrations-watch")
     yield d
     d.close()
 
