@@ -102,6 +102,14 @@ def _kind_rules(text: str, kind: str) -> list[str]:
     return rules
 
 
+def extra_users_in(text: str) -> list[str]:
+    """The users of the generated part of an ACL file (below the marker), in order."""
+    if EXTRA_MARKER not in text:
+        return []
+    tail = text.split(EXTRA_MARKER, 1)[1]
+    return [line.split()[1] for line in tail.splitlines() if line.startswith("user ")]
+
+
 def with_extra_users(text: str, users: list[str] | tuple[str, ...] = ()) -> str:
     """An ACL file's text with one block for each further service user, at its end.
 

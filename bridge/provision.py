@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge import protocol as p
-from bridge.brokerconf import SERVICE_KINDS, extra_user_kind, with_extra_users
+from bridge.brokerconf import SERVICE_KINDS, extra_user_kind, extra_users_in, with_extra_users
 from bridge.passwords import new_password, password_line
 
 if TYPE_CHECKING:
@@ -100,10 +100,6 @@ class PasswordFile:
     def devices(self) -> list[str]:
         return sorted(u for u in self.entries if not is_service_user(u))
 
-    def extra_users(self) -> list[str]:
-        """The further service users (`bridge-2`, `integrations-NAME`, ...), in file order."""
-        return [u for u in self.entries if extra_user_kind(u)]
-
 
 def is_service_user(name: str) -> bool:
     return name in SERVICE_USERS or extra_user_kind(name) is not None
@@ -148,21 +144,27 @@ def list_devices(broker_dir: Path) -> list[str]:
 # --- further service users (bridge workers, more dashboards and automations) ----------
 
 
-def sync_acl(broker_dir: Path, pw: PasswordFile | None = None) -> bool:
-    """Make broker/acl's generated part hold one block per further service user in passwd.
+def sync_acl(broker_dir: Path, *, add: str | None = None, remove: str | None = None) -> bool:
+    """Rewrite broker/acl's generated part: a block per further service user, `add` and
+    `remove` applied.
 
-    Each block is a fresh copy of its kind's rules, so running this after an
-    update of broker/acl (`broker init` does) carries the new rules to them.
-    Returns whether the file changed; an unchanged file is not rewritten.
+    The users are those the part already names (the record of `broker user
+    add`), never guessed from passwd: a device that an older version let be
+    called `integrations-x` does not gain the integrations rules. Each block is
+    a fresh copy of its kind's rules, so running this after an update of
+    broker/acl (`broker init` does) carries the new rules to them. Returns
+    whether the file changed; an unchanged file is not rewritten.
     """
-    pw = pw or PasswordFile(broker_dir / PASSWD)
     path = broker_dir / ACL
     try:
         old = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProvisionError(f"no ACL file {path}: it comes with the project") from None
+    users = [u for u in extra_users_in(old) if u != remove]
+    if add is not None and add not in users:
+        users.append(add)
     try:
-        new = with_extra_users(old, pw.extra_users())
+        new = with_extra_users(old, users)
     except ValueError as exc:
         raise ProvisionError(f"{path}: {exc}") from None
     if new == old:
@@ -197,7 +199,7 @@ def add_service_user(broker_dir: Path, name: str, *, rotate: bool = False) -> st
     pw.set(name, password)
     # The rules first: a user the broker knows before its rules would briefly
     # have only the device patterns, never more.
-    sync_acl(broker_dir, pw)
+    sync_acl(broker_dir, add=name)
     pw.save()
     return password
 
@@ -208,12 +210,14 @@ def remove_service_user(broker_dir: Path, name: str) -> None:
     if not pw.remove(name):
         raise ProvisionError(f"no user {name} in {pw.path}")
     pw.save()
-    sync_acl(broker_dir, pw)
+    sync_acl(broker_dir, remove=name)
 
 
 def list_service_users(broker_dir: Path) -> list[str]:
     pw = PasswordFile(broker_dir / PASSWD)
-    return [u for u in SERVICE_USERS if u in pw] + pw.extra_users()
+    acl = broker_dir / ACL
+    added = extra_users_in(acl.read_text(encoding="utf-8")) if acl.exists() else []
+    return [u for u in SERVICE_USERS if u in pw] + [u for u in added if u in pw]
 
 
 def device_config(
@@ -296,7 +300,7 @@ def init_broker(
             env_urls[ENV_USERS[user]] = f"mqtt://{user}:{password}@{mqtt_host}:1883"
         else:
             shown[user] = password
-    acl_updated = sync_acl(broker_dir, pw) if (broker_dir / ACL).exists() else False
+    acl_updated = sync_acl(broker_dir) if (broker_dir / ACL).exists() else False
     if created:
         pw.save()
     env_written = False

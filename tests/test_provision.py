@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -289,6 +290,17 @@ def test_service_users_get_their_kinds_rules_and_are_no_devices(
     assert init.returncode == 0 and "brought up to date" in init.stderr, init.stderr
     fresh = (broker.dir / "acl").read_text().split("\nuser bridge-w2\n", 1)[1]
     assert "+/old/" not in fresh and "topic read +/+/cancel" not in fresh.split("\n\n")[0]
+
+    # Only users added with `broker user add` get rules: a device an older version let
+    # be called integrations-old keeps a device's rights through `init`.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(REPO / "broker" / "acl", legacy / "acl")
+    (legacy / "passwd").write_text("integrations-old:$7$x\n")
+    init = cli("broker", "init", "--broker-dir", str(legacy), "--env", ".e", cwd=legacy)
+    assert init.returncode == 0, init.stderr
+    assert "integrations-old" not in (legacy / "acl").read_text()
+    assert provision.list_service_users(legacy)[-1] == "healthcheck"
 
     removed = cli("broker", "user", "remove", "bridge-w2", *where, cwd=tmp_path)
     assert removed.returncode == 0, removed.stderr
