@@ -253,3 +253,29 @@ def test_one_device_cannot_grow_the_broker_beyond_its_bound(
         assert 5000 <= got <= 5000 + 20, got  # max_queued_messages, plus those in flight
     finally:
         bridge.stop()
+
+
+def test_bridge_workers_with_their_own_users_can_share_the_requests(own_broker: Broker) -> None:
+    """What several bridge workers will need: each its own user (`broker user add
+    bridge-2`, the bridge's rules), together on one shared subscription that splits the
+    requests between them, with neither replacing the other."""
+    b = own_broker
+    b.add_user("bridge-2")
+    b.add_user("kitchen")
+    workers = []
+    for user in ("bridge", "bridge-2"):
+        workers.append(Client(b, user, "worker", sub="$share/workers/llm/+/req"))
+    kitchen = Client(b, "kitchen", "kitchen")
+    try:
+        for i in range(10):
+            kitchen.publish("llm/kitchen/req", {"id": f"r{i}", "prompt": "hi"})
+        deadline = time.monotonic() + 5
+        while sum(len(w.messages()) for w in workers) < 10:
+            assert time.monotonic() < deadline, [w.messages() for w in workers]
+            time.sleep(0.02)
+        counts = [len(w.messages()) for w in workers]
+        assert sum(counts) == 10 and min(counts) > 0, counts  # each request once, both work
+        assert b.takeovers() == [] and all(w.disconnects == 0 for w in workers)
+    finally:
+        for c in (*workers, kitchen):
+            c.close()
