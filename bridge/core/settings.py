@@ -21,6 +21,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -150,10 +151,15 @@ class Settings(BaseSettings):
 
     mqtt_url: str = "mqtt://localhost:1883"
     mqtt_ca_file: Path | None = None
+    # `llm-bridge broker check` (compose's health check) logs in as its own user:
+    # one logged in as the bridge's would replace the bridge's connection.
+    check_mqtt_url: str | None = None
     mqtt_tls_insecure: bool = False
     mqtt_keepalive: int = Field(30, ge=5, le=65535)
     mqtt_version: Literal["5", "3.1.1"] = "5"
-    client_id: str = Field("llm-bridge", min_length=1, max_length=64)
+    # Empty: the user name of mqtt_url (`bridge`), which is the id Mosquitto with
+    # broker/'s config gives the bridge whatever it sends (use_username_as_clientid).
+    client_id: str = Field("", max_length=64)
     session_expiry: int = Field(86400, ge=0, le=0xFFFFFFFF)
     topic_prefix: str = "llm"
     response_qos: int = Field(1, ge=0, le=1)
@@ -210,6 +216,19 @@ class Settings(BaseSettings):
     def _mqtt_url(cls, v: str) -> str:
         MqttUrl.parse(v)
         return v
+
+    @field_validator("check_mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, v: str | None) -> str | None:
+        if v:
+            MqttUrl.parse(v)
+        return v or None
+
+    @model_validator(mode="after")
+    def _client_id_from_user(self) -> Settings:
+        if not self.client_id:
+            self.client_id = self.mqtt.username or "llm-bridge"
+        return self
 
     @field_validator("topic_prefix")
     @classmethod

@@ -5,6 +5,11 @@
 name is its device id; the broker's ACL (broker/acl) derives its rights from
 that name. Passwords are written only as Mosquitto `$7$` hashes, in files
 only their owner can read; the plain password is shown once and kept nowhere.
+
+The broker makes every client id its user name, so every program needs a user
+of its own: `llm-bridge broker user add` makes further service users (a second
+bridge worker `bridge-2`, a second dashboard `integrations-NAME`), each with a
+copy of its kind's rules in broker/acl.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.core import protocol as p
-from bridge.ops.passwords import new_password, password_line, write_private
+from bridge.ops.brokerconf import SERVICE_KINDS, extra_user_kind, extra_users_in, with_extra_users
+from bridge.ops.passwords import new_password, password_line, write_atomic, write_private
 
 if TYPE_CHECKING:
     from bridge.core.settings import Settings
 
-SERVICE_USERS = ("bridge", "integrations", "automation")
+SERVICE_USERS = (*SERVICE_KINDS, "healthcheck")
 PASSWD = "passwd"
+ACL = "acl"
 ENV_EXAMPLE = ".env.example"
 
 
@@ -63,14 +70,19 @@ class PasswordFile:
         write_private(self.path, "".join(f"{u}:{h}\n" for u, h in self.entries.items()))
 
     def devices(self) -> list[str]:
-        return sorted(u for u in self.entries if u not in SERVICE_USERS)
+        return sorted(u for u in self.entries if not is_service_user(u))
+
+
+def is_service_user(name: str) -> bool:
+    return name in SERVICE_USERS or extra_user_kind(name) is not None
 
 
 def check_device_id(device: str) -> None:
-    if not p.valid_device_id(device) or device in SERVICE_USERS:
+    if not p.valid_device_id(device) or is_service_user(device):
+        kinds = "|".join(SERVICE_KINDS)
         raise ProvisionError(
             f"{device[:80]!r} cannot be a device id: use 1 to 64 of A-Z a-z 0-9 _ - "
-            f"other than {', '.join(SERVICE_USERS)}"
+            f"other than {', '.join(SERVICE_USERS)} and {kinds}-NAME (service users)"
         )
 
 
@@ -101,6 +113,85 @@ def list_devices(broker_dir: Path) -> list[str]:
     return PasswordFile(broker_dir / PASSWD).devices()
 
 
+# --- further service users (bridge workers, more dashboards and automations) ----------
+
+
+def sync_acl(broker_dir: Path, *, add: str | None = None, remove: str | None = None) -> bool:
+    """Rewrite broker/acl's generated part: a block per further service user, `add` and
+    `remove` applied.
+
+    The users are those the part already names (the record of `broker user
+    add`), never guessed from passwd: a device that an older version let be
+    called `integrations-x` does not gain the integrations rules. Each block is
+    a fresh copy of its kind's rules, so running this after an update of
+    broker/acl (`broker init` does) carries the new rules to them. Returns
+    whether the file changed; an unchanged file is not rewritten.
+    """
+    path = broker_dir / ACL
+    try:
+        old = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProvisionError(f"no ACL file {path}: it comes with the project") from None
+    users = [u for u in extra_users_in(old) if u != remove]
+    if add is not None and add not in users:
+        users.append(add)
+    try:
+        new = with_extra_users(old, users)
+    except ValueError as exc:
+        raise ProvisionError(f"{path}: {exc}") from None
+    if new == old:
+        return False
+    write_atomic(path, new, 0o644)
+    return True
+
+
+def check_extra_user(name: str) -> str:
+    kind = extra_user_kind(name)
+    if kind is None:
+        raise ProvisionError(
+            f"{name[:80]!r} is not a service user name: use KIND-NAME, KIND one of "
+            f"{', '.join(SERVICE_KINDS)}, NAME 1 to 40 of A-Z a-z 0-9 _ - (e.g. bridge-2)"
+        )
+    return kind
+
+
+def add_service_user(broker_dir: Path, name: str, *, rotate: bool = False) -> str:
+    """Create (or, with `rotate`, give a new password to) a further service user.
+
+    Its rules are its kind's (`bridge-2` has the bridge's); returns the new password.
+    """
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if name in pw and not rotate:
+        raise ProvisionError(
+            f"user {name} exists; `llm-bridge broker user add {name} --rotate` gives it a new "
+            "password (its old one stops working)"
+        )
+    password = new_password()
+    pw.set(name, password)
+    # The rules first: a user the broker knows before its rules would briefly
+    # have only the device patterns, never more.
+    sync_acl(broker_dir, add=name)
+    pw.save()
+    return password
+
+
+def remove_service_user(broker_dir: Path, name: str) -> None:
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if not pw.remove(name):
+        raise ProvisionError(f"no user {name} in {pw.path}")
+    pw.save()
+    sync_acl(broker_dir, remove=name)
+
+
+def list_service_users(broker_dir: Path) -> list[str]:
+    pw = PasswordFile(broker_dir / PASSWD)
+    acl = broker_dir / ACL
+    added = extra_users_in(acl.read_text(encoding="utf-8")) if acl.exists() else []
+    return [u for u in SERVICE_USERS if u in pw] + [u for u in added if u in pw]
+
+
 def device_config(
     device: str,
     password: str,
@@ -129,8 +220,13 @@ def device_config(
 @dataclass
 class InitResult:
     created: list[str]
-    passwords: dict[str, str]  # the new service users' but the bridge's, to show once
+    passwords: dict[str, str]  # the new service users' but those in .env, to show once
     env_written: bool
+    acl_updated: bool = False
+
+
+# The service users whose passwords go only into the bridge's .env, as these URLs.
+ENV_USERS = {"bridge": "BRIDGE_MQTT_URL", "healthcheck": "BRIDGE_CHECK_MQTT_URL"}
 
 
 def set_env_var(text: str, name: str, value: str) -> str:
@@ -152,49 +248,50 @@ def init_broker(
     env_file: Path,
     mqtt_host: str = "mosquitto",
 ) -> InitResult:
-    """Create the `bridge`, `integrations` and `automation` users and the bridge's `.env`.
+    """Create the service users (`bridge`, `integrations`, `automation`, `healthcheck`) and `.env`.
 
-    Users that exist are kept (run it again safely). The bridge's password
-    goes only into `env_file` (0600), as `BRIDGE_MQTT_URL`; the others'
-    passwords are returned to be shown once. `.env` starts as a copy of
-    `.env.example`, with the user's uid and gid for the containers, and the data
-    directories the containers write to are created.
+    Users that exist are kept (run it again safely). The bridge's and the
+    health check's passwords go only into `env_file` (0600), as
+    `BRIDGE_MQTT_URL` and `BRIDGE_CHECK_MQTT_URL`; the others' passwords are
+    returned to be shown once. `.env` starts as a copy of `.env.example`, with
+    the user's uid and gid for the containers, and the data directories the
+    containers write to are created. The further service users' ACL blocks
+    are refreshed from their kinds' rules (sync_acl).
     """
     pw = PasswordFile(broker_dir / PASSWD)
     created: list[str] = []
     shown: dict[str, str] = {}
-    bridge_password: str | None = None
+    env_urls: dict[str, str] = {}
     for user in SERVICE_USERS:
         if user in pw:
             continue
         password = new_password()
         pw.set(user, password)
         created.append(user)
-        if user == "bridge":
-            bridge_password = password
+        if user in ENV_USERS:
+            env_urls[ENV_USERS[user]] = f"mqtt://{user}:{password}@{mqtt_host}:1883"
         else:
             shown[user] = password
+    acl_updated = sync_acl(broker_dir) if (broker_dir / ACL).exists() else False
     if created:
         pw.save()
     env_written = False
-    if bridge_password is not None or not env_file.exists():
+    if env_urls or not env_file.exists():
         if env_file.exists():
             text = env_file.read_text(encoding="utf-8")
         elif (root / ENV_EXAMPLE).exists():
             text = (root / ENV_EXAMPLE).read_text(encoding="utf-8")
         else:
             text = ""
-        if bridge_password is not None:
-            text = set_env_var(
-                text, "BRIDGE_MQTT_URL", f"mqtt://bridge:{bridge_password}@{mqtt_host}:1883"
-            )
+        for name, url in env_urls.items():
+            text = set_env_var(text, name, url)
         text = set_env_var(text, "LOCAL_UID", str(os.getuid()))
         text = set_env_var(text, "LOCAL_GID", str(os.getgid()))
         write_private(env_file, text)
         env_written = True
     for sub in ("mosquitto", "bridge"):
         (root / "data" / sub).mkdir(parents=True, exist_ok=True)
-    return InitResult(created, shown, env_written)
+    return InitResult(created, shown, env_written, acl_updated)
 
 
 # --- reloading Mosquitto --------------------------------------------------------------
@@ -252,8 +349,10 @@ def reload_broker(pid: int | None = None) -> tuple[bool, str]:
 def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     """Whether the broker answers and the bridge's retained status is `online`.
 
-    Connects with the bridge's own `BRIDGE_MQTT_URL` user under another client
-    id (so the bridge is not disconnected): the health check of compose.yaml.
+    Connects as the user of `BRIDGE_CHECK_MQTT_URL` (`healthcheck`, made by
+    `broker init`), never as the bridge's: the broker makes a client's id its
+    user name, so a check logged in as `bridge` would replace the bridge's
+    connection. The health check of compose.yaml.
     """
     import ssl  # noqa: PLC0415
     import threading  # noqa: PLC0415
@@ -261,14 +360,19 @@ def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     import paho.mqtt.client as paho  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    url = settings.mqtt
+    from bridge.core.settings import MqttUrl  # noqa: PLC0415
+
+    if not settings.check_mqtt_url:
+        return False, (
+            "BRIDGE_CHECK_MQTT_URL is not set: `llm-bridge broker init` makes the healthcheck "
+            "user and writes it to .env (the bridge's own user would disconnect the bridge)"
+        )
+    url = MqttUrl.parse(settings.check_mqtt_url)
     topic = f"{settings.topic_prefix}/bridge/status"
     result: list[str] = []
     done = threading.Event()
     c = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{settings.client_id}-check-{os.getpid()}",
-        protocol=paho.MQTTv311,
+        CallbackAPIVersion.VERSION2, client_id=url.username or "", protocol=paho.MQTTv311
     )
     if url.username:
         c.username_pw_set(url.username, url.password.get_secret_value() if url.password else None)
@@ -432,13 +536,69 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
         _say(f"broker user {user}: {state}")
     if result.env_written:
         _say(f"{args.env} written (owner-only); set OPENAI_API_KEY in it")
+    if result.acl_updated:
+        _say(f"{broker_dir / ACL}: the added users' rules were brought up to date")
     if result.passwords:
         _say(
             "passwords, shown only once: integrations (read-only: dashboards), "
-            "automation (Home Assistant, flows that ask)"
+            "automation (Home Assistant, flows that ask). One program per user: a second "
+            "login as the same user replaces the first (`llm-bridge broker user add "
+            "integrations-NAME` makes another)"
         )
         for user, password in result.passwords.items():
             print(f"{user} {password}")
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    broker_dir = _broker_dir(args, settings)
+    try:
+        kind = check_extra_user(args.name)
+        password = add_service_user(broker_dir, args.name, rotate=args.rotate)
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user add: {exc}")
+        return 1
+    verb = "has a new password" if args.rotate else f"added with the rules of `{kind}`"
+    if kind == "bridge":
+        line = f"BRIDGE_MQTT_URL=mqtt://{args.name}:{password}@{args.mqtt_host}:1883\n"
+        what = "the worker's BRIDGE_MQTT_URL (its other settings as in .env)"
+    else:
+        line = f"{args.name} {password}\n"
+        what = "its password"
+    if args.output:
+        write_private(Path(args.output), line)
+        _say(f"user {args.name} {verb}; {what} is in {args.output}")
+    else:
+        _say(f"user {args.name} {verb}; {what}, shown only this once:")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    _reload_after(args)
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    broker_dir = _broker_dir(args, settings)
+    try:
+        remove_service_user(broker_dir, args.name)
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user remove: {exc}")
+        return 1
+    _say(f"user {args.name} removed from {broker_dir / PASSWD} and {broker_dir / ACL}")
+    _reload_after(args)
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        users = list_service_users(_broker_dir(args, settings))
+    except ProvisionError as exc:
+        _say(f"llm-bridge broker user list: {exc}")
+        return 1
+    for user in users:
+        print(f"{user}  ({extra_user_kind(user) or user})")
     return 0
 
 
@@ -506,7 +666,8 @@ def add_device_commands(sub: Any) -> None:
 def add_broker_commands(sub: Any) -> None:
     """`broker init|reload|tls|check` into the `broker` group's subparsers."""
     init = sub.add_parser(
-        "init", help="create the service users (bridge, integrations, automation) and .env"
+        "init",
+        help="create the service users (bridge, integrations, automation, healthcheck) and .env",
     )
     init.add_argument("--env", default=".env", help="the .env file to write (default .env)")
     init.add_argument(
@@ -525,6 +686,28 @@ def add_broker_commands(sub: Any) -> None:
     tls.add_argument("--dir", help="where to write (default BROKER_DIR/certs)")
     _common(tls)
     tls.set_defaults(func=cmd_broker_tls)
+
+    user = sub.add_parser(
+        "user", help="more service users: bridge workers, dashboards, automations"
+    ).add_subparsers(dest="user_command", required=True)
+    uadd = user.add_parser(
+        "add", help="add KIND-NAME (bridge-2, integrations-nodered, automation-ha2)"
+    )
+    uadd.add_argument("name", help="KIND-NAME; it gets the rules of the user KIND")
+    uadd.add_argument("--rotate", action="store_true", help="give it a new password")
+    uadd.add_argument(
+        "--mqtt-host", default="mosquitto", help="the broker's host name in a worker's URL"
+    )
+    uadd.add_argument("--output", help="write the password (a worker's URL) there, 0600")
+    _common(uadd, reload=True)
+    uadd.set_defaults(func=cmd_user_add)
+    uremove = user.add_parser("remove", help="delete a user added with `broker user add`")
+    uremove.add_argument("name")
+    _common(uremove, reload=True)
+    uremove.set_defaults(func=cmd_user_remove)
+    ulist = user.add_parser("list", help="the service users and their kinds")
+    _common(ulist)
+    ulist.set_defaults(func=cmd_user_list)
 
     check = sub.add_parser("check", help="exit 0 when the bridge is online (health check)")
     check.add_argument("--timeout", type=float, default=5.0)

@@ -63,10 +63,9 @@ def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
-    """A client that records every reply message of the device. It logs in as
-    `integrations`: a second client with the device's user name would take the
-    device's client id on a broker with `use_username_as_clientid`."""
-    d = Device(broker, device_config["device_id"], user="integrations")
+    """A client that records every reply message of the device (as a read-only user: a
+    second login as the device would replace the device's connection)."""
+    d = Device(broker, device_config["device_id"], user="integrations-watch")
     yield d
     d.close()
 
