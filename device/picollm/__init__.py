@@ -185,6 +185,7 @@ class Reply:
         self.usage = None
         self.model = None
         self.refusal = False
+        self.tool_rounds = 0
 
     def __aiter__(self):
         return self
@@ -205,6 +206,7 @@ class Reply:
             self.usage = inner.usage
             self.model = inner.model
             self.refusal = inner.refusal
+            self.tool_rounds = getattr(inner, "tool_rounds", 0) or 0
             self._chat._remember(self._prompt, "".join(self._parts))
             raise StopAsyncIteration
         room = self._keep - self._kept
@@ -235,6 +237,8 @@ class Chat:
         self.history = []
         self.last = None
         self._transport = transport
+        self._tools = None  # picollm.tools.ToolBox, once a tool is registered
+        self.on_tool = None  # called with each tool_call / tool_result progress message
 
     @property
     def transport(self):
@@ -248,8 +252,31 @@ class Chat:
                 from picollm.openai import DirectTransport
 
                 t = DirectTransport(self.config)
+            t.tools = self._tools
             self._transport = t
         return t
+
+    def tool(self, name, description="", parameters=None, timeout_ms=None, fn=None):
+        # Register a tool the model may call (picollm/tools.py); a decorator
+        # when fn is None. Register tools before the first connection.
+        if self._tools is None:
+            from picollm.tools import ToolBox
+
+            self._tools = ToolBox()
+            if self._transport is not None:
+                self._transport.tools = self._tools
+
+        def add(f):
+            self._tools.add(name, description, parameters, f, timeout_ms)
+            return f
+
+        return add(fn) if fn is not None else add
+
+    async def serve(self, ms=None):
+        # A tool device's main loop: answer tool calls (forever, or for ms).
+        from picollm.tools import serve
+
+        await serve(self, ms)
 
     def _messages(self, prompt):
         msgs = list(self.history)
@@ -288,6 +315,7 @@ class Chat:
             opts["model"] = self.config["model"]
         opts.update(options)
         inner = self.transport.open(self._messages(prompt), self.system, opts)
+        inner.on_tool = self.on_tool
         self.last = Reply(self, inner, prompt, keep)
         return self.last
 

@@ -438,6 +438,7 @@ class Stream:
         self.finish_reason = None
         self.usage = None
         self.refusal = False
+        self.tool_calls = None  # assembled from the streamed fragments
         self._done = False
         self._event = None
 
@@ -509,6 +510,10 @@ class Stream:
                 if c.get("finish_reason"):
                     self.finish_reason = c["finish_reason"]
                 delta = c.get("delta") or {}
+                if delta.get("tool_calls"):
+                    from picollm.tools import merge_fragments
+
+                    self.tool_calls = merge_fragments(self.tool_calls, delta["tool_calls"])
                 text = delta.get("content")
                 if text:
                     return text
@@ -583,10 +588,15 @@ class DirectTransport:
         self.client = OpenAI(cfg["api_key"], cfg["base_url"], cfg["ca"], cfg["tls_verify"],
                              cfg["server_hostname"])
         self.active = None
+        self.tools = None  # picollm.tools.ToolBox: run on the device with use_tools
 
     def open(self, messages, system, opts):
         if system:
             messages = [{"role": "system", "content": system}] + messages
+        if opts.pop("use_tools", False) and self.tools is not None:
+            from picollm.tools import DirectToolReply
+
+            return DirectToolReply(self, messages, opts)
         return DirectReply(self, messages, opts)
 
     def abort(self):
