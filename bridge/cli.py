@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Why is the sky blue?")
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
+    demo.add_argument(
+        "--tools",
+        action="store_true",
+        help="a simulated lamp offers tools, and the device asks to turn it on",
+    )
     demo.set_defaults(func=cmd_demo)
 
     from bridge.ops import provision
