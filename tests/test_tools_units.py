@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
@@ -18,6 +18,7 @@ from bridge.plugins.pytools import (
     parse_docstring,
 )
 from bridge.plugins.toolcalls import CallBroker, Outcome, call_message, parse_result
+from tests.tooltargets import broken, get_weather, slow
 
 
 def card(*tools: dict[str, Any]) -> bytes:
@@ -235,27 +236,6 @@ def test_results_parse_errors_and_bounds() -> None:
 # --------------------------------------------------------------------------- bridge tools
 
 
-def get_weather(city: str, unit: Literal["c", "f"] = "c") -> dict[str, Any]:
-    """Today's weather in a city.
-
-    Args:
-        city: the city's name.
-        unit: c for Celsius, f for Fahrenheit.
-    """
-    return {"city": city, "temp": 21 if unit == "c" else 70}
-
-
-async def slow(seconds: float) -> str:
-    """Sleep."""
-    await asyncio.sleep(seconds)
-    return "woke"
-
-
-def broken() -> None:
-    """Fail."""
-    raise RuntimeError("no sensor")
-
-
 def test_bridge_tool_schema_from_hints_and_docstring() -> None:
     tool = make_tool(get_weather)
     assert tool.spec.ref == "bridge/get_weather"
@@ -295,11 +275,11 @@ def test_bridge_tools_run_validate_time_out_and_fail_as_results() -> None:
 
 
 def test_configured_tools_load_by_reference_or_say_why_not() -> None:
-    assert load_tool("tests.test_tools_units:get_weather").spec.name == "get_weather"
+    assert load_tool("tests.tooltargets:get_weather").spec.name == "get_weather"
     for ref, why in [
         ("nodots", "package.module:function"),
         ("no_such_module_x:f", "cannot import"),
-        ("tests.test_tools_units:missing", "has no function"),
+        ("tests.tooltargets:missing", "has no function"),
     ]:
         with pytest.raises(ToolLoadError, match=why):
             load_tool(ref)

@@ -29,7 +29,7 @@ import asyncio
 from picollm import LLMError, new_id
 
 RECENT = 16  # call ids remembered, so a redelivered call is not run twice
-MAX_QUEUE = 4  # calls waiting to run; more are answered "busy"
+MAX_QUEUE = 8  # calls waiting to run; more are answered "busy"
 DEFAULT_TIMEOUT_MS = 5000
 MAX_ROUNDS = 4  # default max_tool_rounds in direct mode (the bridge's policy in MQTT mode)
 
@@ -133,7 +133,7 @@ class ToolBox:
         error = None
         if call.get("session") != self.session:
             error = "stale call: it was sent before this connection; not run"
-        elif len(self.queue) >= MAX_QUEUE:
+        elif sum(1 for q in self.queue if q[5] is None) >= MAX_QUEUE:
             error = "busy: too many calls waiting"
         if error is not None and len(self.queue) >= 2 * MAX_QUEUE:
             return  # the bridge's timeout answers for it

@@ -7,6 +7,7 @@
 #   {"op": "serve", "ms": n}                      # answer calls for n ms
 #   {"op": "connect"}                             # connect now (card, status)
 #   {"op": "drop"}                                # lose the socket, no DISCONNECT
+#   {"op": "wait_file", "path": str}              # idle (not polling) until it exists
 
 import asyncio
 import gc
@@ -66,6 +67,15 @@ async def step(chat, s, progress):
         chat.transport.drop()
     elif op == "serve":
         await chat.serve(s["ms"])
+    elif op == "wait_file":
+        import os
+
+        for _ in range(500):
+            try:
+                os.stat(s["path"])
+                break
+            except OSError:
+                await asyncio.sleep_ms(20)
     elif op == "ask":
         del progress[:]
         try:
