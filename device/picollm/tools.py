@@ -26,7 +26,7 @@ import time
 
 import asyncio
 
-from picollm import LLMError, new_id
+from picollm import LLMError, Reply, new_id
 
 RECENT = 16  # call ids remembered, so a redelivered call is not run twice
 MAX_QUEUE = 8  # calls waiting to run; more are answered "busy"
@@ -42,7 +42,7 @@ class ToolBox:
         self.recent = []
         self.queue = []  # [id, name, arguments, arrival ticks, timeout_ms, error]
         self.verdict = None  # the bridge's answer to the card: {"ok":..., "error":...}
-        self.base = None
+        self.topics = None  # picollm.topics.Topics, once connected
 
     def add(self, name, description, parameters, fn, timeout_ms=None):
         if parameters is None:
@@ -88,33 +88,33 @@ class ToolBox:
 
     def before_connect(self, t, client):
         # A new session for every connection: calls sent to an earlier one are stale.
-        self.base = t.base
+        self.topics = t.topics
         self.session = new_id()
-        client.set_last_will((t.base + "status").encode(), b'{"online":false}', True, 1)
+        client.set_last_will(t.topics.presence(), b'{"online":false}', True, 1)
 
     def after_connect(self, t, client):
-        client.subscribe((t.base + "call").encode(), 1)
-        client.subscribe((t.base + "tools/ack").encode(), 1)
-        client.publish((t.base + "tools").encode(), self.card(), True, 1)
+        tp = t.topics
+        client.subscribe(tp.call(), 1)
+        client.subscribe(tp.tools_ack(), 1)
+        client.publish(tp.tools(), self.card(), True, 1)
         status = json.dumps({"online": True, "session": self.session}).encode()
-        client.publish((t.base + "status").encode(), status, True, 1)
+        client.publish(tp.presence(), status, True, 1)
 
     def before_close(self, t, client):
-        client.publish((t.base + "status").encode(), b'{"online":false}', True, 1)
+        client.publish(t.topics.presence(), b'{"online":false}', True, 1)
 
     def on_message(self, topic, msg):
         # Called inside umqtt's check_msg: only take note; the calls run in run().
-        base = self.base
-        if base is None:
+        tp = self.topics
+        if tp is None:
             return
-        topic = topic.decode() if isinstance(topic, bytes) else topic
-        if topic == base + "tools/ack":
+        if topic == tp.tools_ack():
             try:
                 self.verdict = json.loads(msg) if msg else None
             except ValueError:
                 self.verdict = None
             return
-        if topic != base + "call":
+        if topic != tp.call():
             return
         try:
             call = json.loads(msg)
@@ -157,7 +157,7 @@ class ToolBox:
             else:
                 body = json.dumps({"id": cid, "error": str(error)[:200]})
             value = None
-            await t.publish_retry(t.base + "result", body.encode())
+            await t.publish_retry(t.topics.result(), body.encode())
 
 
 def _awaitable(v):
@@ -218,25 +218,19 @@ def _add_usage(total, usage):
     return total
 
 
-class DirectToolReply:
+class DirectToolReply(Reply):
     # A direct-mode reply that runs the device's own tools and asks again,
     # up to max_tool_rounds, as the bridge does in MQTT mode.
     def __init__(self, t, messages, opts):
+        super().__init__()
         self.t = t
         self.messages = messages
         self.opts = opts
         self.inner = None
         self.rounds = 0
-        self.on_tool = None
-        self.id = None
-        self.finish_reason = None
-        self.usage = None
-        self.model = None
-        self.refusal = False
-        self.tool_rounds = 0
 
     async def next_piece(self):
-        from picollm.openai import DirectReply
+        from picollm.direct import DirectReply
 
         tb = self.t.tools
         while True:
@@ -279,7 +273,7 @@ class DirectToolReply:
         if self.on_tool is not None:
             self.on_tool(m)
 
-    async def cancel(self):
+    async def _cancel(self):
         if self.inner is None:
             return False
-        return await self.inner.cancel()
+        return await self.inner._cancel()
