@@ -19,6 +19,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   e.g. ``run=7``, to start a fresh counter).
 * ``cut_after=N`` send N content chunks, then close the connection without
   the terminating zero-length chunk (non-stream: half the body).
+  ``cut_after_finish=1`` send the whole reply and its ``finish_reason``, then
+  close the connection the same way (no usage chunk, no ``[DONE]``).
 * ``malformed_at=N`` the Nth content event's data is not valid JSON
   (non-stream: the body is cut JSON).
 * ``error_event_at=N`` after N content chunks send a ``data: {"error":...}``
@@ -109,7 +111,8 @@ _DIRECTIVE_RE = re.compile(r"\[mock(?:\s[^\]]*)?\]")
 _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
-    " event_error_at hang reasoning refusal keepalive stamp split tool rounds bad_args"
+    " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool rounds"
+    " bad_args"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -875,6 +878,9 @@ class _Connection:
 
         plan.events.extend(content)
         plan.events.append(_Event(chunk({}, reply.finish)))
+        if opts.get("cut_after_finish"):
+            plan.cut = True
+            return self._keepalive(plan, opts)
         stream_options = body.get("stream_options")
         if isinstance(stream_options, dict) and stream_options.get("include_usage"):
             usage = self._usage(conv, completion, len(reply.reasoning))
