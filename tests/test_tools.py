@@ -462,3 +462,52 @@ def test_acl_a_device_reads_only_its_own_calls_and_writes_only_its_own_tools(
         assert got == []
     finally:
         spy.close()
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _llm_bridge(*args: str, env: dict[str, str] | None = None, cwd: Any = None) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    base["PYTHONPATH"] = str(REPO)
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], env=base, cwd=cwd, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_demo_tools_prints_the_call_the_lamp_and_the_answer(tmp_path: Any) -> None:
+    result = _llm_bridge("demo", "--tools", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "tool call: lamp/set_led" in err
+    assert "lamp: LED ON" in err
+    assert "tool result: ok" in err
+    assert "tool_rounds=1" in err
+    assert result.stdout.strip() == "".join(
+        reply_tokens("Turn the lamp on, please.", tool_result='{"on":true}')
+    )
+
+
+@pytest.mark.parametrize(
+    ("tools", "fragment"),
+    [
+        ("not a reference", "is not package.module:function"),
+        ("tests.tooltargets:nothere", "has no function nothere"),
+        ("no_such_module_zz:f", "cannot import no_such_module_zz"),
+    ],
+)
+def test_a_bad_bridge_tool_stops_the_bridge_with_one_line(
+    tmp_path: Any, tools: str, fragment: str
+) -> None:
+    result = _llm_bridge("run", env={"BRIDGE_TOOLS": tools}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "BRIDGE_TOOLS" in lines[0] and fragment in lines[0], lines

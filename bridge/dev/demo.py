@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
+from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
 from bridge.core.settings import load_settings
 from bridge.dev.client import BridgeClient, BridgeError
@@ -35,6 +36,7 @@ from bridge.dev.mock_llm import MockLLM
 from bridge.dev.tooldevice import ToolDevice
 from bridge.ops.brokerconf import acl_text, render_config
 from bridge.ops.passwords import new_password, password_line
+from bridge.plugins.tools import ToolsPlugin
 
 DEVICE = "demo"
 LAMP = "lamp"
@@ -158,7 +160,10 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 if mock is not None:
                     prompt += " [mock call=set_led(on:true)]"  # the mock's script
             settings = load_settings(**overrides)
-            bridge = Bridge(settings)
+            plugins: list[Plugin] = []
+            if args.tools:
+                plugins.append(ToolsPlugin(settings))
+            bridge = Bridge(settings, plugins=plugins)
             try:
                 await bridge.start(connect_timeout=10)
                 _say("bridge: online")

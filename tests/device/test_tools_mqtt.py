@@ -224,3 +224,23 @@ def test_lamp_example_switched_by_a_second_vm_device_through_the_bridge(
     assert "lamp on" in out, out + err
     assert "stopped" in out, out + err
     time.sleep(0.1)
+
+
+def test_device_tool_topics_are_the_bridges(tmp_path: Path) -> None:
+    from bridge.core.topics import Topics
+
+    script = tmp_path / "topics.py"
+    script.write_text(
+        "import json\n"
+        "from picollm.topics import Topics\n"
+        "t = Topics('home/llm', 'lamp-1')\n"
+        "print(json.dumps([n.decode() for n in "
+        "(t.tools(), t.tools_ack(), t.presence(), t.call(), t.result())]))\n"
+    )
+    proc = vmkit.run_vm(script, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    b = Topics("home/llm")
+    assert json.loads(proc.stdout) == [
+        b.tools("lamp-1"), b.tools_ack("lamp-1"), b.presence("lamp-1"), b.call("lamp-1"),
+        b.result("lamp-1"),
+    ]  # fmt: skip
