@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +146,7 @@ def tool_bridge(
             SWITCH: {
                 "tools": [f"{LAMP}/*", f"{FAN}/*", "bridge/get_weather", "bridge/slow"],
                 "max_tool_rounds": 2,
+                "tokens_per_day": 10_000_000,  # so that the bridge counts the tokens
             },
         }
     }
@@ -218,9 +220,23 @@ def tool_contents(body: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- the loop
 
 
+def tokens_today(bridge: BridgeProcess, device: str) -> int:
+    """The tokens the bridge's policy counted for `device` today (its SQLite counters)."""
+    db = sqlite3.connect(f"file:{bridge.dir / 'data' / 'counters.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute(
+            "SELECT tokens FROM usage WHERE device = ? AND day = ?",
+            (device, time.strftime("%Y-%m-%d", time.gmtime())),
+        ).fetchone()
+    finally:
+        db.close()
+    return int(row[0]) if row else 0
+
+
 def test_a_granted_device_tool_is_called_and_its_result_answers(
-    lamp: ToolPeer, switch: Device, mock_llm: Any
+    lamp: ToolPeer, switch: Device, mock_llm: Any, tool_bridge: BridgeProcess
 ) -> None:
+    before = tokens_today(tool_bridge, SWITCH)
     prompt = "[mock call=set_led(on:true)] turn the lamp on m1"
     msgs = ask(switch, prompt)
     done = msgs[-1]
@@ -250,6 +266,11 @@ def test_a_granted_device_tool_is_called_and_its_result_answers(
             for b in (first, second)
         ]
     assert done["usage"]["total_tokens"] == sum(usages)
+    # and the daily budget is charged for both
+    deadline = time.monotonic() + 3
+    while tokens_today(tool_bridge, SWITCH) - before != sum(usages):
+        assert time.monotonic() < deadline, (tokens_today(tool_bridge, SWITCH), before, usages)
+        time.sleep(0.05)
 
 
 def test_several_calls_in_a_round_bridge_tools_and_errors_are_results(

@@ -110,6 +110,8 @@ def test_status_sessions() -> None:
     with pytest.raises(tc.CardError):
         reg.set_status("lamp", b'{"online": true, "session": "no spaces"}')
     assert reg.session("lamp") is None
+    with pytest.raises(tc.CardError, match="more than 256"):
+        reg.set_status("lamp", b'{"online": true, "session": "s1", "x": "' + b"y" * 300 + b'"}')
 
 
 # --------------------------------------------------------------------------- names and grants

@@ -20,6 +20,7 @@ SESSION_RE = NAME_RE
 # The bounds of a card (docs/protocol.md "Tools"): a device cannot make the
 # bridge hold or forward more than this, whatever it publishes.
 MAX_CARD_BYTES = 16384
+MAX_STATUS_BYTES = 256
 MAX_TOOLS = 32
 MAX_DESCRIPTION = 1024
 MAX_SCHEMA_DEPTH = 8
@@ -168,6 +169,8 @@ class Presence:
 
 def parse_status(payload: bytes) -> Presence:
     """`{"online":true,"session":"…"}` or `{"online":false}` (raises CardError)."""
+    if len(payload) > MAX_STATUS_BYTES:
+        raise CardError(f"status is {len(payload)} bytes, more than {MAX_STATUS_BYTES}")
     try:
         data = loads_strict(payload)
     except ValueError as exc:

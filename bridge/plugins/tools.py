@@ -31,6 +31,8 @@ log = logging.getLogger("bridge.plugins.tools")
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _NAME = "tools"
+# The model's arguments for one call, as it sent them: what a small device is asked to parse.
+MAX_ARGUMENT_CHARS = 8192
 
 
 @dataclass
@@ -196,6 +198,8 @@ class ToolsPlugin(Plugin):
     ) -> Outcome:
         if spec is None:
             return Outcome.failed(f"there is no tool named {exposed[:64]!r}")
+        if isinstance(raw_args, str) and len(raw_args) > MAX_ARGUMENT_CHARS:
+            return Outcome.failed(f"the arguments are longer than {MAX_ARGUMENT_CHARS} characters")
         try:
             arguments = json.loads(raw_args) if raw_args else {}
         except (ValueError, RecursionError):

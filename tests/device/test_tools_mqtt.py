@@ -45,14 +45,15 @@ def mqtt_config(broker: Broker, device: str, prefix: str, **extra: Any) -> dict[
 
 
 class FakeBridge:
-    """The bridge's side of the tools topics, as the `bridge` broker user."""
+    """The bridge's side of the tools topics, as the `bridge` broker user (or, only to
+    watch, as `integrations`, which leaves a running bridge's connection alone)."""
 
-    def __init__(self, broker: Broker, prefix: str, device: str) -> None:
+    def __init__(self, broker: Broker, prefix: str, device: str, user: str = "bridge") -> None:
         self.base = f"{prefix}/{device}/"
         self.got: list[tuple[str, Any]] = []
         self.cond = threading.Condition()
         c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-        c.username_pw_set("bridge", broker.users["bridge"])
+        c.username_pw_set(user, broker.users[user])
         c.on_message = self._on_message
         ready = threading.Event()
         c.on_subscribe = lambda *a: ready.set()
@@ -166,7 +167,7 @@ def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
 
 
 def _lamp_online(broker: Broker, prefix: str, device: str, timeout: float = 15) -> None:
-    fake = FakeBridge(broker, prefix, device)
+    fake = FakeBridge(broker, prefix, device, user="integrations")
     try:
         fake.wait("status", lambda v: v and v.get("online"), timeout)
     finally:
