@@ -57,6 +57,7 @@ class ToolPeer:
         self.answer = answer
         self.calls: list[dict[str, Any]] = []
         self.verdicts: list[Any] = []
+        self.replies: dict[str, list[dict[str, Any]]] = {}
         self.cond = threading.Condition()
         self.session = ""
         c = paho.Client(
@@ -70,7 +71,7 @@ class ToolPeer:
         c.on_message = self._on_message
         ready = threading.Event()
         c.on_subscribe = lambda *a: ready.set()
-        filters = [(self.base + "call", 1), (self.base + "tools/ack", 1)]
+        filters = [(self.base + "call", 1), (self.base + "tools/ack", 1), (self.base + "res/+", 1)]
         c.on_connect = lambda *a: c.subscribe(filters)
         self.client = c
         c.connect("127.0.0.1", broker.port)
@@ -82,6 +83,8 @@ class ToolPeer:
         with self.cond:
             if msg.topic.endswith("/tools/ack"):
                 self.verdicts.append(data)
+            elif "/res/" in msg.topic:
+                self.replies.setdefault(msg.topic.rsplit("/", 1)[1], []).append(data)
             else:
                 self.calls.append(data)
             self.cond.notify_all()
@@ -114,6 +117,20 @@ class ToolPeer:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.calls) >= n, timeout), self.calls
             return list(self.calls)
+
+    def ask(self, prompt: str, timeout: float = 10) -> list[dict[str, Any]]:
+        """Ask with `use_tools` as this device; its checked reply stream."""
+        rid = f"p{next(_n)}"
+        self.publish("req", json.dumps({"id": rid, "prompt": prompt, "use_tools": True}))
+        with self.cond:
+            ok = self.cond.wait_for(
+                lambda: any("done" in m or "error" in m for m in self.replies.get(rid, [])),
+                timeout,
+            )
+            assert ok, self.replies.get(rid)
+            msgs = list(self.replies[rid])
+        check(msgs)
+        return msgs
 
     def close(self, *, clean: bool = True) -> None:
         if clean:
@@ -302,15 +319,13 @@ def test_own_tools_keep_their_names_and_nothing_is_granted_by_default(
 ) -> None:
     desk = ToolPeer(broker, DESK, answer=lambda c: {"result": "dimmed"})
     assert desk.declare({"name": "set_led"})["ok"] is True
-    asker = Device(broker, DESK, PREFIX)
     try:
-        msgs = ask(asker, "[mock call=set_led(on:true)] m3")
+        msgs = desk.ask("[mock call=set_led(on:true)] m3")
         assert msgs[0]["tool_call"]["device"] == DESK  # its own set_led, not the lamp's
         body = model_requests(mock_llm, "m3")[0]
         assert [t["function"]["name"] for t in body["tools"]] == ["set_led"]
         assert lamp.calls == [] and len(desk.calls) == 1
     finally:
-        asker.close()
         desk.clear()
         desk.close()
 
@@ -532,3 +547,18 @@ def test_a_bad_bridge_tool_stops_the_bridge_with_one_line(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "BRIDGE_TOOLS" in lines[0] and fragment in lines[0], lines
+
+
+def test_chat_use_tools_prints_the_progress_and_the_answer(
+    broker: Broker, lamp: ToolPeer, tmp_path: Any
+) -> None:
+    url = f"mqtt://{SWITCH}:{broker.users[SWITCH]}@127.0.0.1:{broker.port}"
+    prompt = "[mock call=set_led(on:true)] lamp on from the shell m13"
+    result = _llm_bridge(
+        "chat", prompt, "--device", SWITCH, "--use-tools", "--prefix", PREFIX,
+        "--mqtt-url", url, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"[tool call {LAMP}/set_led]" in result.stderr
+    assert "[tool result: ok]" in result.stderr
+    assert result.stdout.strip() == "".join(reply_tokens(prompt, tool_result='{"on":true}'))
