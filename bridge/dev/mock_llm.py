@@ -34,9 +34,10 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   events.
 * ``stamp=1`` every content token is ``f"{time.monotonic_ns()} "`` taken just
   before its chunk is written (for latency benchmarks).
-* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory byte
-  for byte, split at ``transport.chunk_boundaries`` of ``NAME.json`` when it
-  has them; ``split=K`` instead writes K-byte slices.
+* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory (the
+  repository's ``tests/fixtures/streams`` unless set) byte for byte, split
+  at ``transport.chunk_boundaries`` of ``NAME.json`` when it has them;
+  ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
 * ``call=SPEC`` (text) call tools, scripted: SPEC is one call or several
@@ -205,15 +206,17 @@ def reasoning_tokens(count: int) -> list[str]:
 
 
 def default_corpus_dir() -> Path | None:
-    """Locate the shared SSE corpus: ``$MOCK_LLM_CORPUS_DIR``, else ``shared/sse-corpus``.
+    """Locate what ``corpus=NAME`` replays: ``$MOCK_LLM_CORPUS_DIR``, else the project's own.
 
-    Why: the repo sits at ``<workspace>/main`` next to ``<workspace>/shared``,
-    so the corpus is found without configuration in a checkout.
+    Why: the project's provider fixtures (``tests/fixtures/streams`` in the
+    repository, beside this package) are what its tests and a developer's
+    checkout replay, with nothing outside the repository; an installed wheel
+    has no tests/, so there it takes ``--corpus-dir`` or the variable.
     """
     env = os.environ.get("MOCK_LLM_CORPUS_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "sse-corpus"
+    candidate = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "streams"
     return candidate if candidate.is_dir() else None
 
 
@@ -1097,7 +1100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus-dir",
         type=Path,
         default=None,
-        help="directory of NAME.sse bodies for the corpus= directive",
+        help="directory of NAME.sse bodies for the corpus= directive"
+        " (default: the repository's tests/fixtures/streams)",
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
