@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.dev.mock_llm import reply_tokens
+from bridge.dev.mock_llm import PREAMBLE_TEXT, reply_tokens
 from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 PREFIX = "tools"
@@ -288,6 +288,22 @@ def test_a_granted_device_tool_is_called_and_its_result_answers(
     while tokens_today(tool_bridge, SWITCH) - before != sum(usages):
         assert time.monotonic() < deadline, (tokens_today(tool_bridge, SWITCH), before, usages)
         time.sleep(0.05)
+
+
+def test_what_the_model_says_before_its_calls_is_streamed_and_kept_in_the_conversation(
+    lamp: ToolPeer, switch: Device, mock_llm: Any
+) -> None:
+    prompt = "[mock call=set_led(on:true) preamble] m14"
+    msgs = ask(switch, prompt)
+    kinds = [next(k for k in m if k != "seq") for m in msgs]
+    answer = reply_tokens(prompt, tool_result='{"on":true}')
+    assert kinds == ["delta"] * 3 + ["tool_call", "tool_result"] + ["delta"] * len(answer) + [
+        "done"
+    ]
+    assert "".join(m.get("delta", "") for m in msgs[:3]) == PREAMBLE_TEXT
+    second = model_requests(mock_llm, "m14")[-1]
+    assistant = [m for m in second["messages"] if m["role"] == "assistant"]
+    assert assistant[0]["content"] == PREAMBLE_TEXT
 
 
 def test_several_calls_in_a_round_bridge_tools_and_errors_are_results(

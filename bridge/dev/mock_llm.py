@@ -47,7 +47,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   with it (``set_led`` finds ``lamp__set_led``), else NAME itself (a tool the
   model invents). ``rounds=N`` (default 1): call them in each of the first N
   rounds (a round is an assistant message with ``tool_calls`` after the last
-  user message), then answer. ``bad_args=1``: the arguments are cut JSON.
+  user message), then answer. ``bad_args=1``: the arguments are cut JSON;
+  ``preamble=1``: the model says :data:`PREAMBLE_TEXT` before its calls.
   Once the conversation ends with ``tool`` messages and no round is left, the
   reply uses them: "Tool said: <content>", several joined by "; ".
 
@@ -79,6 +80,7 @@ import h11
 
 __all__ = [
     "FILLER_WORDS",
+    "PREAMBLE_TEXT",
     "REFUSAL_TEXT",
     "MockHandle",
     "MockLLM",
@@ -102,6 +104,9 @@ FILLER_WORDS: tuple[str, ...] = tuple(_FILLER.split())
 REFUSAL_TEXT = "I can't help with that."
 """What ``refusal=1`` streams as ``delta.refusal`` pieces."""
 
+PREAMBLE_TEXT = "Let me check."
+"""What ``preamble=1`` says before the tool calls of a ``call=`` round."""
+
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _READ_SIZE = 65536
@@ -113,7 +118,7 @@ _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
     " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool rounds"
-    " bad_args"
+    " bad_args preamble"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -838,6 +843,9 @@ class _Connection:
             plan.events.append(_Event(chunk({"reasoning_content": piece}), paced=True))
         content: list[_Event] = []
         if reply.calls:
+            if opts.get("preamble"):
+                for token in _words_to_tokens(PREAMBLE_TEXT.split()):
+                    content.append(_Event(chunk({"content": token}), paced=True))
             for index, (name, args) in enumerate(reply.calls):
                 opening = {
                     "index": index,
@@ -953,7 +961,7 @@ class _Connection:
         if reply.reasoning:
             message["reasoning_content"] = "".join(reply.reasoning)
         if reply.calls:
-            message["content"] = None
+            message["content"] = PREAMBLE_TEXT if opts.get("preamble") else None
             message["tool_calls"] = [
                 {
                     "id": reply.call_id(index),

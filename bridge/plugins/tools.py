@@ -43,6 +43,7 @@ class _Loop:
     limit: int
     rounds: int = 0
     calls: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)  # the model's text in this round
 
 
 class ToolsPlugin(Plugin):
@@ -144,6 +145,12 @@ class ToolsPlugin(Plugin):
                     p.BAD_REQUEST, f"tool_choice names {name!r}, not a tool of this request"
                 )
 
+    def text(self, job: Job, text: str) -> None:
+        # What the model says in a round where it also calls tools goes back with the calls.
+        loop: _Loop | None = job.data.get(_NAME)
+        if loop is not None:
+            loop.said.append(text)
+
     async def next_round(self, job: Job) -> bool:
         loop: _Loop | None = job.data.get(_NAME)
         fold = job.fold
@@ -151,6 +158,8 @@ class ToolsPlugin(Plugin):
             return False
         calls = fold.tool_calls
         if not calls:
+            return False
+        if not loop.tools:  # none offered: the calls are the device's (as in v1)
             return False
         if loop.rounds >= loop.limit:
             raise ProtocolError(
@@ -160,7 +169,9 @@ class ToolsPlugin(Plugin):
         loop.rounds += 1
         outcomes = await asyncio.gather(*(self._one(job, loop, call) for call in calls))
         messages = job.body["messages"]
-        messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+        said = "".join(loop.said) or None
+        loop.said.clear()
+        messages.append({"role": "assistant", "content": said, "tool_calls": calls})
         for call, outcome in zip(calls, outcomes, strict=True):
             messages.append(
                 {"role": "tool", "tool_call_id": call["id"], "content": outcome.content}
