@@ -578,3 +578,20 @@ def test_chat_use_tools_prints_the_progress_and_the_answer(
     assert f"[tool call {LAMP}/set_led]" in result.stderr
     assert "[tool result: ok]" in result.stderr
     assert result.stdout.strip() == "".join(reply_tokens(prompt, tool_result='{"on":true}'))
+
+
+def test_tool_choice_must_name_an_offered_tool(
+    lamp: ToolPeer, switch: Device, mock_llm: Any
+) -> None:
+    msgs = ask(switch, "m15", tool_choice={"type": "function", "function": {"name": "launch"}})
+    assert msgs[-1]["error"]["code"] == "bad_request"
+    assert "launch" in msgs[-1]["error"]["message"]
+    forced = ask(
+        switch,
+        "[mock call=set_led(on:true)] m16",
+        tool_choice={"type": "function", "function": {"name": f"{LAMP}__set_led"}},
+    )
+    assert forced[-1]["done"] is True and forced[-1]["tool_rounds"] == 1
+    first, second = model_requests(mock_llm, "m16")
+    assert first["tool_choice"]["function"]["name"] == f"{LAMP}__set_led"
+    assert second["tool_choice"] == "auto"  # forced once, then the model may answer

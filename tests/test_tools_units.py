@@ -291,3 +291,45 @@ def test_configured_tools_load_by_reference_or_say_why_not() -> None:
 
     with pytest.raises(ToolLoadError, match="needs a type hint"):
         make_tool(untyped)
+
+
+# --------------------------------------------------------------------------- requests and settings
+
+
+def test_use_tools_is_a_strict_request_field_not_combined_with_tools() -> None:
+    from bridge.core import protocol as p
+    from bridge.core.errors import ProtocolError
+
+    req = p.parse_request(b'{"prompt": "hi", "use_tools": true}', 1000)
+    assert req.use_tools is True
+    assert "use_tools" not in req.upstream_body("m", True)
+    tools = '[{"type": "function", "function": {"name": "f"}}]'
+    for bad in (
+        b'{"prompt": "hi", "use_tools": "yes"}',
+        b'{"prompt": "hi", "use_tools": true, "tools": ' + tools.encode() + b"}",
+    ):
+        with pytest.raises(ProtocolError) as info:
+            p.parse_request(bad, 1000)
+        assert info.value.code == "bad_request"
+
+
+def test_policy_grants_and_tool_settings_are_checked_at_start() -> None:
+    from bridge.core.settings import ConfigError, load_settings
+
+    s = load_settings(
+        tools="tests.tooltargets:get_weather, tests.tooltargets:slow",
+        policy={"default": {"tools": ["lamp/*", "bridge/get_weather"]},
+                "devices": {"sw": {"max_tool_rounds": 2}}},
+    )  # fmt: skip
+    assert s.tool_refs == ["tests.tooltargets:get_weather", "tests.tooltargets:slow"]
+    assert s.policy.limits("sw").tools == ["lamp/*", "bridge/get_weather"]
+    assert s.policy.limits("sw").max_tool_rounds == 2
+    assert s.policy.limits("other").max_tool_rounds == 4
+    for bad, where in [
+        ({"policy": {"default": {"tools": ["lamp"]}}}, "is not OWNER/TOOL"),
+        ({"policy": {"default": {"tools": ["+/x"]}}}, "is not OWNER/TOOL"),
+        ({"policy": {"default": {"max_tool_rounds": 0}}}, "BRIDGE_POLICY"),
+        ({"tools": "mypkg.tools"}, "is not package.module:function"),
+    ]:
+        with pytest.raises(ConfigError, match=where):
+            load_settings(**bad)
