@@ -175,14 +175,17 @@ async def serve(chat, ms=None):
         try:
             t.ensure()
             t.poll()
-        except OSError:
-            await t.reconnect()
-            continue
-        tb = t.tools
-        if tb is not None and tb.queue:
-            await tb.run(t)
-        else:
-            await asyncio.sleep_ms(chat.config["poll_ms"])
+            tb = t.tools
+            if tb is not None and tb.queue:
+                await tb.run(t)
+            else:
+                await asyncio.sleep_ms(chat.config["poll_ms"])
+        except (OSError, LLMError):
+            # The broker is away: a tool device keeps trying, whatever the time.
+            try:
+                await t.reconnect()
+            except LLMError:
+                await asyncio.sleep_ms(1000)
 
 
 # -- direct mode: the loop on the device -------------------------------------

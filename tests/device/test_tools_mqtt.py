@@ -245,3 +245,35 @@ def test_device_tool_topics_are_the_bridges(tmp_path: Path) -> None:
         b.tools("lamp-1"), b.tools_ack("lamp-1"), b.presence("lamp-1"), b.call("lamp-1"),
         b.result("lamp-1"),
     ]  # fmt: skip
+
+
+def test_a_tool_device_comes_back_after_a_broker_restart_with_a_new_session(
+    tmp_path: Path,
+) -> None:
+    own = Broker(tmp_path / "broker").start()  # restarted here: not the shared one
+    try:
+        device = "vmrestart"
+        cfg = mqtt_config(own, device, "vmtools", connect_timeout_ms=1500)
+        job = tmp_path / "job.json"
+        steps = [{"op": "serve", "ms": 9000}]
+        job.write_text(json.dumps({"config": cfg, "tools": ["set_led"], "steps": steps}))
+        vm = vmkit.start_vm(vmkit.PROGRAMS_DIR / "tool_job.py", str(job), cwd=tmp_path)
+        try:
+            fake = FakeBridge(own, "vmtools", device)
+            first = fake.wait("status", lambda v: v and v.get("online"))["session"]
+            fake.close()
+            own.restart()
+            fake = FakeBridge(own, "vmtools", device)
+            second = fake.wait(
+                "status", lambda v: v and v.get("online") and v["session"] != first, 15
+            )["session"]
+            fake.call("r1", "set_led", second, on=True)
+            assert fake.wait("result", lambda v: v["id"] == "r1") == {
+                "id": "r1", "result": {"on": True}
+            }  # fmt: skip
+            fake.close()
+        finally:
+            vm.kill()
+            vm.communicate()
+    finally:
+        own.stop()
