@@ -215,6 +215,20 @@ def test_lamp_example_switched_by_a_second_vm_device_through_the_bridge(
         assert second["ok"] and second["text"] == "".join(
             reply_tokens(temp, tool_result='{"celsius":27.6}')
         )
+        # the asking example program, as a wall switch with "use_tools": true
+        off = "[mock call=set_led(on:false)] Lamp off, please"
+        switch_dir = tmp_path / "switch"
+        switch_dir.mkdir()
+        (switch_dir / "config.json").write_text(json.dumps(mqtt_config(
+            broker, switch_id, proc.prefix, use_tools=True, prompts=[off],
+            gpio={"led": None, "button": None},
+        )))  # fmt: skip
+        run = vmkit.run_vm(vmkit.DEVICE_DIR / "main.py", cwd=switch_dir)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"[calling set_led on {lamp_id}]" in run.stdout
+        assert "[done]" in run.stdout
+        assert "".join(reply_tokens(off, tool_result='{"on":false}')) in run.stdout
+        assert "pin LED 0" in pins.read_text()
     finally:
         lamp.send_signal(signal.SIGINT)
         try:
