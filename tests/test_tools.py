@@ -595,3 +595,16 @@ def test_tool_choice_must_name_an_offered_tool(
     first, second = model_requests(mock_llm, "m16")
     assert first["tool_choice"]["function"]["name"] == f"{LAMP}__set_led"
     assert second["tool_choice"] == "auto"  # forced once, then the model may answer
+
+
+def test_arguments_a_device_could_not_parse_never_reach_it(
+    lamp: ToolPeer, switch: Device, mock_llm: Any
+) -> None:
+    msgs = ask(switch, "[mock call=set_led(on:NaN)+read_temp(x:1) bad_args] m17")
+    assert msgs[-1]["done"] is True
+    assert (
+        tool_contents(model_requests(mock_llm, "m17")[-1])
+        == ['{"error":"the arguments are not valid JSON"}'] * 2
+    )
+    time.sleep(0.2)
+    assert lamp.calls == []

@@ -333,3 +333,12 @@ def test_policy_grants_and_tool_settings_are_checked_at_start() -> None:
     ]:
         with pytest.raises(ConfigError, match=where):
             load_settings(**bad)
+
+
+def test_outcomes_are_always_valid_unicode() -> None:
+    assert Outcome.result("a\ud800") == Outcome(
+        False, '{"error":"the result holds text that is not valid Unicode"}'
+    )
+    assert Outcome.failed("x\udfff?").content == '{"error":"x\ufffd?"}'
+    call_id, outcome = parse_result(b'{"id":"c","result":"\\ud83d"}')
+    assert call_id == "c" and not outcome.ok

@@ -29,6 +29,7 @@ MAX_ERROR_CHARS = 1024
 MAX_PENDING = 4096
 MAX_PENDING_PER_OWNER = 16
 _SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -41,11 +42,24 @@ class Outcome:
 
     @classmethod
     def failed(cls, message: str) -> Outcome:
-        return cls(False, _dumps({"error": message}))
+        return cls(False, _dumps({"error": _valid_unicode(message)}))
 
     @classmethod
     def result(cls, value: Any) -> Outcome:
-        return cls(True, _dumps(value))
+        content = _dumps(value)
+        if _valid_unicode(content) != content:
+            # the API's JSON body could not carry it (a lone UTF-16 surrogate)
+            return cls.failed("the result holds text that is not valid Unicode")
+        return cls(True, content)
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with any lone UTF-16 surrogate (from a `\\udXXX` escape) made U+FFFD."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def new_call_id() -> str:

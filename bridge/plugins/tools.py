@@ -25,7 +25,14 @@ from bridge.core.plugin import Host, Inbound, Plugin
 from bridge.core.settings import ConfigError, Settings
 from bridge.plugins.pytools import PyToolRunner, ToolLoadError, load_tools
 from bridge.plugins.toolcalls import CallBroker, Outcome, new_call_id
-from bridge.plugins.toolcards import BRIDGE_OWNER, CardError, Registry, ToolSet, ToolSpec
+from bridge.plugins.toolcards import (
+    BRIDGE_OWNER,
+    CardError,
+    Registry,
+    ToolSet,
+    ToolSpec,
+    loads_strict,
+)
 
 log = logging.getLogger("bridge.plugins.tools")
 
@@ -42,7 +49,6 @@ class _Loop:
     tools: ToolSet
     limit: int
     rounds: int = 0
-    calls: list[str] = field(default_factory=list)
     said: list[str] = field(default_factory=list)  # the model's text in this round
 
 
@@ -186,7 +192,6 @@ class ToolsPlugin(Plugin):
         exposed = str(function.get("name") or "")
         spec = loop.tools.by_name.get(exposed)
         call_id = new_call_id()
-        loop.calls.append(call_id)
         self.host.emit(
             job,
             {"tool_call": {
@@ -212,11 +217,14 @@ class ToolsPlugin(Plugin):
         if isinstance(raw_args, str) and len(raw_args) > MAX_ARGUMENT_CHARS:
             return Outcome.failed(f"the arguments are longer than {MAX_ARGUMENT_CHARS} characters")
         try:
-            arguments = json.loads(raw_args) if raw_args else {}
-        except (ValueError, RecursionError):
+            # strict JSON, valid Unicode: what a device can parse (NaN, a lone surrogate: not)
+            arguments = loads_strict(str(raw_args).encode()) if raw_args else {}
+        except (ValueError, UnicodeEncodeError):
             return Outcome.failed("the arguments are not valid JSON")
         if not isinstance(arguments, dict):
             return Outcome.failed("the arguments must be a JSON object")
+        if "\\ud" in str(raw_args).lower() and _surrogate(arguments):
+            return Outcome.failed("the arguments hold text that is not valid Unicode")
         if spec.owner == BRIDGE_OWNER:
             return await self.runner.run(spec.name, arguments)
         session = self.registry.session(spec.owner)
@@ -233,3 +241,12 @@ class ToolsPlugin(Plugin):
         loop: _Loop | None = job.data.get(_NAME)
         if loop is not None:
             job.terminal["tool_rounds"] = loop.rounds
+
+
+def _surrogate(value: Any) -> bool:
+    """Whether a lone UTF-16 surrogate (a `\\ud800` escape) hides in parsed JSON."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
