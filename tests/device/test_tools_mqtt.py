@@ -102,6 +102,8 @@ def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
     cfg = mqtt_config(broker, device, prefix)
     fake = FakeBridge(broker, prefix, device)
     gate = tmp_path / "gate"
+    served = tmp_path / "served"
+    served2 = tmp_path / "served2"
     result: dict[str, Any] = {}
 
     def drive() -> None:
@@ -119,6 +121,7 @@ def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
             fake.call("f1", "slow", first, ms=600)
             fake.call("g1", "set_led", first, timeout_ms=100, on=False)  # waits behind f1
             fake.wait("result", lambda v: v["id"] == "g1")
+            served.write_text("done")
             # the device goes away (no DISCONNECT): its last will says offline...
             fake.wait("status", lambda v: v == {"online": False})
             # ...and a call made meanwhile waits in its persistent session
@@ -127,6 +130,7 @@ def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
             second = fake.wait("status", lambda v: v and v.get("session") not in (None, first))
             result["sessions"] = [first, second["session"]]
             fake.wait("result", lambda v: v["id"] == "h1")
+            served2.write_text("done")
         except AssertionError as exc:
             result["error"] = exc
 
@@ -139,12 +143,12 @@ def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
             ["set_led", "read_temp", "broken", "slow"],
             [
                 {"op": "connect"},
-                {"op": "serve", "ms": 1600},
+                {"op": "serve", "until": str(served)},
                 {"op": "drop"},
                 {"op": "wait_file", "path": str(gate)},
-                {"op": "serve", "ms": 1000},
+                {"op": "serve", "until": str(served2)},
             ],
-            timeout=40,
+            timeout=60,
         )
         thread.join(10)
         assert "error" not in result, result.get("error")

@@ -5,6 +5,7 @@
 #        "steps": [step, ...]}; a step:
 #   {"op": "ask", "prompt": str, "opts": {...}}   # progress messages recorded
 #   {"op": "serve", "ms": n}                      # answer calls for n ms
+#   {"op": "serve", "until": path}                # ... until the file exists (20 s at most)
 #   {"op": "connect"}                             # connect now (card, status)
 #   {"op": "drop"}                                # lose the socket, no DISCONNECT
 #   {"op": "wait_file", "path": str}              # idle (not polling) until it exists
@@ -65,6 +66,16 @@ async def step(chat, s, progress):
         chat.transport.ensure()
     elif op == "drop":
         chat.transport.drop()
+    elif op == "serve" and "until" in s:
+        import os
+
+        for _ in range(200):
+            await chat.serve(100)
+            try:
+                os.stat(s["until"])
+                break
+            except OSError:
+                pass
     elif op == "serve":
         await chat.serve(s["ms"])
     elif op == "wait_file":
