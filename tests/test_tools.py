@@ -23,7 +23,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.dev.mock_llm import PREAMBLE_TEXT, reply_tokens
-from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wait_for_status
+from tests.harness import (
+    API_KEY,
+    BridgeProcess,
+    Broker,
+    Device,
+    Watcher,
+    bridge_env,
+    wait_for_status,
+)
 
 PREFIX = "tools"
 LAMP, SWITCH, FAN, INTRUDER, DESK = "tlamp", "tswitch", "tfan", "tintruder", "tdesk"
@@ -368,8 +376,11 @@ def test_a_device_offline_is_not_called(
 ) -> None:
     lamp = ToolPeer(broker, LAMP, answer=led_answer)
     lamp.declare(SET_LED)
+    watcher = Watcher(broker, [f"{PREFIX}/{LAMP}/status"], user="integrations")
     lamp.close(clean=False)  # the broker publishes its last will: {"online":false}
-    time.sleep(0.3)
+    # the bridge's one connection gets the will before the request that follows it
+    watcher.wait_for(lambda m: json.loads(m.payload) == {"online": False})
+    watcher.close()
     msgs = ask(switch, "[mock call=set_led(on:true)] m5")
     assert tool_contents(model_requests(mock_llm, "m5")[-1]) == [
         f'{{"error":"device {LAMP} is offline"}}'
