@@ -619,3 +619,29 @@ def test_arguments_a_device_could_not_parse_never_reach_it(
     )
     time.sleep(0.2)
     assert lamp.calls == []
+
+
+def test_without_device_tools_only_the_bridge_s_own_are_offered(
+    broker: Broker, start_bridge: Any, mock_llm: Any
+) -> None:
+    asker = f"tasker{next(_n)}"
+    policy = {"default": {"tools": ["bridge/*", f"{LAMP}/*"]}}
+    proc = start_bridge(
+        BRIDGE_DEVICE_TOOLS="false",
+        BRIDGE_TOOLS="tests.tooltargets:get_weather",
+        BRIDGE_POLICY=json.dumps(policy),
+    )
+    peer = Device(broker, asker, proc.prefix)
+    try:
+        rid = "nodev"
+        peer.send({"id": rid, "prompt": "[mock call=get_weather(city:Rome)] m18",
+                   "use_tools": True})  # fmt: skip
+        msgs = peer.wait_raw(rid, 10)
+        check(msgs)
+        assert msgs[0]["tool_call"] == {"id": msgs[0]["tool_call"]["id"], "name": "get_weather",
+                                        "device": "bridge"}  # fmt: skip
+        body = model_requests(mock_llm, "m18")[0]
+        assert [t["function"]["name"] for t in body["tools"]] == ["get_weather"]
+        assert msgs[-1]["done"] is True
+    finally:
+        peer.close()
