@@ -70,6 +70,10 @@ def build_plugins(settings: Settings) -> list[Plugin]:
             # Before the state plugin: a new device's discovery precedes its first state.
             plugins.append(HomeAssistantPlugin(settings, state))
         plugins.append(state)
+    from bridge.plugins.tools import ToolsPlugin  # noqa: PLC0415
+
+    # Always on: it only acts on `use_tools` requests and on the tools topics.
+    plugins.append(ToolsPlugin(settings))
     return plugins
 
 

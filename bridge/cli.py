@@ -33,6 +33,16 @@ def cmd_mock_llm(args: argparse.Namespace) -> int:
     return mock_llm.run(args)
 
 
+def _print_progress(msg: dict[str, Any]) -> None:
+    """A tool call or result of a `--use-tools` request, on stderr."""
+    if "tool_call" in msg:
+        c = msg["tool_call"]
+        print(f"[tool call {c.get('device')}/{c.get('name')}]", file=sys.stderr, flush=True)
+    elif "tool_result" in msg:
+        ok = msg["tool_result"].get("ok")
+        print(f"[tool result: {'ok' if ok else 'error'}]", file=sys.stderr, flush=True)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from bridge.dev.client import BridgeClient, BridgeError
 
@@ -43,6 +53,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         fields["system"] = args.system
     if args.max_tokens:
         fields["max_tokens"] = args.max_tokens
+    if args.use_tools:
+        fields["use_tools"] = True
 
     async def main(stop: asyncio.Event) -> int:
         client = BridgeClient(
@@ -54,6 +66,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (TimeoutError, OSError) as exc:
             print(f"llm-bridge chat: {exc}", file=sys.stderr)
             return 1
+        client.on_progress = _print_progress
 
         async def ask() -> int:
             try:
@@ -114,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--no-stream", action="store_true", help="get the reply in one message")
+    chat.add_argument(
+        "--use-tools", action="store_true",
+        help="let the model use the device's own and granted tools (protocol v2)",
+    )  # fmt: skip
     chat.add_argument("--timeout", type=float, default=60.0, help="seconds without a message")
     chat.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
     chat.set_defaults(func=cmd_chat)
@@ -122,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Why is the sky blue?")
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
+    demo.add_argument(
+        "--tools",
+        action="store_true",
+        help="a simulated lamp offers tools, and the device asks to turn it on",
+    )
     demo.set_defaults(func=cmd_demo)
 
     from bridge.ops import provision

@@ -5,7 +5,9 @@
 # Optional hardware: a push button between gpio.button and GND (asks the next
 # prompt on each press) and an LED on gpio.led (lit while a reply streams;
 # "LED" is the Pico W's on-board LED). Without them the prompts are asked
-# once, in turn. Ctrl-C cancels the reply being streamed.
+# once, in turn. Ctrl-C cancels the reply being streamed. With "use_tools":
+# true in config.json the model may use the tools the bridge grants this
+# device (a wall switch asking "turn the lamp on": examples/lamp/main.py).
 
 import sys
 import time
@@ -50,12 +52,23 @@ def gpio(cfg):
     return led, button
 
 
+def show_tool(m):
+    # With "use_tools": true (protocol v2) the bridge may call tools (another
+    # device's, as its policy grants) before the answer: say so.
+    if "tool_call" in m:
+        c = m["tool_call"]
+        print("[calling %s on %s]" % (c.get("name"), c.get("device")))
+    elif "tool_result" in m:
+        print("[%s]" % ("done" if m["tool_result"].get("ok") else "failed"))
+
+
 async def ask(chat, prompt, led):
     print(">", prompt)
     if led:
         led.value(1)
     try:
-        reply = chat.stream(prompt)
+        opts = {"use_tools": True} if chat.config.get("use_tools") else {}
+        reply = chat.stream(prompt, **opts)
         async for piece in reply:
             print(piece, end="")
         print()
@@ -96,6 +109,7 @@ def run(path="config.json"):
     wifi_up(cfg)
     led, button = gpio(cfg)
     chat = Chat(cfg)
+    chat.on_tool = show_tool
     try:
         asyncio.run(main(chat, cfg, led, button))
     except KeyboardInterrupt:

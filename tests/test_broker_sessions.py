@@ -16,9 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from bridge.dev.mock_llm import reply_tokens
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.dev.mock_llm import reply_tokens
 from bridge.ops.brokerconf import BROKER_DIR
 from tests.harness import (
     API_KEY,

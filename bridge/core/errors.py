@@ -21,6 +21,7 @@ CANCELLED = "cancelled"
 OVERLOADED = "overloaded"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+TOO_MANY_TOOL_ROUNDS = "too_many_tool_rounds"  # protocol v2, "Tools"
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

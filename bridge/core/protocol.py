@@ -181,11 +181,15 @@ class ChatRequest(BaseModel):
     chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
     chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     chunk_sentences: StrictBool = False
+    # protocol v2, "Tools": the bridge offers the device's own and granted tools and runs them.
+    use_tools: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.use_tools and self.tools is not None:
+            raise ValueError("give tools or use_tools, not both")
         return self
 
     @property

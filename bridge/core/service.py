@@ -168,9 +168,21 @@ class Bridge:
     async def subscribed(self) -> None:
         await self.link.subscribed.wait()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> None:
+        props = None
+        if expiry is not None and self.settings.mqtt_version == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = expiry
         try:
-            self.link.publish(topic, payload, qos=qos, retain=retain)
+            self.link.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except ConnectionError as exc:
             log.warning("could not publish %s: %s", topic[:200], exc)
 

@@ -35,6 +35,8 @@ from bridge.core import protocol as p
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_GRANT_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}/([A-Za-z0-9_\-]{1,64}|\*)$")
+_TOOL_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
 
 
@@ -49,6 +51,18 @@ class Limits(BaseModel):
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_day: int = Field(default=0, ge=0)
     max_streams: int = Field(default=0, ge=0)
+    # protocol v2, "Tools": other owners' tools the device may use ("lamp/set_led",
+    # "lamp/*", "bridge/get_time"; its own always), and the model calls per request.
+    tools: list[str] = Field(default_factory=list)
+    max_tool_rounds: int = Field(default=4, ge=1, le=32)
+
+    @field_validator("tools")
+    @classmethod
+    def _grants(cls, v: list[str]) -> list[str]:
+        for grant in v:
+            if not _GRANT_RE.match(grant):
+                raise ValueError(f"{grant[:80]!r} is not OWNER/TOOL or OWNER/* (OWNER a device id)")
+        return v
 
 
 class PolicyConfig(BaseModel):
@@ -189,6 +203,12 @@ class Settings(BaseSettings):
     ha_prefix: str = "homeassistant"
     devices: str = ""
 
+    # Tools (docs/protocol.md "Tools"): devices' tools over MQTT, and Python functions
+    # the bridge runs itself ("package.module:function", comma-separated or a list).
+    device_tools: bool = True
+    tools: str = ""
+    tool_timeout_ms: int = Field(5000, ge=100, le=600_000)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -256,6 +276,22 @@ class Settings(BaseSettings):
                 if not _DEVICE_RE.match(name):
                     raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
         return v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            v = ",".join(str(t) for t in v)
+        if isinstance(v, str):
+            for ref in filter(None, (t.strip() for t in v.split(","))):
+                if not _TOOL_REF_RE.match(ref):
+                    raise ValueError(f"{ref[:80]!r} is not package.module:function")
+        return v
+
+    @property
+    def tool_refs(self) -> list[str]:
+        """`BRIDGE_TOOLS` as a list, in order, without duplicates."""
+        return list(dict.fromkeys(t for t in (t.strip() for t in self.tools.split(",")) if t))
 
     @property
     def known_devices(self) -> list[str]:

@@ -51,6 +51,23 @@ class Topics:
     def ask(self, device: str) -> str:
         return self.device(device, "ask")
 
+    # protocol v2, "Tools"
+    def tools(self, device: str) -> str:
+        return self.device(device, "tools")
+
+    def tools_ack(self, device: str) -> str:
+        return self.device(device, "tools", "ack")
+
+    def presence(self, device: str) -> str:
+        """`P/D/status`: a device's own presence (the bridge's is `status`)."""
+        return self.device(device, "status")
+
+    def call(self, device: str) -> str:
+        return self.device(device, "call")
+
+    def result(self, device: str) -> str:
+        return self.device(device, "result")
+
     # --- filters over every device -------------------------------------------------------
 
     def device_filter(self, kind: str, *, per_request: bool = False) -> str:

@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,9 @@ class BridgeClient:
         self.topics = Topics(prefix)
         self.idle_timeout = idle_timeout
         self.last: Reply | None = None
+        #: called with each progress message of a `use_tools` request (protocol v2):
+        #: `{"seq":…,"tool_call":{…}}`, `{"seq":…,"tool_result":{…}}`
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self.link = MqttLink(
             url if isinstance(url, MqttUrl) else MqttUrl.parse(url),
@@ -210,8 +213,10 @@ class BridgeClient:
                     yield msg["refusal"]
                 elif "error" in msg:
                     raise _error(msg)
-                else:
+                elif "done" in msg:
                     self.last = _reply(rid, msg)
+                elif self.on_progress is not None:
+                    self.on_progress(msg)
 
     async def ask(self, prompt: str | None = None, **fields: Any) -> str:
         """The whole reply text (streamed by the bridge, joined here)."""

@@ -4,6 +4,11 @@ It starts a broker (Mosquitto with the project's broker/ files when it is
 installed, else the embedded Python broker amqtt), the mock LLM (or the real
 API when `OPENAI_API_KEY` is set), the bridge, and a device that asks a
 question and prints the answer as it streams. Ctrl-C stops all of it.
+
+With `--tools` (protocol v2, "Tools") a simulated lamp device declares tools
+(`set_led`, `read_temperature`), the asking device's policy grants `lamp/*`,
+and the device asks to turn the lamp on: the bridge calls the lamp and the
+demo prints the tool call, the lamp's side and the answer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import socket
@@ -22,14 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
+from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
 from bridge.core.settings import load_settings
 from bridge.dev.client import BridgeClient, BridgeError
 from bridge.dev.mock_llm import MockLLM
+from bridge.dev.tooldevice import ToolDevice
 from bridge.ops.brokerconf import acl_text, render_config
 from bridge.ops.passwords import new_password, password_line
+from bridge.plugins.tools import ToolsPlugin
 
 DEVICE = "demo"
+LAMP = "lamp"
+DEFAULT_PROMPT = "Why is the sky blue?"
+TOOLS_PROMPT = "Turn the lamp on, please."
 
 
 def _say(text: str) -> None:
@@ -118,6 +130,8 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Run the demo; return the exit status."""
     port = args.port or _free_port()
     users = {"bridge": new_password(), DEVICE: new_password()}
+    if args.tools:
+        users[LAMP] = new_password()
     mock: MockLLM | None = None
     with tempfile.TemporaryDirectory(prefix="llm-bridge-demo-") as tmp:
         async with _broker(port, users, Path(tmp)) as mqtt_version:
@@ -137,14 +151,29 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 _say(f"LLM: mock on 127.0.0.1:{mock_port} (set OPENAI_API_KEY for a real API)")
             else:
                 _say(f"LLM: {base.openai_base_url}, model {base.openai_model}")
+            prompt = args.prompt
+            if args.tools:
+                # The asking device may use every tool of the lamp (docs/configuration.md).
+                overrides["policy"] = {"devices": {DEVICE: {"tools": [f"{LAMP}/*"]}}}
+                if prompt == DEFAULT_PROMPT:
+                    prompt = TOOLS_PROMPT
+                if mock is not None:
+                    prompt += " [mock call=set_led(on:true)]"  # the mock's script
             settings = load_settings(**overrides)
-            bridge = Bridge(settings)
+            plugins: list[Plugin] = []
+            if args.tools:
+                plugins.append(ToolsPlugin(settings))
+            bridge = Bridge(settings, plugins=plugins)
             try:
                 await bridge.start(connect_timeout=10)
                 _say("bridge: online")
                 url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
                 version = 5 if mqtt_version == "5" else 4
-                status = await _ask(url, version, args.prompt, stop)
+                if args.tools:
+                    lamp_url = f"mqtt://{LAMP}:{users[LAMP]}@127.0.0.1:{port}"
+                    status = await _ask_with_tools(url, lamp_url, version, prompt, stop)
+                else:
+                    status = await _ask(url, version, prompt, stop)
                 if args.keep_running and not stop.is_set():
                     _say(
                         "still serving; ask again from another terminal with:\n"
@@ -182,6 +211,85 @@ async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
             return 0
 
         return await unless_stopped(stream(), stop)
+
+
+def _lamp_event(kind: str, call: dict[str, Any], *rest: Any) -> None:
+    if kind == "call":
+        _say(f"lamp: call {call.get('name')}({json.dumps(call.get('arguments'))})")
+    else:
+        ok, value = rest
+        _say(f"lamp: answered {'result' if ok else 'error'} {json.dumps(value)}")
+
+
+async def _lamp(url: str, version: int) -> ToolDevice:
+    """The simulated lamp: an LED to switch and a temperature to read."""
+    lamp = ToolDevice(url, LAMP, version=version, on_event=_lamp_event)
+    state = {"on": False}
+
+    def set_led(on: bool) -> dict[str, bool]:
+        state["on"] = bool(on)
+        _say(f"lamp: LED {'ON' if state['on'] else 'off'}")
+        return {"on": state["on"]}
+
+    def read_temperature() -> dict[str, float]:
+        return {"celsius": 21.5}
+
+    lamp.tool(
+        "set_led",
+        "Turn the lamp on or off",
+        {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]},
+        set_led,
+        timeout_ms=3000,
+    )
+    lamp.tool("read_temperature", "The temperature at the lamp in degrees Celsius", None,
+              read_temperature)  # fmt: skip
+    await lamp.connect()
+    return lamp
+
+
+async def _ask_with_tools(
+    url: str, lamp_url: str, version: int, prompt: str, stop: asyncio.Event
+) -> int:
+    lamp = await _lamp(lamp_url, version)
+    _say(f"device {LAMP!r} offers its tools: set_led, read_temperature")
+    verdict = await lamp.accepted()
+    if not verdict.get("ok"):
+        _say(f"the bridge refused the lamp's tools: {verdict.get('error')}")
+    try:
+        async with BridgeClient(url, DEVICE, version=version) as client:
+            _say(f"device {DEVICE!r} asks, with use_tools: {prompt}")
+
+            async def stream() -> int:
+                wrote = False
+                async for msg in client.events(prompt, use_tools=True):
+                    if "tool_call" in msg:
+                        c = msg["tool_call"]
+                        _say(f"tool call: {c['device']}/{c['name']} (id {c['id']})")
+                    elif "tool_result" in msg:
+                        r = msg["tool_result"]
+                        _say(f"tool result: {'ok' if r['ok'] else 'error'} (id {r['id']})")
+                    elif "delta" in msg:
+                        sys.stdout.write(msg["delta"])
+                        sys.stdout.flush()
+                        wrote = True
+                    elif "error" in msg:
+                        if wrote:
+                            print(file=sys.stdout)
+                        err = msg["error"]
+                        _say(f"error: {err.get('code')}: {err.get('message')}")
+                        return 1
+                    elif "done" in msg:
+                        print(file=sys.stdout, flush=True)
+                        tokens = (msg.get("usage") or {}).get("total_tokens")
+                        _say(
+                            f"done: finish_reason={msg.get('finish_reason')} "
+                            f"tool_rounds={msg.get('tool_rounds')} tokens={tokens}"
+                        )
+                return 0
+
+            return await unless_stopped(stream(), stop)
+    finally:
+        await lamp.close()
 
 
 def run(args: argparse.Namespace) -> int:

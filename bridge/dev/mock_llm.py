@@ -40,6 +40,17 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
+* ``call=SPEC`` (text) call tools, scripted: SPEC is one call or several
+  joined by ``+``, each ``NAME`` or ``NAME(key:value;key:value)`` (a value is
+  JSON when it parses, else a string), e.g. ``call=set_led(on:true)+read_temp``.
+  NAME is the request's tool of that name, else the only one whose name ends
+  with it (``set_led`` finds ``lamp__set_led``), else NAME itself (a tool the
+  model invents). ``rounds=N`` (default 1): call them in each of the first N
+  rounds (a round is an assistant message with ``tool_calls`` after the last
+  user message), then answer. ``bad_args=1``: the arguments are cut JSON;
+  ``preamble=1``: the model says :data:`PREAMBLE_TEXT` before its calls.
+  Once the conversation ends with ``tool`` messages and no round is left, the
+  reply uses them: "Tool said: <content>", several joined by "; ".
 * ``echo_auth=P`` with ``status`` or an error event: the error's message
   echoes the request's ``Authorization`` header after P characters of
   padding (to put the key across any cut), as a careless upstream might;
@@ -74,6 +85,7 @@ import h11
 
 __all__ = [
     "FILLER_WORDS",
+    "PREAMBLE_TEXT",
     "REFUSAL_TEXT",
     "MockHandle",
     "MockLLM",
@@ -97,6 +109,9 @@ FILLER_WORDS: tuple[str, ...] = tuple(_FILLER.split())
 REFUSAL_TEXT = "I can't help with that."
 """What ``refusal=1`` streams as ``delta.refusal`` pieces."""
 
+PREAMBLE_TEXT = "Let me check."
+"""What ``preamble=1`` says before the tool calls of a ``call=`` round."""
+
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _READ_SIZE = 65536
@@ -108,7 +123,7 @@ _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
     " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
-    " echo_auth echo_keep"
+    " echo_auth echo_keep rounds bad_args preamble"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -218,6 +233,42 @@ def default_corpus_dir() -> Path | None:
 # --------------------------------------------------------------------------- requests
 
 
+def _tool_names(tools: Any) -> list[str]:
+    """The function names of a request's ``tools`` ("" for one without a name)."""
+    names: list[str] = []
+    if isinstance(tools, list):
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            names.append(name if isinstance(name, str) else "")
+    return names
+
+
+def _directive_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _scripted_calls(spec: str, names: list[str], bad_args: bool) -> list[tuple[str, str]]:
+    """The (name, arguments JSON) of a ``call=`` directive (see the module docstring)."""
+    calls: list[tuple[str, str]] = []
+    for item in filter(None, spec.split("+")):
+        name, _, rest = item.partition("(")
+        args: dict[str, Any] = {}
+        for pair in filter(None, rest.rstrip(")").split(";")):
+            key, _, value = pair.partition(":")
+            args[key] = _directive_value(value)
+        if name not in names:
+            ends = [n for n in names if n and n.endswith(name)]
+            if len(ends) == 1:
+                name = ends[0]
+        text = _dumps(args)
+        calls.append((name, text[: len(text) // 2] if bad_args else text))
+    return calls
+
+
 @dataclass
 class _Conversation:
     """What the reply depends on, pulled out of the request body."""
@@ -227,6 +278,7 @@ class _Conversation:
     images: int
     tool_result: str | None
     prompt_tokens: int
+    tool_rounds: int = 0
 
 
 def _text_of(content: Any) -> tuple[str, int]:
@@ -260,8 +312,19 @@ def _conversation(body: dict[str, Any]) -> _Conversation:
         if message.get("role") == "user":
             prompt, images = text, count
     tool_result: str | None = None
-    if messages and messages[-1].get("role") == "tool":
-        tool_result = _text_of(messages[-1].get("content"))[0]
+    trailing: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        trailing.append(_text_of(message.get("content"))[0])
+    if trailing:
+        tool_result = "; ".join(reversed(trailing))
+    rounds = 0
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            rounds += 1
     directive_text = " ".join(_DIRECTIVE_RE.findall(prompt))
     return _Conversation(
         prompt=prompt,
@@ -269,6 +332,7 @@ def _conversation(body: dict[str, Any]) -> _Conversation:
         images=images,
         tool_result=tool_result,
         prompt_tokens=max(words, 1),
+        tool_rounds=rounds,
     )
 
 
@@ -345,8 +409,12 @@ class _Reply:
     finish: str
     reasoning: list[str]
     refusal: bool
-    tool_name: str | None
-    tool_args: str
+    calls: list[tuple[str, str]]
+    round: int = 0
+
+    def call_id(self, index: int) -> str:
+        """Unique in a conversation: the first round's ids are ``call_mock_<i>``."""
+        return f"call_mock_{index}" if self.round == 0 else f"call_mock_{self.round}_{index}"
 
 
 @dataclass
@@ -731,13 +799,13 @@ class _Connection:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 limit = value if limit is None else min(limit, value)
         tools = body.get("tools")
-        tool_name: str | None = None
+        names = _tool_names(tools)
+        calls: list[tuple[str, str]] = []
         wants_tool = opts.get("tool") or "call tool" in strip_directives(conv.prompt).lower()
-        if isinstance(tools, list) and tools and wants_tool and conv.tool_result is None:
-            first = tools[0] if isinstance(tools[0], dict) else {}
-            function = first.get("function")
-            name = function.get("name") if isinstance(function, dict) else None
-            tool_name = name if isinstance(name, str) and name else "tool"
+        if "call" in opts.raw and conv.tool_rounds < opts.get("rounds", 1):
+            calls = _scripted_calls(opts.raw["call"], names, bool(opts.get("bad_args")))
+        elif names and wants_tool and conv.tool_result is None:
+            calls = [(names[0] or "tool", _dumps({"q": strip_directives(conv.prompt)}))]
         tokens = reply_tokens(
             conv.prompt,
             opts.ints.get("tokens"),
@@ -752,15 +820,15 @@ class _Connection:
         if refusal:
             tokens = _words_to_tokens(REFUSAL_TEXT.split())
             finish = "stop"
-        if tool_name is not None:
+        if calls:
             finish = "tool_calls"
         return _Reply(
             tokens=tokens,
             finish=finish,
             reasoning=reasoning_tokens(opts.get("reasoning")),
             refusal=refusal,
-            tool_name=tool_name,
-            tool_args=_dumps({"q": strip_directives(conv.prompt)}),
+            calls=calls,
+            round=conv.tool_rounds,
         )
 
     def _usage(self, conv: _Conversation, completion: int, reasoning: int) -> dict[str, Any]:
@@ -795,30 +863,22 @@ class _Connection:
         for piece in reply.reasoning:
             plan.events.append(_Event(chunk({"reasoning_content": piece}), paced=True))
         content: list[_Event] = []
-        if reply.tool_name is not None:
-            call_id = "call_mock_0"
-            content.append(
-                _Event(
-                    chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 0,
-                                    "id": call_id,
-                                    "type": "function",
-                                    "function": {"name": reply.tool_name, "arguments": ""},
-                                }
-                            ]
-                        }
-                    ),
-                    paced=True,
-                )
-            )
-            args = reply.tool_args
-            step = max(1, -(-len(args) // 4))
-            for i in range(0, len(args), step):
-                fragment = {"index": 0, "function": {"arguments": args[i : i + step]}}
-                content.append(_Event(chunk({"tool_calls": [fragment]}), paced=True))
+        if reply.calls:
+            if opts.get("preamble"):
+                for token in _words_to_tokens(PREAMBLE_TEXT.split()):
+                    content.append(_Event(chunk({"content": token}), paced=True))
+            for index, (name, args) in enumerate(reply.calls):
+                opening = {
+                    "index": index,
+                    "id": reply.call_id(index),
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
+                content.append(_Event(chunk({"tool_calls": [opening]}), paced=True))
+                step = max(1, -(-len(args) // 4))
+                for i in range(0, len(args), step):
+                    fragment = {"index": index, "function": {"arguments": args[i : i + step]}}
+                    content.append(_Event(chunk({"tool_calls": [fragment]}), paced=True))
         else:
             key = "refusal" if reply.refusal else "content"
             stamp = bool(opts.get("stamp")) and not reply.refusal
@@ -923,16 +983,17 @@ class _Connection:
             message["refusal"] = text
         if reply.reasoning:
             message["reasoning_content"] = "".join(reply.reasoning)
-        if reply.tool_name is not None:
-            message["content"] = None
+        if reply.calls:
+            message["content"] = PREAMBLE_TEXT if opts.get("preamble") else None
             message["tool_calls"] = [
                 {
-                    "id": "call_mock_0",
+                    "id": reply.call_id(index),
                     "type": "function",
-                    "function": {"name": reply.tool_name, "arguments": reply.tool_args},
+                    "function": {"name": name, "arguments": args},
                 }
+                for index, (name, args) in enumerate(reply.calls)
             ]
-            completion = 5
+            completion = 5 * len(reply.calls)
         model = body.get("model") if isinstance(body.get("model"), str) else self.mock.model
         result = {
             "id": self.mock._new_id(),

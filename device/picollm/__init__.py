@@ -185,6 +185,8 @@ class Reply:
         self.done = False
         self._parts = []
         self._kept = 0
+        self.tool_rounds = 0  # protocol v2: rounds of tool results the model was given
+        self.on_tool = None  # called with each tool_call / tool_result progress message
 
     def __aiter__(self):
         return self
@@ -230,6 +232,8 @@ class Chat:
         self.history = []
         self.last = None
         self._transport = transport
+        self._tools = None  # picollm.tools.ToolBox, once a tool is registered
+        self.on_tool = None  # called with each tool_call / tool_result progress message
 
     @property
     def transport(self):
@@ -243,8 +247,31 @@ class Chat:
                 from picollm.direct import DirectTransport
 
                 t = DirectTransport(self.config)
+            t.tools = self._tools
             self._transport = t
         return t
+
+    def tool(self, name, description="", parameters=None, timeout_ms=None, fn=None):
+        # Register a tool the model may call (picollm/tools.py); a decorator
+        # when fn is None. Register tools before the first connection.
+        if self._tools is None:
+            from picollm.tools import ToolBox
+
+            self._tools = ToolBox()
+            if self._transport is not None:
+                self._transport.tools = self._tools
+
+        def add(f):
+            self._tools.add(name, description, parameters, f, timeout_ms)
+            return f
+
+        return add(fn) if fn is not None else add
+
+    async def serve(self, ms=None):
+        # A tool device's main loop: answer tool calls (forever, or for ms).
+        from picollm.tools import serve
+
+        await serve(self, ms)
 
     def _messages(self, prompt):
         msgs = list(self.history)
@@ -284,6 +311,7 @@ class Chat:
         opts.update(options)
         r = self.transport.open(self._messages(prompt), self.system, opts)
         r._chat, r._prompt, r._keep = self, prompt, keep
+        r.on_tool = self.on_tool
         self.last = r
         return r
 

@@ -26,12 +26,15 @@ class MQTTTransport:
         self.active = None
         self.last_out = 0
         self.connects = 0
+        self.tools = None  # picollm.tools.ToolBox of a device that offers tools
 
     # -- connection ---------------------------------------------------------
 
     def _on_msg(self, topic, msg):
         if topic == self.want:
             self.box.append(msg)
+        elif self.tools is not None:
+            self.tools.on_message(topic, msg)
 
     def connect(self):
         b = self.broker
@@ -51,10 +54,14 @@ class MQTTTransport:
             **kw
         )
         c.set_callback(self._on_msg)
+        if self.tools is not None:
+            self.tools.before_connect(self, c)
         try:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
             c.subscribe(self.topics.res_filter(), 1)
+            if self.tools is not None:
+                self.tools.after_connect(self, c)
         except Exception:
             _close_sock(c)
             raise
@@ -95,6 +102,8 @@ class MQTTTransport:
         self.client = None
         if c is not None:
             try:
+                if self.tools is not None:
+                    self.tools.before_close(self, c)
                 c.disconnect()
             except OSError:
                 _close_sock(c)
@@ -208,7 +217,9 @@ class MQTTReply(Reply):
             except OSError:
                 await t.reconnect()
                 continue
-            if not t.box:
+            if t.tools is not None and t.tools.queue:
+                await t.tools.run(t)  # a call to this device, while it waits
+            elif not t.box:
                 await asyncio.sleep_ms(t.cfg["poll_ms"])
 
     async def next_piece(self):
@@ -231,6 +242,10 @@ class MQTTReply(Reply):
                 if "refusal" in m:
                     self.refusal = True
                     return m["refusal"]
+                if "tool_call" in m or "tool_result" in m:  # protocol v2 progress
+                    if self.on_tool is not None:
+                        self.on_tool(m)
+                    continue
                 self.finish()
                 if "error" in m:
                     e = m["error"] if isinstance(m["error"], dict) else {}
@@ -241,6 +256,7 @@ class MQTTReply(Reply):
                     self.finish_reason = m.get("finish_reason")
                     self.usage = m.get("usage")
                     self.model = m.get("model")
+                    self.tool_rounds = m.get("tool_rounds") or 0
                     if m.get("refusal"):
                         self.refusal = True
                     text = m.get("text") or m.get("refusal")

@@ -424,6 +424,7 @@ class Stream(Reply):
         self._conn = conn
         self.status = conn.status
         self._event = None
+        self.tool_calls = None  # assembled from the streamed fragments (picollm.tools)
 
     async def _line(self):
         # The next non-empty line without its line end; None at the end.
@@ -484,6 +485,10 @@ class Stream(Reply):
                 if c.get("finish_reason"):
                     self.finish_reason = c["finish_reason"]
                 delta = c.get("delta") or {}
+                if delta.get("tool_calls"):
+                    from picollm.tools import merge_fragments
+
+                    self.tool_calls = merge_fragments(self.tool_calls, delta["tool_calls"])
                 text = delta.get("content")
                 if text:
                     return text

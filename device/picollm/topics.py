@@ -26,3 +26,19 @@ class Topics:
 
     def status(self):
         return self.prefix + b"bridge/status"
+
+    # protocol v2, "Tools" (picollm/tools.py)
+    def tools(self):
+        return self.base + b"tools"
+
+    def tools_ack(self):
+        return self.base + b"tools/ack"
+
+    def presence(self):
+        return self.base + b"status"
+
+    def call(self):
+        return self.base + b"call"
+
+    def result(self):
+        return self.base + b"result"
