@@ -57,6 +57,10 @@ def build_plugins(settings: Settings) -> list[Plugin]:
     from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415 (plugins load only when enabled)
 
     plugins: list[Plugin] = [PolicyPlugin(settings)]
+    if settings.sessions:
+        from bridge.plugins.sessions import SessionsPlugin  # noqa: PLC0415
+
+        plugins.append(SessionsPlugin(settings))
     if settings.metrics_port:
         from bridge.plugins.metrics import MetricsPlugin  # noqa: PLC0415
 

@@ -181,11 +181,16 @@ class ChatRequest(BaseModel):
     chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
     chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     chunk_sentences: StrictBool = False
+    # Conversations kept by the bridge (protocol v2, bridge/plugins/sessions.py).
+    session: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
+    session_reset: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.session_reset and self.session is None:
+            raise ValueError("session_reset needs a session")
         return self
 
     @property

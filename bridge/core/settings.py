@@ -48,6 +48,11 @@ class Limits(BaseModel):
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_day: int = Field(default=0, ge=0)
     max_streams: int = Field(default=0, ge=0)
+    # Conversations kept by the bridge (bridge/plugins/sessions.py): these defaults fit a
+    # small model's context (about 2000 tokens of history). 0 means no limit of this field.
+    session_max_turns: int = Field(default=8, ge=0)
+    session_max_chars: int = Field(default=8000, ge=0)
+    session_ttl_s: int = Field(default=3600, ge=0)
 
 
 class PolicyConfig(BaseModel):
@@ -182,6 +187,17 @@ class Settings(BaseSettings):
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
     devices: str = ""
+
+    # Conversations kept by the bridge (docs/protocol.md "Sessions"), in BRIDGE_DATA_DIR.
+    sessions: bool = True
+    session_store_bytes: int = Field(32 * 1024 * 1024, ge=4096)
+    session_max_per_device: int = Field(16, ge=1, le=100_000)
+    # Debugging and statistics (docs/configuration.md).
+    capture_dir: Path | None = None
+    capture_max_files: int = Field(200, ge=1, le=1_000_000)
+    capture_max_bytes: int = Field(16 * 1024 * 1024, ge=4096)
+    stats_window: int = Field(256, ge=8, le=100_000)
+    models_topic: bool = True
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
