@@ -109,6 +109,40 @@ class Upstream:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    async def models(self) -> list[str]:
+        """The ids of the models the API offers (`GET /models`), at most 1000, in its order.
+
+        Raises:
+            UpstreamError: when the API cannot be asked or answers something else.
+        """
+        try:
+            resp = await self.client.get(
+                self.url.removesuffix("/chat/completions") + "/models",
+                headers={"Accept": "application/json"},
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc)) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                p.UPSTREAM_UNREACHABLE, self.redact(f"cannot list the models: {exc}")
+            ) from None
+        if resp.status_code >= 400:
+            detail = self.redact(_error_detail(resp.content[:8192]))
+            raise UpstreamError(
+                p.UPSTREAM_STATUS, f"upstream answered {resp.status_code}: {detail}",
+                status=resp.status_code,
+            )  # fmt: skip
+        try:
+            data = resp.json().get("data")
+        except (ValueError, AttributeError):
+            data = None
+        if not isinstance(data, list):
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the API's model list is not a list")
+        ids = (m.get("id") for m in data if isinstance(m, dict))
+        return list(dict.fromkeys(i for i in ids if isinstance(i, str) and 0 < len(i) <= 200))[
+            :1000
+        ]
+
     def redact(self, text: str) -> str:
         """Remove the API key from a text that may echo it."""
         return text.replace(self._secret, "***") if self._secret else text
