@@ -19,6 +19,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from bridge.core import protocol as p
+from bridge.core.capture import Capture, Exchange
 from bridge.core.errors import UpstreamError
 from bridge.core.netio import AsyncioTransport
 from bridge.core.settings import Settings
@@ -105,6 +106,12 @@ class Upstream:
             transport=transport,
             trust_env=False,
         )
+        self.capture: Capture | None = None
+        if settings.capture_dir is not None:
+            self.capture = Capture(
+                settings.capture_dir, max_files=settings.capture_max_files,
+                max_bytes=settings.capture_max_bytes, redact=self.redact,
+            )  # fmt: skip
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -148,7 +155,27 @@ class Upstream:
         return text.replace(self._secret, "***") if self._secret else text
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+    async def stream(
+        self, body: dict[str, Any], capture_id: str | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+        """`_open`, recorded in the capture folder under `capture_id` when capture is on."""
+        if self.capture is None or capture_id is None:
+            async with self._open(body) as events:
+                yield events
+            return
+        exchange = self.capture.start(capture_id, self.url, body)
+        try:
+            async with self._open(body, exchange) as events:
+                yield events
+        except BaseException as exc:
+            exchange.finish(exc)
+            raise
+        exchange.finish(None)
+
+    @asynccontextmanager
+    async def _open(
+        self, body: dict[str, Any], exchange: Exchange | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """Open the stream; yield an iterator of (event, data) pairs.
 
         Leaving the context closes the HTTP response at once, which is how a
@@ -159,6 +186,8 @@ class Upstream:
         """
         try:
             async with self.client.stream("POST", self.url, json=body) as resp:
+                if exchange is not None:
+                    exchange.opened(resp)
                 if resp.status_code >= 400:
                     detail = _error_detail(await self._read_some(resp))
                     raise UpstreamError(
