@@ -54,18 +54,33 @@ async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) ->
 
 def build_plugins(settings: Settings) -> list[Plugin]:
     """The plugins `run_bridge` serves with, in the order they are called."""
-    from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.models import ModelsPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415
+    from bridge.plugins.usage import UsagePlugin  # noqa: PLC0415
 
     plugins: list[Plugin] = [PolicyPlugin(settings)]
+    if settings.sessions:
+        from bridge.plugins.sessions import SessionsPlugin  # noqa: PLC0415
+
+        plugins.append(SessionsPlugin(settings))
+    usage: UsagePlugin | None = None
+    if settings.metrics_port or settings.state:
+        # Before the state and metrics plugins: they publish what it recorded.
+        usage = UsagePlugin(settings)
+        plugins.append(usage)
+    models: ModelsPlugin | None = None
+    if settings.models_topic:
+        models = ModelsPlugin(settings)
+        plugins.append(models)
     if settings.metrics_port:
         from bridge.plugins.metrics import MetricsPlugin  # noqa: PLC0415
 
-        plugins.append(MetricsPlugin(settings))
+        plugins.append(MetricsPlugin(settings, usage=usage))
     if settings.state or settings.ha_discovery:
         from bridge.plugins.homeassistant import HomeAssistantPlugin  # noqa: PLC0415
         from bridge.plugins.state import StatePlugin  # noqa: PLC0415
 
-        state = StatePlugin(settings)
+        state = StatePlugin(settings, usage=usage, models=models)
         if settings.ha_discovery:
             # Before the state plugin: a new device's discovery precedes its first state.
             plugins.append(HomeAssistantPlugin(settings, state))

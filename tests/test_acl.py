@@ -84,7 +84,8 @@ def test_device_cannot_read_another_devices_replies(
         seen = spy.messages()
         # ...but delivers nothing of bob's: the only reply alice sees is her own.
         assert not [t for t, _ in seen if f"/{bob.id}/" in t], seen
-        own = {f"llm/{alice}/res/mine1", f"llm/{alice}/state", "llm/bridge/status"}
+        own = {f"llm/{alice}/res/mine1", f"llm/{alice}/state", "llm/bridge/status",
+               "llm/bridge/models"}  # fmt: skip
         assert {t for t, _ in seen} <= own
         assert any(t == f"llm/{alice}/res/mine1" for t, _ in seen)
     finally:

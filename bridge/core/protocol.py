@@ -183,6 +183,9 @@ class ChatRequest(BaseModel):
     chunk_sentences: StrictBool = False
     # protocol v2, "Tools": the bridge offers the device's own and granted tools and runs them.
     use_tools: StrictBool = False
+    # Conversations kept by the bridge (protocol v2, bridge/plugins/sessions.py).
+    session: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
+    session_reset: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
@@ -190,6 +193,8 @@ class ChatRequest(BaseModel):
             raise ValueError("give exactly one of prompt and messages")
         if self.use_tools and self.tools is not None:
             raise ValueError("give tools or use_tools, not both")
+        if self.session_reset and self.session is None:
+            raise ValueError("session_reset needs a session")
         return self
 
     @property

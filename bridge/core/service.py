@@ -619,7 +619,7 @@ class Bridge:
         stream = job.request.stream
         first = job.seq == 0
         try:
-            async with self.upstream.stream(body) as events:
+            async with self.upstream.stream(body, f"{job.device}-{job.rid}") as events:
                 fold.opened = True
                 async for event, data in events:
                     if fold.done:

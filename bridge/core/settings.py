@@ -64,6 +64,12 @@ class Limits(BaseModel):
                 raise ValueError(f"{grant[:80]!r} is not OWNER/TOOL or OWNER/* (OWNER a device id)")
         return v
 
+    # Conversations kept by the bridge (bridge/plugins/sessions.py): these defaults fit a
+    # small model's context (about 2000 tokens of history). 0 means no limit of this field.
+    session_max_turns: int = Field(default=8, ge=0)
+    session_max_chars: int = Field(default=8000, ge=0)
+    session_ttl_s: int = Field(default=3600, ge=0)
+
 
 class PolicyConfig(BaseModel):
     """`policy.default` for every device; `policy.devices.<id>` overrides what it names."""
@@ -208,6 +214,16 @@ class Settings(BaseSettings):
     device_tools: bool = True
     tools: str = ""
     tool_timeout_ms: int = Field(5000, ge=100, le=600_000)
+    # Conversations kept by the bridge (docs/protocol.md "Sessions"), in BRIDGE_DATA_DIR.
+    sessions: bool = True
+    session_store_bytes: int = Field(32 * 1024 * 1024, ge=4096)
+    session_max_per_device: int = Field(16, ge=1, le=100_000)
+    # Debugging and statistics (docs/configuration.md).
+    capture_dir: Path | None = None
+    capture_max_files: int = Field(200, ge=1, le=1_000_000)
+    capture_max_bytes: int = Field(16 * 1024 * 1024, ge=4096)
+    stats_window: int = Field(256, ge=8, le=100_000)
+    models_topic: bool = True
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -18,6 +18,7 @@ class Topics:
         self.cancel_filter = self.device_filter("cancel")
         self.status = f"{prefix}/bridge/status"
         self.stats = f"{prefix}/bridge/stats"
+        self.models = f"{prefix}/bridge/models"  # protocol v2: the models the API offers
 
     # --- one device ----------------------------------------------------------------------
 

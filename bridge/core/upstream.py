@@ -19,6 +19,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from bridge.core import protocol as p
+from bridge.core.capture import Capture, Exchange
 from bridge.core.errors import UpstreamError
 from bridge.core.netio import AsyncioTransport
 from bridge.core.settings import Settings
@@ -162,9 +163,49 @@ class Upstream:
             transport=transport,
             trust_env=False,
         )
+        self.capture: Capture | None = None
+        if settings.capture_dir is not None:
+            self.capture = Capture(
+                settings.capture_dir, max_files=settings.capture_max_files,
+                max_bytes=settings.capture_max_bytes, redact=self.redact,
+            )  # fmt: skip
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def models(self) -> list[str]:
+        """The ids of the models the API offers (`GET /models`), at most 1000, in its order.
+
+        Raises:
+            UpstreamError: when the API cannot be asked or answers something else.
+        """
+        try:
+            resp = await self.client.get(
+                self.url.removesuffix("/chat/completions") + "/models",
+                headers={"Accept": "application/json"},
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc)) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                p.UPSTREAM_UNREACHABLE, self.redact(f"cannot list the models: {exc}")
+            ) from None
+        if resp.status_code >= 400:
+            detail = _error_detail(resp.content[:8192], self._redact)
+            raise UpstreamError(
+                p.UPSTREAM_STATUS, f"upstream answered {resp.status_code}: {detail}",
+                status=resp.status_code,
+            )  # fmt: skip
+        try:
+            data = resp.json().get("data")
+        except (ValueError, AttributeError):
+            data = None
+        if not isinstance(data, list):
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the API's model list is not a list")
+        ids = (m.get("id") for m in data if isinstance(m, dict))
+        return list(dict.fromkeys(i for i in ids if isinstance(i, str) and 0 < len(i) <= 200))[
+            :1000
+        ]
 
     def redact(self, text: str) -> str:
         """Remove the API key, whole or any run of `SECRET_RUN` of its characters, from a text.
@@ -174,7 +215,27 @@ class Upstream:
         return self._redact(text)
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+    async def stream(
+        self, body: dict[str, Any], capture_id: str | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+        """`_open`, recorded in the capture folder under `capture_id` when capture is on."""
+        if self.capture is None or capture_id is None:
+            async with self._open(body) as events:
+                yield events
+            return
+        exchange = self.capture.start(capture_id, self.url, body)
+        try:
+            async with self._open(body, exchange) as events:
+                yield events
+        except BaseException as exc:
+            exchange.finish(exc)
+            raise
+        exchange.finish(None)
+
+    @asynccontextmanager
+    async def _open(
+        self, body: dict[str, Any], exchange: Exchange | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """Open the stream; yield an iterator of (event, data) pairs.
 
         Leaving the context closes the HTTP response at once, which is how a
@@ -185,6 +246,8 @@ class Upstream:
         """
         try:
             async with self.client.stream("POST", self.url, json=body) as resp:
+                if exchange is not None:
+                    exchange.opened(resp)
                 if resp.status_code >= 400:
                     detail = _error_detail(await self._read_some(resp), self._redact)
                     raise UpstreamError(

@@ -52,6 +52,10 @@ def node_id(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
 
 
+#: The session of plain-text questions asked through `P/D/ask` (one per device).
+ASK_SESSION = "ha"
+
+
 class HomeAssistantPlugin(Plugin):
     """Publishes discovery, re-publishes it when HA comes online, serves the text entity.
 
@@ -66,6 +70,8 @@ class HomeAssistantPlugin(Plugin):
         self.ha_prefix = settings.ha_prefix
         self.node = node_id(settings.topic_prefix)
         self.configured = settings.known_devices
+        # Plain-text questions from HA continue one conversation per device (protocol v2).
+        self.ask_session = ASK_SESSION if settings.sessions else None
         self.state = state
         self.topics = Topics(settings.topic_prefix)
         self.known: set[str] = set()
@@ -296,8 +302,9 @@ class HomeAssistantPlugin(Plugin):
 
         Plain text is the prompt; a JSON object is a whole protocol request.
         The reply goes to `P/D/res/<id>` (ids made here start with `ha-`) and
-        into D's state and events like any other. A retained question is not
-        asked again at every start.
+        into D's state and events like any other. With sessions on, plain-text
+        questions continue D's session `ha`, so a conversation from HA has memory.
+        A retained question is not asked again at every start.
         """
         host = self.host
         parsed = self.topics.parse(msg.topic)
@@ -316,4 +323,6 @@ class HomeAssistantPlugin(Plugin):
                 log.warning("ignored ask for %s: not UTF-8", device)
                 return
             body = {"id": f"ha-{os.urandom(5).hex()}", "prompt": prompt}
+            if self.ask_session is not None:
+                body["session"] = self.ask_session
             host.submit(device, json.dumps(body, ensure_ascii=False).encode())

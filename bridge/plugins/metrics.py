@@ -11,14 +11,18 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from bridge.core.plugin import Plugin
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from bridge.core.errors import ProtocolError
     from bridge.core.job import Job
     from bridge.core.plugin import Host
     from bridge.core.settings import Settings
+    from bridge.plugins.usage import Ring, UsagePlugin
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -27,9 +31,18 @@ _DURATION = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class MetricsPlugin(Plugin):
     """Counts requests, errors, tokens and latencies; serves them over HTTP."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        usage: UsagePlugin | None = None,
+    ) -> None:
+        """`usage`: also serve its success rates, errors by code and latency percentiles,
+        overall and per device (read on scrape)."""
         self.settings = settings
         r = self.registry = registry or CollectorRegistry()
+        if usage is not None:
+            r.register(UsageCollector(usage))
         self.requests = Counter(
             "llm_bridge_requests", "Requests answered, by outcome (done or an error code)",
             ["outcome"], registry=r,
@@ -85,3 +98,60 @@ class MetricsPlugin(Plugin):
                 value = usage.get(kind)
                 if isinstance(value, int):
                     self.tokens.labels(kind.removesuffix("_tokens")).inc(value)
+
+
+class UsageCollector:
+    """The usage plugin's statistics as Prometheus metrics, built on each scrape."""
+
+    def __init__(self, usage: UsagePlugin) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        overall = self.usage.overall
+        ratio = GaugeMetricFamily(
+            "llm_bridge_success_ratio", "Share of requests that ended with done (since start)"
+        )
+        if overall.success_rate is not None:
+            ratio.add_metric([], overall.success_rate)
+        yield ratio
+        for name, what in (("ttfc", "time to the first chunk"), ("duration", "duration")):
+            g = GaugeMetricFamily(
+                f"llm_bridge_{name}_seconds", f"Requests' {what}, p50 and p95 of the last ones",
+                labels=["quantile"],
+            )  # fmt: skip
+            _quantiles(g, [], getattr(overall, name))
+            yield g
+        requests = CounterMetricFamily(
+            "llm_bridge_device_requests", "Requests finished per device", labels=["device"]
+        )
+        errors = CounterMetricFamily(
+            "llm_bridge_device_errors", "Errors per device and code", labels=["device", "code"]
+        )
+        dratio = GaugeMetricFamily(
+            "llm_bridge_device_success_ratio", "Share of a device's requests that ended with done",
+            labels=["device"],
+        )  # fmt: skip
+        dttfc = GaugeMetricFamily(
+            "llm_bridge_device_ttfc_seconds", "A device's time to the first chunk, p50 and p95",
+            labels=["device", "quantile"],
+        )  # fmt: skip
+        dduration = GaugeMetricFamily(
+            "llm_bridge_device_duration_seconds", "A device's request duration, p50 and p95",
+            labels=["device", "quantile"],
+        )  # fmt: skip
+        for device, stats in list(self.usage.devices.items()):
+            requests.add_metric([device], stats.finished)
+            for code, n in stats.errors.items():
+                errors.add_metric([device, code], n)
+            if stats.success_rate is not None:
+                dratio.add_metric([device], stats.success_rate)
+            _quantiles(dttfc, [device], stats.ttfc)
+            _quantiles(dduration, [device], stats.duration)
+        yield from (requests, errors, dratio, dttfc, dduration)
+
+
+def _quantiles(family: GaugeMetricFamily, labels: list[str], ring: Ring) -> None:
+    for q in (50, 95):
+        value = ring.percentile(q)
+        if value is not None:
+            family.add_metric([*labels, str(q / 100)], value)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from bridge.core.job import Job
     from bridge.core.plugin import Host
     from bridge.core.settings import Settings
+    from bridge.plugins.models import ModelsPlugin
+    from bridge.plugins.usage import UsagePlugin
 
 log = logging.getLogger("bridge.plugins.state")
 
@@ -174,7 +176,16 @@ class StatePlugin(Plugin):
 
     needs_text = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        usage: UsagePlugin | None = None,
+        models: ModelsPlugin | None = None,
+    ) -> None:
+        """`usage` adds `usage_stats` to the states and the counters; `models` adds the
+        models each device may ask for to its state."""
+        self.usage = usage
+        self.models = models
         self.prefix = settings.topic_prefix
         self.topics = Topics(settings.topic_prefix)
         self.max_devices = settings.state_max_devices
@@ -315,7 +326,13 @@ class StatePlugin(Plugin):
         dev.status = status
         dev.time = now_iso()
         dev.published = True
-        self._publish(self.topics.state(device), dev.payload(), retain=True)
+        payload = dev.payload()
+        if self.usage is not None:
+            stats = self.usage.device(device, create=False)
+            payload["usage_stats"] = stats.payload() if stats is not None else None
+        if self.models is not None:
+            payload["models"] = self.models.models_for(device)
+        self._publish(self.topics.state(device), payload, retain=True)
 
     def _publish(self, topic: str, payload: dict[str, Any], *, retain: bool) -> None:
         if self.host is None:
@@ -326,7 +343,9 @@ class StatePlugin(Plugin):
     def stats_payload(self) -> dict[str, Any]:
         self.stats.roll()
         active = sum(len(d.active) for d in self.devices.values())
+        extra = {} if self.usage is None else {"usage_stats": self.usage.overall.payload()}
         return {
+            **extra,
             "requests": self.stats.requests,
             "errors": self.stats.errors,
             "tokens_today": self.stats.tokens_today,

@@ -54,6 +54,7 @@ DEFAULTS = {
     "max_tokens": None,
     "history": 4,
     "history_chars": 1200,
+    "session": None,
     "reply_timeout_ms": 30000,
     "connect_timeout_ms": 10000,
     "poll_ms": 20,
@@ -110,6 +111,9 @@ def load_config(source="config.json"):
     for key in ("history", "history_chars", "reply_timeout_ms", "poll_ms"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ValueError(key + " must be an integer >= 0")
+    s = cfg["session"]
+    if not (s is None or s is True or s is False or valid_id(s)):
+        raise ValueError("session: true, false or an id (1-64 of A-Z a-z 0-9 _ -)")
     if cfg["mode"] == "direct":
         if not cfg["model"]:
             raise ValueError("model is required in direct mode")
@@ -224,8 +228,13 @@ class Reply:
 
 
 class Chat:
-    # A conversation with a system prompt and a bounded history: at most
-    # `history` turns and `history_chars` characters are kept.
+    # A conversation with a system prompt. In MQTT mode the bridge keeps it
+    # (a protocol v2 session: each request carries only the new question, so
+    # the heap does not grow with the conversation); in direct mode, or with
+    # "session": false, the Chat keeps at most `history` turns and
+    # `history_chars` characters itself. "history": 0 asks without any
+    # conversation. "session": an id continues that conversation (e.g. after
+    # a reboot); None or true: a new random one per Chat.
     def __init__(self, config=None, transport=None):
         self.config = load_config(config if config is not None else "config.json")
         self.system = self.config["system"]
@@ -234,6 +243,12 @@ class Chat:
         self._transport = transport
         self._tools = None  # picollm.tools.ToolBox, once a tool is registered
         self.on_tool = None  # called with each tool_call / tool_result progress message
+        self.session = None
+        self._reset = False
+        c = self.config
+        if c["mode"] == "mqtt" and c["history"] > 0 and c["session"] is not False:
+            s = c["session"]
+            self.session = s if isinstance(s, str) else new_id()
 
     @property
     def transport(self):
@@ -280,6 +295,9 @@ class Chat:
 
     def _remember(self, prompt, answer):
         turns = self.config["history"]
+        if self.session is not None:
+            self._reset = False  # the bridge stored the turn (and forgot the old ones)
+            return
         if turns <= 0:
             return
         limit = self.config["history_chars"]
@@ -301,9 +319,14 @@ class Chat:
     def _start(self, prompt, options, keep):
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty str")
-        if self.config["history"] <= 0 and keep <= self.config["history_chars"]:
+        c = self.config
+        if (c["history"] <= 0 or self.session is not None) and keep <= c["history_chars"]:
             keep = 0
         opts = {}
+        if self.session is not None:
+            opts["session"] = self.session
+            if self._reset:
+                opts["session_reset"] = True
         if self.config["max_tokens"]:
             opts["max_tokens"] = self.config["max_tokens"]
         if self.config["model"]:
@@ -323,7 +346,10 @@ class Chat:
         return reply.text()
 
     def reset(self):
+        # Forget the conversation (the bridge's session too, with the next question).
         self.history = []
+        if self.session is not None:
+            self._reset = True
 
     def interrupt(self):
         # Synchronous: stop the reply being read (send the MQTT cancel, or

@@ -7,7 +7,7 @@
 #    "measure": true,        # sample the live heap after each piece
 #    "mark": true,           # print "PIECE" (flushed) after the first piece
 #    "keep_text": true}      # return the text (else only its sha256 and length)
-#   or {"op": "sleep", "ms": n}
+#   or {"op": "sleep", "ms": n}, or {"op": "reset"} (Chat.reset())
 # A KeyboardInterrupt (SIGINT) during a step calls chat.interrupt() and
 # prints "INTERRUPTED".
 
@@ -86,6 +86,7 @@ async def run_step(chat, step):
         rec["heap_base"] = base
         rec["heap_peak"] = peak
     rec["history"] = len(chat.history)
+    rec["session"] = chat.session
     rec["connects"] = getattr(chat.transport, "connects", None)
     return rec
 
@@ -95,6 +96,10 @@ async def main(chat, job):
         if step.get("op") == "sleep":  # the device idles, its client untouched
             await asyncio.sleep_ms(step["ms"])
             out("STEP", {"ok": True})
+            continue
+        if step.get("op") == "reset":
+            chat.reset()
+            out("STEP", {"ok": True, "session": chat.session})
             continue
         out("STEP", await run_step(chat, step))
     await chat.close()
