@@ -146,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    from bridge.ops import provision
+    from bridge.ops import commands
 
     device = sub.add_parser("device", help="add, remove and list devices (their broker users)")
     device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
-    provision.add_device_commands(device_sub)
+    commands.add_device_commands(device_sub)
     try:
         deploy: Any = importlib.import_module("bridge.ops.deploy")
     except ModuleNotFoundError as exc:
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         dep.set_defaults(func=deploy.run_deploy)
 
     broker = sub.add_parser("broker", help="the broker: users, reload, TLS certificates, health")
-    provision.add_broker_commands(
+    commands.add_broker_commands(
         broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     )
     return parser
