@@ -1,4 +1,4 @@
-"""Tests of the mock OpenAI-compatible server (bridge/mock_llm.py).
+"""Tests of the mock OpenAI-compatible server (bridge/dev/mock_llm.py).
 
 Why: every bridge test trusts the mock; a mock that silently ignores a
 fault directive would make the fault tests pass for nothing.

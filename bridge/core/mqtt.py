@@ -192,7 +192,7 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._sock: socket.socket | None = None
-        self._misc_task: asyncio.Task[None] | None = None
+        self._keep_up_task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._closed = asyncio.Event()
@@ -241,7 +241,7 @@ class MqttLink:
             TimeoutError: when `timeout` is given and no connection was made in time.
         """
         self._loop = asyncio.get_running_loop()
-        self._misc_task = asyncio.create_task(self._keep_up(), name="mqtt-keep-up")
+        self._keep_up_task = asyncio.create_task(self._keep_up(), name="mqtt-keep-up")
         if timeout is not None:
             try:
                 async with asyncio.timeout(timeout):
@@ -272,10 +272,10 @@ class MqttLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._closed.wait()
-        if self._misc_task is not None:
-            self._misc_task.cancel()
+        if self._keep_up_task is not None:
+            self._keep_up_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._misc_task
+                await self._keep_up_task
         self._detach()
 
     async def _keep_up(self) -> None:

@@ -80,7 +80,7 @@ class ReplyFold:
             if event == "error":
                 raise ProtocolError(UPSTREAM_ERROR, data or "error event") from None
             raise ProtocolError(
-                "upstream_protocol", f"malformed event from the API: {data[:80]!r}"
+                UPSTREAM_PROTOCOL, f"malformed event from the API: {data[:80]!r}"
             ) from None
         if not isinstance(obj, dict):
             raise ProtocolError(UPSTREAM_PROTOCOL, "an event from the API is not a JSON object")
