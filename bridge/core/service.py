@@ -31,7 +31,7 @@ from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import Settings
 from bridge.core.topics import Topics
-from bridge.core.upstream import Upstream
+from bridge.core.upstream import DETAIL_CHARS, Upstream
 
 log = logging.getLogger("bridge")
 
@@ -569,7 +569,8 @@ class Bridge:
                 continue
             except ProtocolError as exc:  # an error the API sent inside the stream
                 _estimate(job, body, fold)
-                raise ProtocolError(exc.code, self.upstream.redact(exc.message)) from None
+                text = self.upstream.redact(exc.message)[:DETAIL_CHARS]  # redacted, then cut
+                raise ProtocolError(exc.code, text) from None
             except asyncio.CancelledError:
                 _estimate(job, body, fold)
                 raise
