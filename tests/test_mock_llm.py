@@ -501,7 +501,7 @@ def test_mock_requests_endpoint() -> None:
         assert c.delete(f"{root}/mock/requests").status_code == 200
         assert c.get(f"{root}/mock/requests").json() == []
         for i in range(1005):
-            m.server._record("GET", f"/{i}", {}, None)
+            m.server.record("GET", f"/{i}", {}, None)
         assert len(m.server.requests) == 1000
         assert m.server.requests[-1]["path"] == "/1004"
 

@@ -46,6 +46,10 @@ class BufferedClient(paho.Client):
     writes each packet with its own `send`. Here reads are served from one
     `recv` of up to 64 KiB, and what paho writes in one `loop_write` goes out
     in one `send`. The protocol stays paho's.
+
+    It overrides private parts of paho 2.x (`_sock_recv`, `_sock_send`,
+    `_handle_pubackcomp`, and reads `_in_packet`, `_out_messages`): the version
+    is pinned below 3, and the suite runs every reply through them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -159,7 +163,7 @@ class MqttLink:
         version: 5 (MQTT v5) or 4 (MQTT 3.1.1, for brokers without v5).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # keyword-only: one connection's options, each defaulted
         self,
         url: MqttUrl,
         *,
@@ -411,7 +415,9 @@ class MqttLink:
             c.subscribe(self._subscriptions)
         else:
             self.subscribed.set()
-        self._pending = len(getattr(c, "_out_messages", ()))
+        # What paho still holds of the session (resent on this connection) is pending too;
+        # paho keeps that table private.
+        self._pending = len(c._out_messages)  # noqa: SLF001
         self.connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
@@ -472,7 +478,7 @@ class MqttLink:
             await self.connected.wait()
             await self._drained.wait()
 
-    def publish(
+    def publish(  # noqa: PLR0913  # paho's publish(), plus the acknowledgement callback
         self,
         topic: str,
         payload: bytes | str,

@@ -355,7 +355,7 @@ def refusal_message(seq: int, text: str) -> bytes:
     return b'{"seq":%d,"refusal":%s}' % (seq, _utf8(_dumps(text)))
 
 
-def done_message(
+def done_message(  # noqa: PLR0913  # keyword-only: the `done` terminal's fields
     seq: int,
     *,
     finish_reason: str | None,

@@ -90,7 +90,7 @@ class BridgeClient:
         ca_file: CA for `mqtts://`.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # keyword-only options, each defaulted
         self,
         url: str | MqttUrl,
         device: str,

@@ -101,7 +101,7 @@ def list_devices(broker_dir: Path) -> list[str]:
     return PasswordFile(broker_dir / PASSWD).devices()
 
 
-def device_config(
+def device_config(  # noqa: PLR0913  # the broker options are keyword-only
     device: str,
     password: str,
     *,
