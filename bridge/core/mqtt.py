@@ -146,7 +146,7 @@ class Will:
 
 
 class MqttLink:
-    """One MQTT v5 connection owned by an asyncio loop.
+    """One MQTT connection (v5, or 3.1.1) owned by an asyncio loop.
 
     Args:
         url: the broker.

@@ -1,4 +1,4 @@
-"""Protocol v1's messages: topics, the request a device sends, and the replies it gets.
+"""Protocol v1's messages: the request a device sends, and the replies it gets.
 
 This module is the executable half of `docs/protocol.md`: everything a device
 or integration can observe is encoded or validated here, and nothing here
