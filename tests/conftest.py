@@ -145,7 +145,7 @@ def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Ite
         proc.stop()
         assert API_KEY not in proc.logs()
         logs = proc.logs()
-        # No hook of ours failed (the service logs "hook X.y failed" with the traceback).
+        # No plugin of ours failed (the core logs "plugin X.y failed" with the traceback).
         for mine in ("StatePlugin", "HomeAssistantPlugin", "state.py", "homeassistant.py"):
             assert mine not in logs, logs[-3000:]
 

@@ -1,4 +1,4 @@
-"""Tests of the mock OpenAI-compatible server (bridge/mock_llm.py).
+"""Tests of the mock OpenAI-compatible server (bridge/dev/mock_llm.py).
 
 Why: every bridge test trusts the mock; a mock that silently ignores a
 fault directive would make the fault tests pass for nothing.
@@ -501,7 +501,7 @@ def test_mock_requests_endpoint() -> None:
         assert c.delete(f"{root}/mock/requests").status_code == 200
         assert c.get(f"{root}/mock/requests").json() == []
         for i in range(1005):
-            m.server._record("GET", f"/{i}", {}, None)
+            m.server.record("GET", f"/{i}", {}, None)
         assert len(m.server.requests) == 1000
         assert m.server.requests[-1]["path"] == "/1004"
 

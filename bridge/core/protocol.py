@@ -1,4 +1,4 @@
-"""Protocol v1's messages: topics, the request a device sends, and the replies it gets.
+"""Protocol v1's messages: the request a device sends, and the replies it gets.
 
 This module is the executable half of `docs/protocol.md`: everything a device
 or integration can observe is encoded or validated here, and nothing here
@@ -364,7 +364,7 @@ def refusal_message(seq: int, text: str) -> bytes:
     return b'{"seq":%d,"refusal":%s}' % (seq, _utf8(_dumps(text)))
 
 
-def done_message(
+def done_message(  # noqa: PLR0913  # keyword-only: the `done` terminal's fields
     seq: int,
     *,
     finish_reason: str | None,

@@ -558,18 +558,20 @@ class MockLLM:
                 self._tasks.discard(task)
             writer.close()
 
-    def _record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
+    def record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
+        """Keep a request for the tests to read (`requests`), the newest `MAX_RECORDED`."""
         if path.startswith("/mock/"):
             return
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         if len(self.requests) > MAX_RECORDED:
             del self.requests[: len(self.requests) - MAX_RECORDED]
 
-    def _new_id(self) -> str:
+    def new_id(self) -> str:
+        """A completion id, `chatcmpl-mock000001` and on."""
         self._next_id += 1
         return f"chatcmpl-mock{self._next_id:06d}"
 
-    def _should_fail(self, options: _Options) -> bool:
+    def should_fail(self, options: _Options) -> bool:
         """Count this request against ``fail_times``; True when it must fail."""
         if "status" not in options.ints:
             return False
@@ -685,7 +687,9 @@ class _Connection:
 
     # ------------------------------------------------------------------ routing
 
-    async def _handle(self, request: h11.Request, raw_body: bytes) -> None:
+    async def _handle(  # noqa: PLR0911, PLR0912  # one branch and return per route, in order
+        self, request: h11.Request, raw_body: bytes
+    ) -> None:
         method = request.method.decode("ascii", "replace").upper()
         self.head = method == "HEAD"
         target = request.target.decode("utf-8", "replace")
@@ -703,7 +707,7 @@ class _Connection:
             except (ValueError, UnicodeDecodeError):
                 bad_json = True
                 body = raw_body.decode("utf-8", "replace")
-        self.mock._record(method, target, headers, body)
+        self.mock.record(method, target, headers, body)
 
         if path == "/health" and method in ("GET", "HEAD"):
             await self._respond(200, b"ok", "text/plain")
@@ -767,7 +771,7 @@ class _Connection:
         extra: list[tuple[str, str]] = []
         if "retry_after" in opts.raw:
             extra.append(("retry-after", opts.raw["retry_after"]))
-        if self.mock._should_fail(opts):
+        if self.mock.should_fail(opts):
             status = opts.get("status")
             error = _status_error(status)
             if opts.echo is not None:
@@ -839,12 +843,14 @@ class _Connection:
             "completion_tokens_details": {"reasoning_tokens": reasoning},
         }
 
-    def _plan_stream(self, body: dict[str, Any], conv: _Conversation, opts: _Options) -> _Stream:
+    def _plan_stream(  # noqa: PLR0912, PLR0915  # each fault directive shapes the plan in turn
+        self, body: dict[str, Any], conv: _Conversation, opts: _Options
+    ) -> _Stream:
         reply = self._reply(body, conv, opts)
         model = body.get("model") if isinstance(body.get("model"), str) else self.mock.model
         head = _dumps(
             {
-                "id": self.mock._new_id(),
+                "id": self.mock.new_id(),
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
@@ -996,7 +1002,7 @@ class _Connection:
             completion = 5 * len(reply.calls)
         model = body.get("model") if isinstance(body.get("model"), str) else self.mock.model
         result = {
-            "id": self.mock._new_id(),
+            "id": self.mock.new_id(),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -1081,7 +1087,7 @@ class MockHandle:
 
 
 @contextlib.contextmanager
-def running_mock(
+def running_mock(  # noqa: PLR0913  # keyword-only: the mock's options, as the CLI's flags
     *,
     host: str = "127.0.0.1",
     port: int = 0,

@@ -16,7 +16,7 @@ _CONTAINER_DATA = "/mosquitto/data/"
 _LISTENER = re.compile(r"^listener\s+(\d+)(\s+\S+)?\s*$")
 
 
-def render_config(
+def render_config(  # noqa: PLR0913  # keyword-only: each part of the config a caller sets
     *,
     config_dir: Path,
     data_dir: Path,

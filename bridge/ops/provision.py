@@ -189,7 +189,7 @@ def list_service_users(broker_dir: Path) -> list[str]:
     return [u for u in SERVICE_USERS if u in pw] + [u for u in added if u in pw]
 
 
-def device_config(
+def device_config(  # noqa: PLR0913  # the broker options are keyword-only
     device: str,
     password: str,
     *,

@@ -87,7 +87,7 @@ def depth(value: Any, limit: int) -> int:
     return best
 
 
-def parse_card(owner: str, payload: bytes) -> list[ToolSpec]:
+def parse_card(owner: str, payload: bytes) -> list[ToolSpec]:  # noqa: PLR0912  # one check a rule of the card
     """A `P/D/tools` payload as the tools it declares, or CardError saying what is wrong.
 
     The payload is `{"tools":[{"name":…,"description":…,"parameters":{…},"timeout_ms":…}]}`.

@@ -1,7 +1,7 @@
 # The topic names of the bridge's protocol (docs/protocol.md), for one
 # device, as bytes: what umqtt.simple sends and hands to the callback. Every
 # topic the device library uses comes from here, as the bridge's come from
-# bridge/protocol.py's Topics.
+# bridge/core/topics.py's Topics.
 
 
 class Topics:
