@@ -367,6 +367,11 @@ class Bridge:
         except ProtocolError as exc:
             self._refuse(device, exc, rid or exc.request_id, reply_to, correlation)
             return None
+        except Exception:  # a plugin's bug: the request still gets its one terminal
+            log.exception("internal error taking a request of device=%s", device)
+            error = ProtocolError(p.INTERNAL, "internal error")
+            self._refuse(device, error, rid or p.salvage_id(payload), reply_to, correlation)
+            return None
 
     def _size_limit(self, device: str) -> int:
         """The smallest of the bridge's and the plugins' request size limits for `device`."""

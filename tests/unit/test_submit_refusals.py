@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 
 from bridge.core.errors import BAD_REQUEST, OVERLOADED, TOO_LARGE, ProtocolError
 from bridge.core.plugin import Inbound, Plugin
@@ -191,11 +190,6 @@ class Broken(Plugin):
         raise KeyError("a bug in a plugin")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Bridge.submit lets an exception other than ProtocolError from admit() escape: "
-    "the request gets no terminal (to be fixed in service.py's request path)",
-)
 def test_a_plugin_that_fails_in_admit_still_leaves_the_request_one_terminal() -> None:
     async def main() -> None:
         b, link = bridge(plugins=[Broken()])
