@@ -295,7 +295,7 @@ def deployed(
         assert "Waiting for missing types" not in log, log[-2000:]  # every type is installed
         node_red.wait_log(r"Connected to broker: \S+", connected + 1)
         # Mosquitto's log: the flow's client speaks MQTT v5 as `user`.
-        seen = rf"as nodered\w+ \(p5, c1, k60, u'{user}'\)"
+        seen = rf"as {user} \(p5, c1, k60, u'{user}'\)"  # the broker names clients by user
         deadline = time.monotonic() + 5
         while not re.search(seen, broker.log_file.read_text()):
             assert time.monotonic() < deadline, f"no {seen!r} in Mosquitto's log"

@@ -474,7 +474,8 @@ def test_device_keeps_its_session_when_the_broker_names_clients_by_user(
     assert rec["connects"] >= 2
     log = username_broker.log_file.read_text()
     assert f" as {dev} (" in log and "Client " + dev + " already connected" not in log
-    assert " as bridge (" in log  # the option is on: the bridge is named by its user
+    # the option is on: the bridge is named by its user too
+    assert re.search(r" as (bridge[\w-]*) \(p\d, c\d, k\d+, u'\1'\)", log), log[-2000:]
 
 
 def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:
