@@ -342,7 +342,9 @@ def test_cancel_stops_the_stream_upstream(
     start_bridge: StartBridge, make_device: MakeDevice
 ) -> None:
     with running_mock(api_key=API_KEY) as own:
-        device = make_device(prefix=start_bridge(base_url=own.base_url).prefix)
+        # No models topic: its GET /models would keep a connection of its own open.
+        proc = start_bridge(base_url=own.base_url, BRIDGE_MODELS_TOPIC="false")
+        device = make_device(prefix=proc.prefix)
         _cancel_and_check(device, own.server)
 
 

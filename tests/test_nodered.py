@@ -371,7 +371,8 @@ def test_flow_with_the_read_only_user_shows_why_it_cannot_ask(
     """With `integrations` (the read-only user) the broker refuses the question; over MQTT
     v5 its PUBACK says why (135, Not authorized), and the flow shows that on the dashboard,
     in the debug sidebar and in Node-RED's log instead of failing silently."""
-    watch = Watcher(broker, ["llm/kitchen/ask"], user="automation")
+    broker.add_user("integrations-nrwatch")  # one login per user: the flow is integrations
+    watch = Watcher(broker, ["llm/kitchen/ask"], user="integrations-nrwatch")
     try:
         browser = deployed("integrations")
         browser.type_question("Can I ask?")
