@@ -41,6 +41,12 @@ CANCELLED = "cancelled"
 OVERLOADED = "overloaded"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+# Voice (protocol v2, docs/protocol.md "Voice").
+BAD_AUDIO = "bad_audio"
+AUDIO_TOO_LONG = "audio_too_long"
+AUDIO_TIMEOUT = "audio_timeout"
+NO_SPEECH = "no_speech"
+AUDIO_FORMAT = "audio_format"
 
 
 def valid_id(value: str) -> bool:
@@ -85,6 +91,18 @@ class Topics:
 
     def res_filter(self, device: str) -> str:
         return f"{self.prefix}/{device}/res/+"
+
+    def audio(self, device: str, request_id: str) -> str:
+        """Speech for request R, bridge -> device (protocol v2)."""
+        return f"{self.prefix}/{device}/audio/{request_id}"
+
+    def listen(self, device: str, request_id: str) -> str:
+        """An utterance for request R, device -> bridge (protocol v2)."""
+        return f"{self.prefix}/{device}/listen/{request_id}"
+
+    @property
+    def listen_filter(self) -> str:
+        return f"{self.prefix}/+/listen/+"
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split `P/D/kind` into (D, kind), or None when the topic is not ours."""
@@ -185,6 +203,29 @@ SAMPLING_FIELDS = (
 )
 
 
+class SpeakSpec(BaseModel):
+    """`speak`: how the reply is spoken (protocol v2); unset fields come from the policy."""
+
+    model_config = _Strict
+    format: Literal["pcm16", "wav", "mp3"] | None = None
+    rate: Literal[8000, 16000, 22050, 24000] | None = None
+    voice: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    lead_ms: Annotated[StrictInt, Field(ge=20, le=60000)] | None = None
+    chunk_bytes: Annotated[StrictInt, Field(ge=256, le=65536)] | None = None
+
+
+LISTEN_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class ListenSpec(BaseModel):
+    """`listen`: the prompt is an utterance the device streams on `P/D/listen/R` (v2)."""
+
+    model_config = _Strict
+    rate: Literal[8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000] = 16000
+    transcript_only: StrictBool = False
+    language: Annotated[StrictStr, Field(min_length=2, max_length=16)] | None = None
+
+
 class ChatRequest(BaseModel):
     """A request on `P/D/req`: unknown fields and wrong types are refused, not coerced."""
 
@@ -209,9 +250,15 @@ class ChatRequest(BaseModel):
     chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
     chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     chunk_sentences: StrictBool = False
+    speak: StrictBool | SpeakSpec | None = None
+    listen: ListenSpec | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
+        if self.listen is not None:
+            if self.prompt is not None:
+                raise ValueError("a listen request has no prompt: the utterance is the prompt")
+            return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
         return self
@@ -228,8 +275,7 @@ class ChatRequest(BaseModel):
             out.append({"role": "system", "content": self.system})
         if self.prompt is not None:
             out.append({"role": "user", "content": self.prompt})
-        else:
-            assert self.messages is not None
+        elif self.messages is not None:
             out.extend(m.model_dump(exclude_none=True) for m in self.messages)
         return out
 
