@@ -235,6 +235,7 @@ class Chat:
         self.history = []
         self.last = None
         self._transport = transport
+        self.speaker = None  # a picollm.voice.Speaker: speak=True plays through it
 
     @property
     def transport(self):
@@ -288,6 +289,8 @@ class Chat:
             opts["model"] = self.config["model"]
         opts.update(options)
         inner = self.transport.open(self._messages(prompt), self.system, opts)
+        if opts.get("speak") and self.speaker is not None:
+            self.speaker.attach(self.transport, inner.id)
         self.last = Reply(self, inner, prompt, keep)
         return self.last
 
@@ -297,6 +300,19 @@ class Chat:
         async for _ in reply:
             pass
         return reply.text()
+
+    async def say(self, prompt, **options):
+        # The reply spoken through self.speaker (MQTT mode); returns its text
+        # once played. picollm/voice.py.
+        from picollm.voice import speak
+
+        return await speak(self, prompt, **options)
+
+    async def listen(self, mic, **options):
+        # Ask by voice; returns (transcript, answer). picollm/voice.py.
+        from picollm.voice import listen
+
+        return await listen(self, mic, **options)
 
     def reset(self):
         self.history = []

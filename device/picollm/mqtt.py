@@ -25,12 +25,18 @@ class MQTTTransport:
         self.active = None
         self.last_out = 0
         self.connects = 0
+        self.tap = None  # voice: a function for the other messages (picollm/voice.py)
+        self.subs = []  # voice: more topic filters to subscribe to
+        self.heard = 0  # ticks_ms of the last message for `tap`
 
     # -- connection ---------------------------------------------------------
 
     def _on_msg(self, topic, msg):
         if topic == self.want:
             self.box.append(msg)
+        elif self.tap is not None:
+            self.heard = time.ticks_ms()
+            self.tap(topic, msg)
 
     def connect(self):
         b = self.broker
@@ -52,6 +58,8 @@ class MQTTTransport:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
             c.subscribe((self.base + "res/+").encode(), 1)
+            for f in self.subs:
+                c.subscribe(f, 1)
         except Exception:
             _close_sock(c)
             raise
@@ -201,6 +209,8 @@ class MQTTReply:
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
                 self.seq += 1
                 return m
+            if time.ticks_diff(t.heard, start) > 0:
+                start = t.heard  # audio of this reply is arriving
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
             try:
@@ -235,6 +245,9 @@ class MQTTReply:
                 if "refusal" in m:
                     self.refusal = True
                     return m["refusal"]
+                if "transcript" in m:  # a listen request's utterance, as heard
+                    self.transcript = m["transcript"]
+                    continue
                 self.finish()
                 if "error" in m:
                     e = m["error"] if isinstance(m["error"], dict) else {}
