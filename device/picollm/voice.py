@@ -112,7 +112,7 @@ class Speaker:
         self.reset(rid)
         t = transport
         t.tap = self.on_message
-        sub = (t.cfg["prefix"] + "/" + t.cfg["device_id"] + "/audio/+").encode()
+        sub = t.topics.audio_filter()
         if sub not in t.subs:
             t.subs.append(sub)
             if t.client is not None:
@@ -203,7 +203,7 @@ async def send_utterance(transport, rid, mic, rate, until=None, silence_ms=0,
     # after speech, `max_ms`, or the end of the input; then the end frame.
     # One buffer of `chunk` bytes is reused for every frame.
     t = transport
-    topic = (t.cfg["prefix"] + "/" + t.cfg["device_id"] + "/listen/" + rid).encode()
+    topic = t.topics.listen(rid)
     buf = bytearray(HEADER + chunk)
     mv = memoryview(buf)
     body = mv[HEADER:]
