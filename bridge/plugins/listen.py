@@ -174,10 +174,11 @@ class ListenPlugin(Plugin):
             text = await self.api.transcribe(wav, language=spec.language)
         finally:
             self._forget(key)
+        if not text:
+            ms = (len(wav) - 44) * 500 // rate
+            raise ProtocolError(p.NO_SPEECH, f"nothing was heard in {ms} ms of audio")
         self.host.emit(job, {"transcript": text})
         job.terminal["transcript"] = text
-        if not text:
-            raise ProtocolError(p.NO_SPEECH, f"nothing was heard in {len(wav) // 2 // rate} s")
         if spec.transcript_only:
             job.body = None
         elif job.body is not None:

@@ -56,6 +56,7 @@ class _Spoken:
             maxsize=max(4, BUFFER_BYTES // self.payload)
         )
         self.seq = 0
+        self.chunks = 0
         self.bytes = 0
         self.ms = 0.0
         self.spoken = 0
@@ -157,6 +158,7 @@ class _Spoken:
             if self.first_at is None:
                 self.first_at = asyncio.get_running_loop().time()
             self.seq += 1
+            self.chunks += 1
             self.bytes += len(piece)
             self.ms += ms
         self._end(self.error)
@@ -179,7 +181,7 @@ class _Spoken:
             "rate": self.rate if self.format != "mp3" else None,
             "bytes": self.bytes,
             "ms": round(self.ms),
-            "chunks": self.seq,
+            "chunks": self.chunks,
             "sentences": self.spoken,
         }
         if self.error:
