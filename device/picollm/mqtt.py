@@ -241,7 +241,7 @@ class MQTTReply(Reply):
                 if "refusal" in m:
                     self.refusal = True
                     return m["refusal"]
-                if "transcript" in m:  # a listen request's utterance, as heard
+                if "transcript" in m and "done" not in m:  # a listen request's utterance
                     self.transcript = m["transcript"]
                     continue
                 self.finish()

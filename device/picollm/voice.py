@@ -295,6 +295,7 @@ async def listen(chat, mic, rate=16000, until=None, silence_ms=0, max_ms=10000,
         req["speak"] = speak
     req.update(options)
     reply = MQTTReply(t, rid, json.dumps(req).encode())
+    chat.last = reply
     sp = chat.speaker if speak else None
     if sp is not None:
         sp.attach(t, rid)
