@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Why is the sky blue?")
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
+    demo.add_argument(
+        "--voice", nargs="?", const="demo-answer.wav", default=None, metavar="WAV",
+        help="also speak the answer; the device writes it to WAV (default demo-answer.wav)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     from bridge.ops import provision

@@ -19,6 +19,17 @@ if ! have_mosquitto; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
+# espeak-ng: the mock API's real speech (docs/protocol.md "Voice"); without it the mock
+# speaks a plain tone and the voice tests still run.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="none"; fi
+  if [ "$SUDO" != none ]; then
+    echo "== installing espeak-ng (apt-get)"
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null) \
+      || echo "could not install espeak-ng: the mock speaks a tone instead" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"

@@ -91,3 +91,16 @@ def test_mark_survives_noise() -> None:
     rng = np.random.default_rng(1)
     sig = np.concatenate([rng.normal(0, 0.05, 8000), mock_audio.mark("noisy ok", 16000)])
     assert mock_audio.read_marks(sig + rng.normal(0, 0.01, len(sig)), 16000) == ["noisy ok"]
+
+
+def test_without_espeak_the_tone_still_carries_what_it_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from bridge.dev import mock_audio
+
+    monkeypatch.setattr(mock_audio.shutil, "which", lambda _name: None)
+    samples = asyncio.run(mock_audio.speak("No espeak here."))
+    assert len(samples) > mock_audio.RATE  # 60 ms a character, then the mark
+    assert mock_audio.read_marks(samples, mock_audio.RATE) == ["No espeak here."]

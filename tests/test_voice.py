@@ -360,3 +360,21 @@ def test_acl_a_device_can_neither_hear_nor_speak_for_another(
     bob.wait_audio_end("b1")
     time.sleep(0.2)
     assert spy == [] and "b1" not in alice.audio
+
+
+def test_demo_voice_writes_the_spoken_answer_to_a_wav(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    out = tmp_path / "answer.wav"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", "demo", "--voice", str(out), "--prompt", "Hi."],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"written to {out}" in proc.stderr
+    assert mock_audio.transcribe(out.read_bytes())[0] == "".join(reply_tokens("Hi."))

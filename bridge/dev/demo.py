@@ -4,6 +4,8 @@ It starts a broker (Mosquitto with the project's broker/ files when it is
 installed, else the embedded Python broker amqtt), the mock LLM (or the real
 API when `OPENAI_API_KEY` is set), the bridge, and a device that asks a
 question and prints the answer as it streams. Ctrl-C stops all of it.
+With `--voice` the answer is also spoken (protocol v2 "Voice") and the
+simulated device writes what it heard to a WAV file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import socket
@@ -22,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
+from bridge.core.mqtt import MqttLink
 from bridge.core.service import Bridge
-from bridge.core.settings import load_settings
+from bridge.core.settings import MqttUrl, load_settings
 from bridge.dev.client import BridgeClient, BridgeError
 from bridge.dev.mock_llm import MockLLM
 from bridge.ops.brokerconf import acl_text, render_config
@@ -138,13 +142,20 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             else:
                 _say(f"LLM: {base.openai_base_url}, model {base.openai_model}")
             settings = load_settings(**overrides)
-            bridge = Bridge(settings)
+            from bridge.plugins.listen import ListenPlugin  # noqa: PLC0415
+            from bridge.plugins.speech import SpeechPlugin  # noqa: PLC0415
+
+            bridge = Bridge(settings, plugins=[ListenPlugin(settings), SpeechPlugin(settings)])
             try:
                 await bridge.start(connect_timeout=10)
                 _say("bridge: online")
                 url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
                 version = 5 if mqtt_version == "5" else 4
-                status = await _ask(url, version, args.prompt, stop)
+                voice = getattr(args, "voice", None)
+                if voice:
+                    status = await _ask_voice(url, version, args.prompt, stop, Path(voice))
+                else:
+                    status = await _ask(url, version, args.prompt, stop)
                 if args.keep_running and not stop.is_set():
                     _say(
                         "still serving; ask again from another terminal with:\n"
@@ -182,6 +193,73 @@ async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
             return 0
 
         return await unless_stopped(stream(), stop)
+
+
+class _Heard:
+    """The simulated device's speaker: the audio frames of its replies, kept for a WAV."""
+
+    def __init__(self) -> None:
+        self.pcm = bytearray()
+        self.rate = 16000
+        self.end: dict[str, Any] | None = None
+        self.ended = asyncio.Event()
+
+    def on_message(self, msg: Any) -> None:
+        from bridge.plugins import audio  # noqa: PLC0415
+
+        try:
+            frame = audio.unpack_frame(bytes(msg.payload))
+        except ValueError:
+            return
+        if frame.kind == audio.DATA:
+            self.pcm += frame.payload
+            self.rate = frame.rate or self.rate
+            return
+        with contextlib.suppress(ValueError):
+            self.end = json.loads(frame.payload) if frame.kind == audio.ERROR else {}
+        self.ended.set()
+
+
+async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, out: Path) -> int:
+    """Ask with `speak`, print the text, write the spoken answer to `out`."""
+    from bridge.plugins import audio  # noqa: PLC0415
+
+    heard = _Heard()
+    ear = MqttLink(MqttUrl.parse(url), client_id=f"{DEVICE}-ear-{os.urandom(3).hex()}",
+                   on_message=heard.on_message, subscriptions=[(f"llm/{DEVICE}/audio/+", 1)],
+                   version=version)  # fmt: skip
+    await ear.start(timeout=10)
+    try:
+        async with asyncio.timeout(10):
+            await ear.subscribed.wait()
+        async with BridgeClient(url, DEVICE, version=version) as client:
+            _say(f"device {DEVICE!r} asks, to hear the answer: {prompt}")
+
+            async def talk() -> int:
+                try:
+                    async for piece in client.stream(prompt, speak={"rate": 16000}):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                except BridgeError as exc:
+                    print(file=sys.stdout)
+                    _say(f"error: {exc}")
+                    return 1
+                print(file=sys.stdout, flush=True)
+                async with asyncio.timeout(30):
+                    await heard.ended.wait()
+                if heard.end:
+                    _say(f"speech failed: {heard.end.get('code')}: {heard.end.get('message')}")
+                    return 1
+                wav = audio.wav_bytes(bytes(heard.pcm), heard.rate)
+                await asyncio.to_thread(out.write_bytes, wav)
+                ms = audio.pcm_ms(len(heard.pcm), heard.rate)
+                where = os.path.abspath(out)
+                _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {where}")
+                return 0
+
+            return await unless_stopped(talk(), stop)
+    finally:
+        await ear.stop()
 
 
 def run(args: argparse.Namespace) -> int:
