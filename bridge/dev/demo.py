@@ -253,8 +253,7 @@ async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, o
                 wav = audio.wav_bytes(bytes(heard.pcm), heard.rate)
                 await asyncio.to_thread(out.write_bytes, wav)
                 ms = audio.pcm_ms(len(heard.pcm), heard.rate)
-                where = os.path.abspath(out)
-                _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {where}")
+                _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {out}")
                 return 0
 
             return await unless_stopped(talk(), stop)
@@ -264,5 +263,7 @@ async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, o
 
 def run(args: argparse.Namespace) -> int:
     """The `llm-bridge demo` command."""
+    if getattr(args, "voice", None):
+        args.voice = os.path.abspath(args.voice)  # said in full when written
 
     return run_until_signal(lambda stop: demo(args, stop))
