@@ -86,12 +86,20 @@ class _Devices:
             rid = f"r{round_id}"
             sent[f"{name}/{rid}"] = time.monotonic()
             c.publish(f"llm/{name}/req", json.dumps({"id": rid, **body}), qos=1)
+        # Once every device has its first audio the rest is paced real time: cancel it
+        # (the cancel also ends the audio stream) and wait for the terminals.
         deadline = time.monotonic() + 120
+        cancelled = False
         while time.monotonic() < deadline:
             with self.lock:
                 if all(k in self.done for k in sent):
                     break
-            time.sleep(0.05)
+                heard = all(k in self.first or k in self.done for k in sent)
+            if heard and not cancelled:
+                cancelled = True
+                for name, c in self.clients[:count]:
+                    c.publish(f"llm/{name}/cancel", json.dumps({"id": f"r{round_id}"}), qos=1)
+            time.sleep(0.02)
         with self.lock:
             missing = [k for k in sent if k not in self.first]
             if missing:
