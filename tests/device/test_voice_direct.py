@@ -44,6 +44,7 @@ def test_speech_streams_to_a_writer_and_a_file_transcribes_in_bounded_heap(
         r = recs[f"speech_{fmt}"]
         # hundreds of KB of audio pass through; the heap grows by a few KB only
         assert r["writes"] > 50 and r["heap_peak"] - r["heap_base"] < 12 * 1024, r
+    print("direct:", {k: recs[k] for k in ("speech_wav", "speech_pcm", "transcript")})
     assert recs["transcript"]["text"] == TEXT
     assert recs["transcript"]["heap_after"] < 8 * 1024
     assert recs["transcript_text"]["text"] == TEXT
