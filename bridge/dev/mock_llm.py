@@ -38,6 +38,11 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
 
+``POST /v1/audio/speech`` speaks its ``input`` (espeak-ng, or a tone) and
+``POST /v1/audio/transcriptions`` reads back what the mock's own speech said
+(:mod:`bridge.dev.mock_audio`); speech takes ``status``,
+``first_byte_delay_ms``, ``delay_ms``, ``hang`` and ``cut_after``.
+
 Content chunks are the deltas carrying content, refusal or tool-call pieces
 (not the role chunk, not reasoning). Counts past the end of the reply apply
 at its end (``cut_after``, ``error_event_at``, ``event_error_at``) or never
