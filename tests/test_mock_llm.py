@@ -26,11 +26,11 @@ from bridge.dev.mock_llm import (
     FILLER_WORDS,
     REFUSAL_TEXT,
     MockHandle,
-    default_corpus_dir,
     reasoning_tokens,
     reply_tokens,
     running_mock,
 )
+from tests.streams import OWN
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-123"
@@ -233,6 +233,22 @@ def test_auth_models_health_and_errors() -> None:
         assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
 
 
+def test_echo_auth_puts_the_authorization_header_in_the_error() -> None:
+    """A careless upstream echoing the key, whole or shortened, in its error bodies and events."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with running_mock(api_key=KEY) as m, httpx.Client(base_url=m.base_url, headers=auth) as c:
+        r = c.post("/chat/completions", json=body("[mock status=401 echo_auth=5] hi"))
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == f"xxxxxIncorrect API key provided: Bearer {KEY}"
+        r = c.post("/chat/completions", json=body("[mock status=400 echo_auth echo_keep=8] hi"))
+        message = r.json()["error"]["message"]
+        assert message == "xIncorrect API key provided: Bearer s\u2026test-123"
+        stream = body("[mock tokens=3 error_event_at=1 echo_auth=0] hi", stream=True)
+        events = sse_events(c.post("/chat/completions", json=stream).text)
+        error = json.loads(events[-1]["data"])["error"]
+        assert error["message"] == f"Incorrect API key provided: Bearer {KEY}"
+
+
 def test_status_retry_after_and_fail_times(mock: MockHandle, client: httpx.Client) -> None:
     r = client.post("/chat/completions", json=body("[mock status=429 retry_after=2] hi"))
     assert r.status_code == 429
@@ -379,23 +395,22 @@ def test_stamp(client: httpx.Client) -> None:
 
 # --------------------------------------------------------------------------- corpus
 
-CORPUS = default_corpus_dir()
-needs_corpus = pytest.mark.skipif(CORPUS is None, reason="shared/sse-corpus not found")
+CORPUS = OWN
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     "name",
     [
-        "openai_text_include_usage",
-        "synthetic_crlf_line_endings",
-        "synthetic_truncated_mid_event",
-        "synthetic_multi_events_per_read",
-        "synthetic_utf8_split_across_reads",
+        "openai_text_usage_chunk",
+        "crlf_line_endings",
+        "cr_line_endings",
+        "truncated_mid_event",
+        "multi_events_per_read",
+        "utf8_split_across_reads",
     ],
 )
 def test_corpus_replay_byte_exact(client: httpx.Client, name: str) -> None:
-    assert CORPUS is not None
+    """The project's own provider streams (the default corpus), byte for byte, in their reads."""
     expected = (CORPUS / f"{name}.sse").read_bytes()
     meta = json.loads((CORPUS / f"{name}.json").read_text())
     pieces: list[bytes] = []
@@ -414,9 +429,7 @@ def test_corpus_replay_byte_exact(client: httpx.Client, name: str) -> None:
         assert set(bounds) <= offsets
 
 
-@needs_corpus
 def test_corpus_split_and_missing(client: httpx.Client) -> None:
-    assert CORPUS is not None
     expected = (CORPUS / "mistral_text.sse").read_bytes()
     headers = {"X-Mock": "corpus=mistral_text split=64"}
     with client.stream("POST", "/chat/completions", json=body("x"), headers=headers) as r:

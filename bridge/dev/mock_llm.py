@@ -19,6 +19,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   e.g. ``run=7``, to start a fresh counter).
 * ``cut_after=N`` send N content chunks, then close the connection without
   the terminating zero-length chunk (non-stream: half the body).
+  ``cut_after_finish=1`` send the whole reply and its ``finish_reason``, then
+  close the connection the same way (no usage chunk, no ``[DONE]``).
 * ``malformed_at=N`` the Nth content event's data is not valid JSON
   (non-stream: the body is cut JSON).
 * ``error_event_at=N`` after N content chunks send a ``data: {"error":...}``
@@ -32,11 +34,17 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   events.
 * ``stamp=1`` every content token is ``f"{time.monotonic_ns()} "`` taken just
   before its chunk is written (for latency benchmarks).
-* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory byte
-  for byte, split at ``transport.chunk_boundaries`` of ``NAME.json`` when it
-  has them; ``split=K`` instead writes K-byte slices.
+* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory (the
+  repository's ``tests/fixtures/streams`` unless set) byte for byte, split
+  at ``transport.chunk_boundaries`` of ``NAME.json`` when it has them;
+  ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
+* ``echo_auth=P`` with ``status`` or an error event: the error's message
+  echoes the request's ``Authorization`` header after P characters of
+  padding (to put the key across any cut), as a careless upstream might;
+  ``echo_keep=K`` echoes only its first and last K characters, joined by
+  "…" (a provider showing a shortened key).
 
 ``POST /v1/audio/speech`` speaks its ``input`` (espeak-ng, or a tone) and
 ``POST /v1/audio/transcriptions`` reads back what the mock's own speech said
@@ -104,7 +112,8 @@ _DIRECTIVE_RE = re.compile(r"\[mock(?:\s[^\]]*)?\]")
 _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
-    " event_error_at hang reasoning refusal keepalive stamp split tool"
+    " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
+    " echo_auth echo_keep"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -197,15 +206,17 @@ def reasoning_tokens(count: int) -> list[str]:
 
 
 def default_corpus_dir() -> Path | None:
-    """Locate the shared SSE corpus: ``$MOCK_LLM_CORPUS_DIR``, else ``shared/sse-corpus``.
+    """Locate what ``corpus=NAME`` replays: ``$MOCK_LLM_CORPUS_DIR``, else the project's own.
 
-    Why: the repo sits at ``<workspace>/main`` next to ``<workspace>/shared``,
-    so the corpus is found without configuration in a checkout.
+    Why: the project's provider fixtures (``tests/fixtures/streams`` in the
+    repository, beside this package) are what its tests and a developer's
+    checkout replay, with nothing outside the repository; an installed wheel
+    has no tests/, so there it takes ``--corpus-dir`` or the variable.
     """
     env = os.environ.get("MOCK_LLM_CORPUS_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "sse-corpus"
+    candidate = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "streams"
     return candidate if candidate.is_dir() else None
 
 
@@ -272,6 +283,7 @@ class _Options:
 
     raw: dict[str, str]
     ints: dict[str, int]
+    echo: str | None = None  # the error message that ``echo_auth`` asks for
 
     def get(self, key: str, default: int = 0) -> int:
         return self.ints.get(key, default)
@@ -362,6 +374,16 @@ class _Stream:
 _MOCK_ERROR = _dumps(
     {"error": {"message": "mock error", "type": "server_error", "code": "mock_error"}}
 )
+
+
+def _auth_echo(opts: _Options, auth: str) -> str | None:
+    """The error message ``echo_auth``/``echo_keep`` ask for, or None."""
+    if "echo_auth" not in opts.ints:
+        return None
+    keep = opts.get("echo_keep")
+    if keep and 2 * keep < len(auth):
+        auth = f"{auth[:keep]}\u2026{auth[-keep:]}"
+    return f"{'x' * opts.get('echo_auth')}Incorrect API key provided: {auth}"
 
 
 class MockLLM:
@@ -674,7 +696,7 @@ class _Connection:
             await self._speech(body, headers.get("x-mock"))
             return
         try:
-            await self._chat(body, headers.get("x-mock"))
+            await self._chat(body, headers.get("x-mock"), headers.get("authorization", ""))
         except _BadRequestError as exc:
             await self._error(400, str(exc), "bad_request")
 
@@ -749,12 +771,13 @@ class _Connection:
 
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, body: dict[str, Any], header: str | None) -> None:
+    async def _chat(self, body: dict[str, Any], header: str | None, auth: str = "") -> None:
         conv = _conversation(body)
         directives = parse_directives(conv.directive_text) if conv.directive_text else {}
         if header:
             directives.update(parse_directives(header))
         opts = _options(directives)
+        opts.echo = _auth_echo(opts, auth)
 
         if opts.get("first_byte_delay_ms"):
             await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
@@ -762,7 +785,11 @@ class _Connection:
         if "retry_after" in opts.raw:
             extra.append(("retry-after", opts.raw["retry_after"]))
         if self.mock._should_fail(opts):
-            await self._respond(opts.get("status"), _status_error(opts.get("status")), extra=extra)
+            status = opts.get("status")
+            error = _status_error(status)
+            if opts.echo is not None:
+                error = _error_json(opts.echo, "invalid_request_error", "invalid_api_key")
+            await self._respond(status, error, extra=extra)
             return
         stream = bool(body.get("stream", False))
         if "corpus" in opts.raw:
@@ -900,14 +927,19 @@ class _Connection:
                 plan.events.extend(content[: opts.get(key)])
                 if key == "cut_after":
                     plan.cut = True
-                elif key == "error_event_at":
-                    plan.events.append(_Event(f"data: {_MOCK_ERROR}\n\n".encode()))
                 else:
-                    plan.events.append(_Event(f"event: error\ndata: {_MOCK_ERROR}\n\n".encode()))
+                    error = _MOCK_ERROR
+                    if opts.echo is not None:
+                        error = _error_json(opts.echo, "server_error", "mock_error").decode()
+                    frame = "data" if key == "error_event_at" else "event: error\ndata"
+                    plan.events.append(_Event(f"{frame}: {error}\n\n".encode()))
                 return self._keepalive(plan, opts)
 
         plan.events.extend(content)
         plan.events.append(_Event(chunk({}, reply.finish)))
+        if opts.get("cut_after_finish"):
+            plan.cut = True
+            return self._keepalive(plan, opts)
         stream_options = body.get("stream_options")
         if isinstance(stream_options, dict) and stream_options.get("include_usage"):
             usage = self._usage(conv, completion, len(reply.reasoning))
@@ -1123,7 +1155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus-dir",
         type=Path,
         default=None,
-        help="directory of NAME.sse bodies for the corpus= directive",
+        help="directory of NAME.sse bodies for the corpus= directive"
+        " (default: the repository's tests/fixtures/streams)",
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
