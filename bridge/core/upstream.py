@@ -276,6 +276,7 @@ class AudioApi:
         self.base = settings.openai_audio_base_url or settings.openai_base_url
         key = settings.openai_audio_api_key or settings.openai_api_key
         self._key = key.get_secret_value() if key else ""
+        self._audio_redact = Redactor(self._key)
         self.tts_model = settings.openai_tts_model or settings.openai_model
         self.tts_voice = settings.openai_tts_voice
         self.stt_model = settings.openai_stt_model or settings.openai_model
@@ -287,8 +288,19 @@ class AudioApi:
         return headers
 
     def redact(self, text: str) -> str:
-        text = self._up.redact(text)
-        return text.replace(self._key, "***") if self._key else text
+        """Both keys (the chat API's and the audio API's) out of a text, before any cut."""
+        return self._audio_redact(self._up.redact(text))
+
+    def _detail(self, body: bytes) -> str:
+        """An error body's message with both keys out (before the cut, as `_error_detail`)."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return self.redact(body.decode("utf-8", "replace")).strip()[:DETAIL_CHARS]
+        err = obj.get("error", obj) if isinstance(obj, dict) else obj
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("detail") or err
+        return self.redact(str(err))[:DETAIL_CHARS]
 
     @asynccontextmanager
     async def speech(
@@ -310,7 +322,7 @@ class AudioApi:
                 "POST", self.base + "/audio/speech", json=body, headers=self._headers("*/*")
             ) as resp:
                 if resp.status_code >= 400:
-                    detail = _error_detail(await self._up._read_some(resp))
+                    detail = self._detail(await self._up._read_some(resp))
                     raise UpstreamError(
                         p.UPSTREAM_STATUS,
                         self.redact(f"speech API answered {resp.status_code}: {detail}"),
@@ -351,7 +363,7 @@ class AudioApi:
             raise UpstreamError(
                 p.UPSTREAM_STATUS,
                 self.redact(
-                    f"transcription API answered {resp.status_code}: {_error_detail(resp.content)}"
+                    f"transcription API answered {resp.status_code}: {self._detail(resp.content)}"
                 ),
                 status=resp.status_code,
             )
