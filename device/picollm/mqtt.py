@@ -209,8 +209,9 @@ class MQTTReply(Reply):
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
                 self.seq = seq + 1
                 return m
-            if time.ticks_diff(t.heard, start) > 0:
-                start = t.heard  # audio of this reply is arriving
+            heard = getattr(t, "heard", 0)  # audio of this reply is arriving (voice.py)
+            if heard and time.ticks_diff(heard, start) > 0:
+                start = heard
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
             try:
