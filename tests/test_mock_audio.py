@@ -104,3 +104,22 @@ def test_without_espeak_the_tone_still_carries_what_it_said(
     samples = asyncio.run(mock_audio.speak("No espeak here."))
     assert len(samples) > mock_audio.RATE  # 60 ms a character, then the mark
     assert mock_audio.read_marks(samples, mock_audio.RATE) == ["No espeak here."]
+
+
+def test_unmarked_speech_is_recognised_by_pocketsphinx_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from bridge.dev import mock_audio
+
+    pytest.importorskip("pocketsphinx", reason="the optional extra 'asr'")
+    spoken = asyncio.run(mock_audio._espeak("what is the weather like today", "en", 1.0))
+    if spoken is None:
+        pytest.skip("espeak-ng is not installed")
+    pcm = (np.clip(spoken, -1, 1) * 32767).astype("<i2").tobytes()
+    assert mock_audio.transcribe(a.wav_bytes(pcm, mock_audio.RATE))[0] == ""
+    monkeypatch.setenv("MOCK_LLM_ASR", "1")
+    text, _ = mock_audio.transcribe(a.wav_bytes(pcm, mock_audio.RATE))
+    words = text.split()
+    assert words and set(words) <= {"what", "is", "the", "weather", "like", "today"}, text

@@ -7,7 +7,10 @@ per half byte). The mock's transcription finds every mark in what it is
 sent and reads the text back, so a round trip (mock speech -> bridge ->
 device -> microphone -> bridge -> mock transcription) is checked word for
 word, through resampling to any device rate. Audio without a mark
-transcribes as an empty text, as a recogniser hearing silence would.
+transcribes as an empty text, as a recogniser hearing silence would; with
+`MOCK_LLM_ASR=1` in the environment it is recognised by PocketSphinx (its
+English model ships in PyPI's `pocketsphinx`, the optional extra `asr`),
+for trying a real microphone against the mock.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import importlib
+import os
 import shutil
 from typing import Any
 
@@ -202,6 +207,25 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     return fields
 
 
+def recognise(samples: np.ndarray, rate: int) -> str:
+    """Real speech recognition with PocketSphinx's US English model, if installed."""
+    try:
+        decoder_type = importlib.import_module("pocketsphinx").Decoder
+    except ImportError:
+        return ""
+    if rate != 16000:
+        conv = PcmConverter(rate, 1, 16, 1, 16000)
+        pcm = conv.feed(_pcm16(samples)) + conv.flush()
+    else:
+        pcm = _pcm16(samples)
+    decoder = decoder_type(samprate=16000, loglevel="FATAL")
+    decoder.start_utt()
+    decoder.process_raw(pcm, full_utt=True)
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    return str(hyp.hypstr) if hyp is not None else ""
+
+
 def transcribe(wav: bytes) -> tuple[str, float]:
     """The marked text in a WAV file, and its duration in seconds; ValueError if not WAV."""
     reader = WavReader()
@@ -210,4 +234,10 @@ def transcribe(wav: bytes) -> tuple[str, float]:
         raise ValueError("the file is not a complete WAV file")
     conv = PcmConverter(reader.rate, reader.channels, reader.bits, reader.tag, reader.rate)
     samples = np.frombuffer(conv.feed(raw), "<i2").astype(np.float32) / 32768
-    return " ".join(read_marks(samples, reader.rate)), len(samples) / reader.rate
+    seconds = len(samples) / reader.rate
+    marks = read_marks(samples, reader.rate)
+    if marks:
+        return " ".join(marks), seconds
+    if os.environ.get("MOCK_LLM_ASR") != "1" or np.max(np.abs(samples), initial=0) < 0.01:
+        return "", seconds
+    return recognise(samples, reader.rate), seconds

@@ -283,6 +283,8 @@ class Chat:
         if self.config["model"]:
             opts["model"] = self.config["model"]
         opts.update(options)
+        if opts.get("speak") and self.config["mode"] != "mqtt":
+            raise ValueError("speak needs the mqtt mode; direct mode: OpenAI.audio.speech.create")
         r = self.transport.open(self._messages(prompt), self.system, opts)
         r._chat, r._prompt, r._keep = self, prompt, keep
         if opts.get("speak") and self.speaker is not None:
