@@ -32,6 +32,8 @@ MAX_UTTERANCES = 1024
 """Utterances held at once, all devices (each bounded by its device's policy)."""
 MAX_TOTAL_BYTES = 64 * 1024 * 1024
 """Audio held at once, all devices."""
+MAX_PER_DEVICE = 8
+"""Utterances one device may have held at once (so one cannot take every slot)."""
 
 
 @dataclass
@@ -74,7 +76,8 @@ class ListenPlugin(Plugin):
         key = (device, rid)
         utt = self.held.get(key)
         if utt is None:
-            if len(self.held) >= MAX_UTTERANCES:
+            mine = sum(1 for d, _ in self.held if d == device)
+            if len(self.held) >= MAX_UTTERANCES or mine >= MAX_PER_DEVICE:
                 log.warning("dropped utterance device=%s id=%s: too many held", device, rid)
                 return
             utt = self.held[key] = Utterance()
