@@ -136,3 +136,27 @@ def test_device_listens_and_hears_the_spoken_answer(
     # the second utterance is the same file from the start, cut at 1.5 s: its mark is
     # not whole, so nothing was heard
     assert second == {**second, "ok": False, "code": "no_speech"}
+
+
+def test_main_program_push_to_talk(device_config: dict[str, Any], tmp_path: Path) -> None:
+    question = "Is it going to rain?"
+    _mic_file(tmp_path / "mic.pcm", question)
+    device_config.update(
+        gpio={"led": "LED", "button": None},
+        voice={"enabled": True, "rate": 16000, "buffer": 20480,
+               "speaker": {"id": 0, "sck": 16, "ws": 17, "sd": 18},
+               "mic": {"id": 1, "sck": 10, "ws": 11, "sd": 12}, "talk_button": 15},
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(device_config))
+    out = tmp_path / "speaker.pcm"
+    proc = vmkit.run_vm(
+        vmkit.DEVICE_DIR / "main.py", cwd=tmp_path, timeout=60,
+        env=vmkit.vm_env(STUB_PRESSES="1", STUB_HOLD_READS="200", STUB_LOG=str(tmp_path / "log"),
+                         STUB_I2S_IN=str(tmp_path / "mic.pcm"), STUB_I2S_OUT=str(out)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    answer = "".join(reply_tokens(question))
+    assert "hold the talk button" in proc.stdout
+    assert f"you: {question}" in proc.stdout and f"llm: {answer}" in proc.stdout
+    assert _said(out.read_bytes()) == answer
+    assert proc.stdout.rstrip().endswith("stopped")

@@ -1,7 +1,8 @@
 # Stand-in for the Pico's `machine` module on the MicroPython Unix port.
 # Output pins write their changes to the file named by STUB_LOG; an input
 # pin with PULL_UP reads as pressed (0) STUB_PRESSES times, once every few
-# reads, and then raises KeyboardInterrupt, as a user pressing Ctrl-C would.
+# reads, and then raises KeyboardInterrupt, as a user pressing Ctrl-C would;
+# with STUB_HOLD_READS=n each press is held down for n more reads.
 
 import os
 
@@ -29,6 +30,7 @@ class Pin:
         self._value = 0 if value is None else value
         self._reads = 0
         self._presses = int(os.getenv("STUB_PRESSES") or "0")
+        self._held = 0  # reads left of a press held down (STUB_HOLD_READS)
 
     def value(self, v=None):
         if v is None:
@@ -41,12 +43,16 @@ class Pin:
 
     def _read(self):
         self._reads += 1
+        if self._held > 0:
+            self._held -= 1
+            return 0
         if self._reads % 3:
             return 1
         if self._presses <= 0:
             raise KeyboardInterrupt
         self._presses -= 1
         _log(f"pin {self.id} pressed")
+        self._held = int(os.getenv("STUB_HOLD_READS") or "0")
         return 0
 
     def on(self):
