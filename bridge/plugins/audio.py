@@ -12,9 +12,10 @@ import re
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import soxr  # type: ignore[import-untyped]  # ships no type information
+if TYPE_CHECKING:  # numpy and soxr load with the first conversion, not with the bridge
+    import numpy as np
 
 # --- frames on P/D/audio/R and P/D/listen/R -------------------------------------------------
 
@@ -155,6 +156,8 @@ class PcmConverter:
     """
 
     def __init__(self, in_rate: int, channels: int, bits: int, tag: int, out_rate: int) -> None:
+        import soxr  # type: ignore[import-untyped]  # noqa: PLC0415  # no type information
+
         self.channels = channels
         self.width = bits // 8
         self.tag = tag
@@ -165,6 +168,8 @@ class PcmConverter:
         )  # fmt: skip
 
     def _floats(self, raw: bytes) -> np.ndarray:
+        import numpy as np  # noqa: PLC0415
+
         x: np.ndarray
         w = self.width
         if self.tag == 3:
@@ -186,6 +191,8 @@ class PcmConverter:
 
     @staticmethod
     def _int16(x: np.ndarray) -> bytes:
+        import numpy as np  # noqa: PLC0415
+
         return bytes((np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes())
 
     def feed(self, raw: bytes) -> bytes:
@@ -200,6 +207,8 @@ class PcmConverter:
         return self._int16(x)
 
     def flush(self) -> bytes:
+        import numpy as np  # noqa: PLC0415
+
         if self._rs is None:
             return b""
         return self._int16(self._rs.resample_chunk(np.zeros(0, np.float32), last=True))
