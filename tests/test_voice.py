@@ -322,9 +322,17 @@ def test_malformed_utterances_are_refused_clearly(
     assert _bad(dev, "g8", [a.pack_frame(0, a.END, 1, 16000)])["code"] == "no_speech"
     assert _bad(dev, "g9", [a.pack_frame(0, a.DATA, 1, 16000, bytes(6400)),
                             a.pack_frame(1, a.END, 1, 16000)])["code"] == "no_speech"  # fmt: skip
-    # a listen request that also has a prompt is not one
+    # a listen request that also has a prompt is not one, nor one without an id
     dev.ask({"id": "g10", "prompt": "hi", "listen": {}})
     assert dev.wait("g10")[0]["error"]["code"] == "bad_request"
+    before = set(dev.res)
+    dev.ask({"listen": {}})
+    deadline = time.monotonic() + 10
+    while not (made := set(dev.res) - before):
+        assert time.monotonic() < deadline, "no answer to a listen request without id"
+        time.sleep(0.05)
+    error = dev.wait(made.pop())[0]["error"]
+    assert error["code"] == "bad_request" and "needs an id" in error["message"]
     # and the bridge still serves
     dev.ask({"id": "ok", "listen": {"rate": 16000}})
     dev.speak_frames("ok", good)

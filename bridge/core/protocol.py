@@ -219,6 +219,8 @@ class ChatRequest(BaseModel):
         if self.listen is not None:
             if self.prompt is not None:
                 raise ValueError("a listen request has no prompt: the utterance is the prompt")
+            if self.id is None:
+                raise ValueError("a listen request needs an id: its audio goes to listen/<id>")
             return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
