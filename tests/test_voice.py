@@ -212,6 +212,17 @@ def test_first_audio_before_the_whole_text_is_generated_and_a_cancel_ends_it(
     assert end.kind == a.ERROR and json.loads(end.payload)["code"] == "cancelled"
 
 
+def test_a_refusal_is_spoken(bridge: BridgeProcess, make_voice: Callable[..., VoiceDevice]) -> None:
+    from bridge.dev.mock_llm import REFUSAL_TEXT
+
+    dev = make_voice()
+    dev.ask({"id": "n1", "prompt": "No [mock refusal=1]", "speak": {"lead_ms": 60000}})
+    assert dev.wait("n1")[-1]["audio"]["sentences"] == 1
+    assert mock_audio.transcribe(a.wav_bytes(_pcm(dev.wait_audio_end("n1")), 16000))[0] == (
+        REFUSAL_TEXT
+    )
+
+
 def test_wav_and_mp3_formats(bridge: BridgeProcess, make_voice: Callable[..., VoiceDevice]) -> None:
     dev = make_voice()
     dev.ask({"id": "w1", "prompt": "Wave", "speak": {"format": "wav", "rate": 8000}})

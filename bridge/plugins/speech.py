@@ -240,6 +240,8 @@ class SpeechPlugin(Plugin):
         if fold is not None and fold.text:
             fed = spoken.fed if spoken.fold is fold else 0
             spoken.feed(fold.text[fed:])
+        elif fold is not None and fold.refusal and not spoken.fed:
+            spoken.feed(fold.refusal)  # a refusal is said too, so a listener knows why
         job.terminal["audio"] = await spoken.finish()
 
     def finished(self, job: Job) -> None:
