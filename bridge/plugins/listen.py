@@ -23,7 +23,7 @@ from bridge.core.errors import ProtocolError
 from bridge.core.job import Job
 from bridge.core.plugin import Host, Inbound, Plugin
 from bridge.core.settings import Settings
-from bridge.core.upstream import AudioApi
+from bridge.core.upstream import AudioApi, Upstream
 from bridge.plugins import audio as a
 
 log = logging.getLogger("bridge.listen")
@@ -61,7 +61,9 @@ class ListenPlugin(Plugin):
 
     def attach(self, host: Host) -> None:
         self.host = host
-        self.api = AudioApi(host.upstream, host.settings)
+        # A connection pool of its own: a speaking request holds a chat stream and a
+        # speech call at once, which would starve the chat pool at full load.
+        self.api = AudioApi(Upstream(host.settings), host.settings)
         host.subscribe(host.topics.device_filter("listen", per_request=True), self._on_frame)
 
     # -- frames in -------------------------------------------------------------------------

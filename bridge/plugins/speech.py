@@ -24,7 +24,7 @@ from bridge.core.job import Job
 from bridge.core.plugin import Host, Plugin
 from bridge.core.protocol import ChatRequest
 from bridge.core.settings import Settings
-from bridge.core.upstream import AudioApi
+from bridge.core.upstream import AudioApi, Upstream
 from bridge.plugins import audio as a
 
 log = logging.getLogger("bridge.speech")
@@ -100,6 +100,9 @@ class _Spoken:
             self.error = {"code": exc.code, "message": exc.message}
         except ValueError as exc:
             self.error = {"code": p.AUDIO_FORMAT, "message": f"the speech API's audio: {exc}"}
+        except Exception:
+            log.exception("speech failed device=%s topic=%s", self.device, self.topic)
+            self.error = {"code": p.INTERNAL, "message": "internal error while speaking"}
         finally:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.frames.put(None)
@@ -212,7 +215,9 @@ class SpeechPlugin(Plugin):
 
     def attach(self, host: Host) -> None:
         self.host = host
-        self.api = AudioApi(host.upstream, host.settings)
+        # A connection pool of its own: a speaking request holds a chat stream and a
+        # speech call at once, which would starve the chat pool at full load.
+        self.api = AudioApi(Upstream(host.settings), host.settings)
 
     def started(self, job: Job) -> None:
         speak = job.request.speak
