@@ -89,6 +89,17 @@ def build_plugins(settings: Settings) -> list[Plugin]:
 
     # Always on: it only acts on `use_tools` requests and on the tools topics.
     plugins.append(ToolsPlugin(settings))
+    if settings.voice:
+        from bridge.plugins.listen import ListenPlugin  # noqa: PLC0415
+        from bridge.plugins.speech import SpeechPlugin  # noqa: PLC0415
+
+        # Listen first: its prepare() sets the prompt before anything else reads it.
+        plugins[1:1] = [ListenPlugin(settings)]
+        plugins.append(SpeechPlugin(settings))
+    else:
+        from bridge.plugins.speech import VoiceOffPlugin  # noqa: PLC0415
+
+        plugins.append(VoiceOffPlugin())
     return plugins
 
 

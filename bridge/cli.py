@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a simulated lamp offers tools, and the device asks to turn it on",
     )
+    demo.add_argument(
+        "--voice", nargs="?", const="demo-answer.wav", default=None, metavar="WAV",
+        help="also speak the answer; the device writes it to WAV (default demo-answer.wav)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     from bridge.ops import commands

@@ -39,6 +39,13 @@ from bridge.core.errors import (  # re-exported: the codes are part of the proto
     ProtocolError as ProtocolError,
 )
 
+# Voice (protocol v2, docs/protocol.md "Voice").
+BAD_AUDIO = "bad_audio"
+AUDIO_TOO_LONG = "audio_too_long"
+AUDIO_TIMEOUT = "audio_timeout"
+NO_SPEECH = "no_speech"
+AUDIO_FORMAT = "audio_format"
+
 ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
@@ -157,6 +164,29 @@ SAMPLING_FIELDS = (
 )
 
 
+class SpeakSpec(BaseModel):
+    """`speak`: how the reply is spoken (protocol v2); unset fields come from the policy."""
+
+    model_config = _Strict
+    format: Literal["pcm16", "wav", "mp3"] | None = None
+    rate: Literal[8000, 16000, 22050, 24000] | None = None
+    voice: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    lead_ms: Annotated[StrictInt, Field(ge=20, le=60000)] | None = None
+    chunk_bytes: Annotated[StrictInt, Field(ge=256, le=65536)] | None = None
+
+
+LISTEN_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class ListenSpec(BaseModel):
+    """`listen`: the prompt is an utterance the device streams on `P/D/listen/R` (v2)."""
+
+    model_config = _Strict
+    rate: Literal[8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000] = 16000
+    transcript_only: StrictBool = False
+    language: Annotated[StrictStr, Field(min_length=2, max_length=16)] | None = None
+
+
 class ChatRequest(BaseModel):
     """A request on `P/D/req`: unknown fields and wrong types are refused, not coerced."""
 
@@ -186,9 +216,17 @@ class ChatRequest(BaseModel):
     # Conversations kept by the bridge (protocol v2, bridge/plugins/sessions.py).
     session: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
     session_reset: StrictBool = False
+    speak: StrictBool | SpeakSpec | None = None
+    listen: ListenSpec | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
+        if self.listen is not None:
+            if self.prompt is not None:
+                raise ValueError("a listen request has no prompt: the utterance is the prompt")
+            if self.id is None:
+                raise ValueError("a listen request needs an id: its audio goes to listen/<id>")
+            return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
         if self.use_tools and self.tools is not None:
@@ -209,8 +247,7 @@ class ChatRequest(BaseModel):
             out.append({"role": "system", "content": self.system})
         if self.prompt is not None:
             out.append({"role": "user", "content": self.prompt})
-        else:
-            assert self.messages is not None
+        elif self.messages is not None:
             out.extend(m.model_dump(exclude_none=True) for m in self.messages)
         return out
 

@@ -69,6 +69,16 @@ class Limits(BaseModel):
     session_max_turns: int = Field(default=8, ge=0)
     session_max_chars: int = Field(default=8000, ge=0)
     session_ttl_s: int = Field(default=3600, ge=0)
+    # Voice (docs/protocol.md "Voice"): what `"speak": true` means, how far audio
+    # may run ahead of real time, and how much one utterance may hold.
+    speak_format: Literal["pcm16", "wav", "mp3"] = "pcm16"
+    speak_rate: Literal[8000, 16000, 22050, 24000] = 16000
+    speak_voice: str = ""
+    audio_lead_ms: int = Field(default=500, ge=20, le=60_000)
+    audio_chunk_bytes: int = Field(default=3072, ge=256, le=65_536)
+    listen_seconds: int = Field(default=30, ge=1, le=600)
+    listen_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
+    listen_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
 
 
 class PolicyConfig(BaseModel):
@@ -169,6 +179,25 @@ class Settings(BaseSettings):
         "gpt-4o-mini", validation_alias=AliasChoices("OPENAI_MODEL", "openai_model")
     )
 
+    # Voice (docs/protocol.md "Voice"): the speech and transcription endpoints may
+    # live elsewhere than chat; each unset one falls back to the chat API's.
+    openai_audio_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_AUDIO_BASE_URL", "openai_audio_base_url")
+    )
+    openai_audio_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_AUDIO_API_KEY", "openai_audio_api_key")
+    )
+    openai_tts_model: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_TTS_MODEL", "openai_tts_model")
+    )
+    openai_tts_voice: str = Field(
+        "alloy", validation_alias=AliasChoices("OPENAI_TTS_VOICE", "openai_tts_voice")
+    )
+    openai_stt_model: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_STT_MODEL", "openai_stt_model")
+    )
+    voice: bool = True
+
     mqtt_url: str = "mqtt://localhost:1883"
     mqtt_ca_file: Path | None = None
     # `llm-bridge broker check` (compose's health check) logs in as its own user:
@@ -242,6 +271,16 @@ class Settings(BaseSettings):
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("openai_audio_base_url")
+    @classmethod
+    def _audio_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http:// or https:// URL")

@@ -69,6 +69,14 @@ class Topics:
     def result(self, device: str) -> str:
         return self.device(device, "result")
 
+    def audio(self, device: str, request_id: str) -> str:
+        """Speech for request R, bridge -> device (protocol v2, "Voice")."""
+        return self.device(device, "audio", request_id)
+
+    def listen(self, device: str, request_id: str) -> str:
+        """An utterance for request R, device -> bridge (protocol v2, "Voice")."""
+        return self.device(device, "listen", request_id)
+
     # --- filters over every device -------------------------------------------------------
 
     def device_filter(self, kind: str, *, per_request: bool = False) -> str:

@@ -309,3 +309,134 @@ def _timeout_text(exc: httpx.TimeoutException) -> str:
     if isinstance(exc, httpx.PoolTimeout):
         return "no connection to the API became free in time"
     return "the API went silent for longer than the read timeout"
+
+
+# --- voice: /audio/speech and /audio/transcriptions (docs/protocol.md "Voice") ------------------
+
+
+def _map_http_error(exc: httpx.HTTPError, redact: Any) -> UpstreamError:
+    """An httpx failure as the protocol's error, as `Upstream.stream` maps it."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc))
+    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol | httpx.ProxyError):
+        return UpstreamError(
+            p.UPSTREAM_UNREACHABLE, redact(f"cannot reach the API: {exc or type(exc).__name__}")
+        )
+    return UpstreamError(
+        p.UPSTREAM_PROTOCOL, redact(f"the API connection broke: {exc or type(exc).__name__}")
+    )
+
+
+class AudioApi:
+    """The speech and transcription endpoints: the chat API's, or `OPENAI_AUDIO_BASE_URL`'s.
+
+    Shares the chat client's connection pool and timeouts; a separate key
+    (`OPENAI_AUDIO_API_KEY`) goes only to a separate audio host.
+    """
+
+    def __init__(self, upstream: Upstream, settings: Settings) -> None:
+        self._up = upstream
+        self.base = settings.openai_audio_base_url or settings.openai_base_url
+        key = settings.openai_audio_api_key or settings.openai_api_key
+        self._key = key.get_secret_value() if key else ""
+        self._audio_redact = Redactor(self._key)
+        self.tts_model = settings.openai_tts_model or settings.openai_model
+        self.tts_voice = settings.openai_tts_voice
+        self.stt_model = settings.openai_stt_model or settings.openai_model
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        return headers
+
+    def redact(self, text: str) -> str:
+        """Both keys (the chat API's and the audio API's) out of a text, before any cut."""
+        return self._audio_redact(self._up.redact(text))
+
+    def _detail(self, body: bytes) -> str:
+        """An error body's message with both keys out (before the cut, as `_error_detail`)."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return self.redact(body.decode("utf-8", "replace")).strip()[:DETAIL_CHARS]
+        err = obj.get("error", obj) if isinstance(obj, dict) else obj
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("detail") or err
+        return self.redact(str(err))[:DETAIL_CHARS]
+
+    @asynccontextmanager
+    async def speech(
+        self, text: str, *, voice: str | None, response_format: str, model: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """POST /audio/speech; yield the audio bytes as they arrive.
+
+        Raises:
+            UpstreamError: for any failure, opening or reading.
+        """
+        body = {
+            "model": model or self.tts_model,
+            "input": text,
+            "voice": voice or self.tts_voice,
+            "response_format": response_format,
+        }
+        try:
+            async with self._up.client.stream(
+                "POST", self.base + "/audio/speech", json=body, headers=self._headers("*/*")
+            ) as resp:
+                if resp.status_code >= 400:
+                    detail = self._detail(await self._up._read_some(resp))  # noqa: SLF001  # the API client's bounded body reader
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        self.redact(f"speech API answered {resp.status_code}: {detail}"),
+                        status=resp.status_code,
+                    )
+                yield self._bytes(resp)
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+
+    async def _bytes(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+
+    async def transcribe(
+        self, wav: bytes, *, model: str | None = None, language: str | None = None
+    ) -> str:
+        """POST /audio/transcriptions with a WAV file; return the text.
+
+        Raises:
+            UpstreamError: for any failure.
+        """
+        data = {"model": model or self.stt_model, "response_format": "json"}
+        if language:
+            data["language"] = language
+        try:
+            resp = await self._up.client.post(
+                self.base + "/audio/transcriptions",
+                data=data,
+                files={"file": ("speech.wav", wav, "audio/wav")},
+                headers=self._headers("application/json"),
+            )
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+        if resp.status_code >= 400:
+            raise UpstreamError(
+                p.UPSTREAM_STATUS,
+                self.redact(
+                    f"transcription API answered {resp.status_code}: {self._detail(resp.content)}"
+                ),
+                status=resp.status_code,
+            )
+        ctype = resp.headers.get("content-type", "")
+        if ctype.startswith("text/plain"):
+            return resp.text.strip()
+        try:
+            obj = resp.json()
+        except ValueError:
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the transcription is not JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the transcription has no text")
+        return str(obj["text"]).strip()

@@ -9,6 +9,8 @@ With `--tools` (protocol v2, "Tools") a simulated lamp device declares tools
 (`set_led`, `read_temperature`), the asking device's policy grants `lamp/*`,
 and the device asks to turn the lamp on: the bridge calls the lamp and the
 demo prints the tool call, the lamp's side and the answer.
+With `--voice` the answer is also spoken (protocol v2 "Voice") and the
+simulated device writes what it heard to a WAV file.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
+from bridge.core.mqtt import MqttLink
 from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
-from bridge.core.settings import load_settings
+from bridge.core.settings import MqttUrl, load_settings
 from bridge.dev.client import BridgeClient, BridgeError
 from bridge.dev.mock_llm import MockLLM
 from bridge.dev.tooldevice import ToolDevice
@@ -126,7 +129,7 @@ async def _broker(port: int, users: dict[str, str], workdir: Path) -> AsyncItera
         await broker.shutdown()
 
 
-async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
+async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:  # noqa: PLR0912, PLR0915  # each part of the demo, in order
     """Run the demo; return the exit status."""
     port = args.port or _free_port()
     users = {"bridge": new_password(), DEVICE: new_password()}
@@ -160,7 +163,10 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 if mock is not None:
                     prompt += " [mock call=set_led(on:true)]"  # the mock's script
             settings = load_settings(**overrides)
-            plugins: list[Plugin] = []
+            from bridge.plugins.listen import ListenPlugin  # noqa: PLC0415
+            from bridge.plugins.speech import SpeechPlugin  # noqa: PLC0415
+
+            plugins: list[Plugin] = [ListenPlugin(settings), SpeechPlugin(settings)]
             if args.tools:
                 plugins.append(ToolsPlugin(settings))
             bridge = Bridge(settings, plugins=plugins)
@@ -169,9 +175,12 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 _say("bridge: online")
                 url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
                 version = 5 if mqtt_version == "5" else 4
+                voice = getattr(args, "voice", None)
                 if args.tools:
                     lamp_url = f"mqtt://{LAMP}:{users[LAMP]}@127.0.0.1:{port}"
                     status = await _ask_with_tools(url, lamp_url, version, prompt, stop)
+                elif voice:
+                    status = await _ask_voice(url, version, prompt, stop, Path(voice))
                 else:
                     status = await _ask(url, version, prompt, stop)
                 if args.keep_running and not stop.is_set():
@@ -292,7 +301,75 @@ async def _ask_with_tools(
         await lamp.close()
 
 
+class _Heard:
+    """The simulated device's speaker: the audio frames of its replies, kept for a WAV."""
+
+    def __init__(self) -> None:
+        self.pcm = bytearray()
+        self.rate = 16000
+        self.end: dict[str, Any] | None = None
+        self.ended = asyncio.Event()
+
+    def on_message(self, msg: Any) -> None:
+        from bridge.plugins import audio  # noqa: PLC0415
+
+        try:
+            frame = audio.unpack_frame(bytes(msg.payload))
+        except ValueError:
+            return
+        if frame.kind == audio.DATA:
+            self.pcm += frame.payload
+            self.rate = frame.rate or self.rate
+            return
+        with contextlib.suppress(ValueError):
+            self.end = json.loads(frame.payload) if frame.kind == audio.ERROR else {}
+        self.ended.set()
+
+
+async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, out: Path) -> int:
+    """Ask with `speak`, print the text, write the spoken answer to `out`."""
+    from bridge.plugins import audio  # noqa: PLC0415
+
+    heard = _Heard()
+    ear = MqttLink(MqttUrl.parse(url), client_id=f"{DEVICE}-ear-{os.urandom(3).hex()}",
+                   on_message=heard.on_message, subscriptions=[(f"llm/{DEVICE}/audio/+", 1)],
+                   version=version)  # fmt: skip
+    await ear.start(timeout=10)
+    try:
+        async with asyncio.timeout(10):
+            await ear.subscribed.wait()
+        async with BridgeClient(url, DEVICE, version=version) as client:
+            _say(f"device {DEVICE!r} asks, to hear the answer: {prompt}")
+
+            async def talk() -> int:
+                try:
+                    async for piece in client.stream(prompt, speak={"rate": 16000}):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                except BridgeError as exc:
+                    print(file=sys.stdout)
+                    _say(f"error: {exc}")
+                    return 1
+                print(file=sys.stdout, flush=True)
+                async with asyncio.timeout(30):
+                    await heard.ended.wait()
+                if heard.end:
+                    _say(f"speech failed: {heard.end.get('code')}: {heard.end.get('message')}")
+                    return 1
+                wav = audio.wav_bytes(bytes(heard.pcm), heard.rate)
+                await asyncio.to_thread(out.write_bytes, wav)
+                ms = audio.pcm_ms(len(heard.pcm), heard.rate)
+                _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {out}")
+                return 0
+
+            return await unless_stopped(talk(), stop)
+    finally:
+        await ear.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     """The `llm-bridge demo` command."""
+    if getattr(args, "voice", None):
+        args.voice = os.path.abspath(args.voice)  # said in full when written
 
     return run_until_signal(lambda stop: demo(args, stop))

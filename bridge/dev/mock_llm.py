@@ -57,6 +57,11 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   ``echo_keep=K`` echoes only its first and last K characters, joined by
   "…" (a provider showing a shortened key).
 
+``POST /v1/audio/speech`` speaks its ``input`` (espeak-ng, or a tone) and
+``POST /v1/audio/transcriptions`` reads back what the mock's own speech said
+(:mod:`bridge.dev.mock_audio`); speech takes ``status``,
+``first_byte_delay_ms``, ``delay_ms``, ``hang`` and ``cut_after``.
+
 Content chunks are the deltas carrying content, refusal or tool-call pieces
 (not the role chunk, not reasoning). Counts past the end of the reply apply
 at its end (``cut_after``, ``error_event_at``, ``event_error_at``) or never
@@ -723,7 +728,12 @@ class _Connection:
                     405, f"Method {method} not allowed on {path}", "method_not_allowed"
                 )
             return
-        known = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+        known = {
+            "/v1/models": "GET",
+            "/v1/chat/completions": "POST",
+            "/v1/audio/speech": "POST",
+            "/v1/audio/transcriptions": "POST",
+        }
         if path not in known:
             await self._error(404, f"Invalid URL ({method} {path})", "not_found")
             return
@@ -748,13 +758,88 @@ class _Connection:
             }
             await self._respond(200, _dumps(models).encode())
             return
+        if path == "/v1/audio/transcriptions":
+            await self._transcription(headers.get("content-type", ""), raw_body)
+            return
         if bad_json or not isinstance(body, dict):
             await self._error(400, "We could not parse the JSON body of your request.", "bad_json")
+            return
+        if path == "/v1/audio/speech":
+            await self._speech(body, headers.get("x-mock"))
             return
         try:
             await self._chat(body, headers.get("x-mock"), headers.get("authorization", ""))
         except _BadRequestError as exc:
             await self._error(400, str(exc), "bad_request")
+
+    # ------------------------------------------------------------------ audio
+
+    async def _speech(self, body: dict[str, Any], header: str | None) -> None:
+        """`/audio/speech`: espeak-ng (or a tone) with its mark, streamed in pieces.
+
+        Directives (in `input` or `X-Mock`): `status`, `first_byte_delay_ms`,
+        `delay_ms` (between 100 ms pieces of audio), `hang`, `cut_after` (pieces).
+        """
+        from bridge.dev import mock_audio  # noqa: PLC0415 (numpy only when audio is asked for)
+
+        text = body.get("input")
+        directives = parse_directives(text) if isinstance(text, str) else {}
+        if header:
+            directives.update(parse_directives(header))
+        opts = _options(directives)
+        if isinstance(text, str):
+            body = dict(body, input=strip_directives(text))
+        try:
+            text, _voice, fmt, speed = mock_audio.check_speech_body(body)
+        except ValueError as exc:
+            await self._error(400, str(exc), "bad_request")
+            return
+        if opts.get("first_byte_delay_ms"):
+            await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
+        if self.mock.should_fail(opts):
+            await self._respond(opts.get("status"), _status_error(opts.get("status")))
+            return
+        samples = await mock_audio.speak(text, "en", speed)
+        data, ctype = mock_audio.encode(samples, fmt)
+        self._send(h11.Response(status_code=200, headers=self._headers(ctype)))
+        if opts.get("hang"):
+            await self._hang()
+            return
+        piece = mock_audio.RATE // 10 * 2  # 100 ms of 16-bit audio
+        for n, at in enumerate(range(0, len(data), piece)):
+            if opts.has("cut_after") and n >= opts.get("cut_after"):
+                await self._close_now()
+                return
+            self._send(h11.Data(data=data[at : at + piece]))
+            await self.writer.drain()
+            if opts.get("delay_ms"):
+                await asyncio.sleep(opts.get("delay_ms") / 1000)
+        self._send(h11.EndOfMessage())
+        await self.writer.drain()
+
+    async def _transcription(self, content_type: str, raw: bytes) -> None:
+        """`/audio/transcriptions`: reads back the marks of the mock's own speech."""
+        from bridge.dev import mock_audio  # noqa: PLC0415
+
+        try:
+            fields = mock_audio.parse_multipart(content_type, raw)
+            if "file" not in fields or not fields["file"][1]:
+                raise ValueError("'file' is required")
+            model = fields.get("model", (None, b""))[1].decode("utf-8", "replace")
+            if not model:
+                raise ValueError("'model' is required")
+            text, seconds = mock_audio.transcribe(fields["file"][1])
+        except ValueError as exc:
+            await self._error(400, str(exc), "bad_request")
+            return
+        fmt = fields.get("response_format", (None, b"json"))[1].decode("utf-8", "replace")
+        if fmt == "text":
+            await self._respond(200, text.encode(), "text/plain; charset=utf-8")
+            return
+        out: dict[str, Any] = {"text": text}
+        if fmt == "verbose_json":
+            out.update(task="transcribe", language="english", duration=seconds)
+        await self._respond(200, _dumps(out).encode())
 
     # ------------------------------------------------------------------ chat
 

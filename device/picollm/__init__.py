@@ -249,6 +249,7 @@ class Chat:
         if c["mode"] == "mqtt" and c["history"] > 0 and c["session"] is not False:
             s = c["session"]
             self.session = s if isinstance(s, str) else new_id()
+        self.speaker = None  # a picollm.voice.Speaker: speak=True plays through it
 
     @property
     def transport(self):
@@ -332,9 +333,13 @@ class Chat:
         if self.config["model"]:
             opts["model"] = self.config["model"]
         opts.update(options)
+        if opts.get("speak") and self.config["mode"] != "mqtt":
+            raise ValueError("speak needs the mqtt mode; direct mode: OpenAI.audio.speech.create")
         r = self.transport.open(self._messages(prompt), self.system, opts)
         r._chat, r._prompt, r._keep = self, prompt, keep
         r.on_tool = self.on_tool
+        if opts.get("speak") and self.speaker is not None:
+            self.speaker.attach(self.transport, r.id)
         self.last = r
         return r
 
@@ -344,6 +349,19 @@ class Chat:
         async for _ in reply:
             pass
         return reply.text()
+
+    async def say(self, prompt, **options):
+        # The reply spoken through self.speaker (MQTT mode); returns its text
+        # once played. picollm/voice.py.
+        from picollm.voice import speak
+
+        return await speak(self, prompt, **options)
+
+    async def listen(self, mic, **options):
+        # Ask by voice; returns (transcript, answer). picollm/voice.py.
+        from picollm.voice import listen
+
+        return await listen(self, mic, **options)
 
     def reset(self):
         # Forget the conversation (the bridge's session too, with the next question).

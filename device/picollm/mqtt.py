@@ -27,6 +27,9 @@ class MQTTTransport:
         self.last_out = 0
         self.connects = 0
         self.tools = None  # picollm.tools.ToolBox of a device that offers tools
+        self.tap = None  # voice: a function for the other messages (picollm/voice.py)
+        self.subs = []  # voice: more topic filters to subscribe to
+        self.heard = 0  # ticks_ms of the last message for `tap`
 
     # -- connection ---------------------------------------------------------
 
@@ -35,6 +38,9 @@ class MQTTTransport:
             self.box.append(msg)
         elif self.tools is not None:
             self.tools.on_message(topic, msg)
+        elif self.tap is not None:
+            self.heard = time.ticks_ms()
+            self.tap(topic, msg)
 
     def connect(self):
         b = self.broker
@@ -62,6 +68,8 @@ class MQTTTransport:
             c.subscribe(self.topics.res_filter(), 1)
             if self.tools is not None:
                 self.tools.after_connect(self, c)
+            for f in self.subs:
+                c.subscribe(f, 1)
         except Exception:
             _close_sock(c)
             raise
@@ -210,6 +218,9 @@ class MQTTReply(Reply):
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
                 self.seq = seq + 1
                 return m
+            heard = getattr(t, "heard", 0)  # audio of this reply is arriving (voice.py)
+            if heard and time.ticks_diff(heard, start) > 0:
+                start = heard
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
             try:
@@ -245,6 +256,9 @@ class MQTTReply(Reply):
                 if "tool_call" in m or "tool_result" in m:  # protocol v2 progress
                     if self.on_tool is not None:
                         self.on_tool(m)
+                    continue
+                if "transcript" in m and "done" not in m:  # a listen request's utterance
+                    self.transcript = m["transcript"]
                     continue
                 self.finish()
                 if "error" in m:

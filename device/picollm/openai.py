@@ -165,6 +165,13 @@ class OpenAI:
     def __repr__(self):
         return "<OpenAI %s>" % self.base_url  # never the key
 
+    @property
+    def audio(self):
+        # uopenai's audio.speech / audio.transcriptions: picollm/openai_audio.py
+        from picollm.openai_audio import Audio
+
+        return Audio(self)
+
     @staticmethod
     def encode_image(filepath):
         # The file's bytes as a base64 str (no data: prefix). Small images:

@@ -21,6 +21,14 @@ class Topics:
     def res_filter(self):
         return self.base + b"res/+"
 
+    def audio_filter(self):
+        # protocol v2 "Voice": the spoken replies
+        return self.base + b"audio/+"
+
+    def listen(self, rid):
+        # protocol v2 "Voice": an utterance, the prompt of request rid
+        return self.base + b"listen/" + rid.encode()
+
     def state(self):
         return self.base + b"state"
 

@@ -101,7 +101,8 @@ def test_normal_reply_stream_ask_and_history(
     bodies = [
         r["body"]
         for r in mock_llm.requests
-        if isinstance(r.get("body"), dict)
+        if r["path"].endswith("/chat/completions")
+        and isinstance(r.get("body"), dict)
         and r["body"]["messages"][-1]["content"] == "And at night? [mock tokens=15]"
     ]
     assert bodies, "the bridge did not forward the second question"
@@ -140,7 +141,9 @@ def test_multi_byte_prompts_and_history_arrive_whole(
     bodies = [
         r["body"]
         for r in mock_llm.requests
-        if isinstance(r.get("body"), dict) and r["body"]["messages"][-1]["content"] == prompts[-1]
+        if r["path"].endswith("/chat/completions")
+        and isinstance(r.get("body"), dict)
+        and r["body"]["messages"][-1]["content"] == prompts[-1]
     ]
     assert bodies, "the bridge did not forward the last question"
     msgs = bodies[-1]["messages"]
