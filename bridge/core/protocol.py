@@ -41,6 +41,10 @@ CANCELLED = "cancelled"
 OVERLOADED = "overloaded"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+# Pictures (protocol v2): a camera topic the device was not given; a picture that did
+# not come (no camera image within `image_wait_ms`, an upload left incomplete).
+TOPIC_NOT_ALLOWED = "topic_not_allowed"
+IMAGE_TIMEOUT = "image_timeout"
 
 
 def valid_id(value: str) -> bool:
@@ -86,6 +90,18 @@ class Topics:
     def res_filter(self, device: str) -> str:
         return f"{self.prefix}/{device}/res/+"
 
+    def upload(self, device: str, request_id: str) -> str:
+        """`P/D/upload/R`: a picture the device sends in pieces for request R."""
+        return f"{self.prefix}/{device}/upload/{request_id}"
+
+    def image(self, device: str, request_id: str) -> str:
+        """`P/D/image/R`: the pieces of the picture generated for request R."""
+        return f"{self.prefix}/{device}/image/{request_id}"
+
+    @property
+    def upload_filter(self) -> str:
+        return f"{self.prefix}/+/upload/+"
+
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split `P/D/kind` into (D, kind), or None when the topic is not ours."""
         parts = topic.split("/")
@@ -117,7 +133,34 @@ class ImagePart(BaseModel):
     image_url: _ImageUrl
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class _VideoUrl(BaseModel):
+    model_config = _Strict
+    url: StrictStr = Field(min_length=1)
+
+
+class VideoPart(BaseModel):
+    """A video (Qwen-VL and others take one; ChatAgent sends it): forwarded as it is."""
+
+    model_config = _Strict
+    type: Literal["video_url"]
+    video_url: _VideoUrl
+
+
+class _InputAudio(BaseModel):
+    model_config = _Strict
+    data: StrictStr = Field(min_length=1)
+    format: StrictStr = Field(min_length=1, max_length=16)
+
+
+class AudioPart(BaseModel):
+    """Inline audio for models that hear (base64 `data`, `format` wav or mp3): forwarded."""
+
+    model_config = _Strict
+    type: Literal["input_audio"]
+    input_audio: _InputAudio
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
 
 
 class _FunctionCall(BaseModel):
@@ -171,6 +214,48 @@ class _ToolChoice(BaseModel):
 
 Number = StrictInt | StrictFloat
 
+# Picture formats a device may ask for (docs/protocol.md "Pictures", protocol v2).
+PICTURE_FORMATS = ("rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4", "jpeg", "png")
+PictureFormat = Literal["rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4", "jpeg", "png"]
+RawFormat = Literal["rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4"]
+_TOPIC_NAME = r"^[^#+\x00]{1,256}$"
+
+
+class ImageSource(BaseModel):
+    """One picture for the model: the latest on an MQTT topic, or the device's upload.
+
+    An upload is an encoded image file unless `format` says it is a raw frame of
+    `width` x `height` pixels."""
+
+    model_config = _Strict
+    topic: Annotated[StrictStr, Field(pattern=_TOPIC_NAME)] | None = None
+    upload: Literal[True] | None = None
+    format: RawFormat | None = None
+    width: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    height: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSource:
+        if (self.topic is None) == (self.upload is None):
+            raise ValueError('an image is either {"topic": …} or {"upload": true}')
+        raw = (self.format, self.width, self.height)
+        if any(v is not None for v in raw) and (self.upload is None or None in raw):
+            raise ValueError("a raw upload gives format, width and height together")
+        return self
+
+
+class ImageOut(BaseModel):
+    """A picture to generate and send in the device's own pixel format."""
+
+    model_config = _Strict
+    prompt: StrictStr = Field(min_length=1, max_length=4000)
+    width: Annotated[StrictInt, Field(ge=1, le=2048)]
+    height: Annotated[StrictInt, Field(ge=1, le=2048)]
+    format: PictureFormat
+    piece_bytes: Annotated[StrictInt, Field(ge=64, le=65536)] = 1024
+    model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+
+
 # Fields copied to the upstream body exactly as the device sent them.
 SAMPLING_FIELDS = (
     "max_tokens",
@@ -209,11 +294,19 @@ class ChatRequest(BaseModel):
     chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
     chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     chunk_sentences: StrictBool = False
+    images: Annotated[list[ImageSource], Field(min_length=1, max_length=4)] | None = None
+    image: ImageOut | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
+        if self.image is not None:
+            if self.prompt is not None or self.messages is not None or self.images is not None:
+                raise ValueError("an image request has no prompt, messages or images")
+            return self
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.images is not None and sum(1 for i in self.images if i.upload) > 1:
+            raise ValueError("images: at most one upload per request")
         return self
 
     @property
