@@ -25,12 +25,16 @@ class MQTTTransport:
         self.active = None
         self.last_out = 0
         self.connects = 0
+        self.extra = []  # more topic filters to subscribe (picollm.image)
+        self.side = None  # f(topic, msg) for messages on them
 
     # -- connection ---------------------------------------------------------
 
     def _on_msg(self, topic, msg):
         if topic == self.want:
             self.box.append(msg)
+        elif self.side is not None:
+            self.side(topic, msg)
 
     def connect(self):
         b = self.broker
@@ -52,6 +56,8 @@ class MQTTTransport:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
             c.subscribe((self.base + "res/+").encode(), 1)
+            for f in self.extra:
+                c.subscribe(f.encode(), 1)
         except Exception:
             _close_sock(c)
             raise
@@ -120,7 +126,7 @@ class MQTTTransport:
     # -- requests -----------------------------------------------------------
 
     def open(self, messages, system, opts):
-        rid = new_id()
+        rid = opts.pop("id", None) or new_id()
         req = {"id": rid}
         if len(messages) == 1:
             req["prompt"] = messages[0]["content"]
