@@ -171,9 +171,15 @@ def to_screen(im: Image.Image, width: int, height: int, fmt: str) -> bytes:
             packed[band * width : (band + 1) * width] = columns[band::bands]
         return bytes(packed)
     if fmt == GRAY4:
-        quantized = im.convert("L").quantize(palette=_GRAY16, dither=Image.Dither.FLOYDSTEINBERG)
+        # Pillow dithers to a palette only from RGB; the grays are taken first.
+        quantized = (
+            im.convert("L")
+            .convert("RGB")
+            .quantize(palette=_GRAY16, dither=Image.Dither.FLOYDSTEINBERG)
+        )
         levels = np.asarray(quantized, dtype=np.uint8) & 0x0F
-        return Image.fromarray(levels, "L").convert("P").tobytes("raw", "P;4")
+        packed = Image.frombytes("P", (width, height), levels.tobytes())
+        return packed.tobytes("raw", "P;4")
     out = io.BytesIO()
     if fmt == JPEG:
         im.save(out, "JPEG", quality=85, optimize=True)
