@@ -178,8 +178,8 @@ def to_screen(im: Image.Image, width: int, height: int, fmt: str) -> bytes:
             .quantize(palette=_GRAY16, dither=Image.Dither.FLOYDSTEINBERG)
         )
         levels = np.asarray(quantized, dtype=np.uint8) & 0x0F
-        packed = Image.frombytes("P", (width, height), levels.tobytes())
-        return packed.tobytes("raw", "P;4")
+        indexed = Image.frombytes("P", (width, height), levels.tobytes())
+        return indexed.tobytes("raw", "P;4")
     out = io.BytesIO()
     if fmt == JPEG:
         im.save(out, "JPEG", quality=85, optimize=True)
