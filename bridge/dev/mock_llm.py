@@ -38,6 +38,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
 
+* ``noise=1`` (image generation) a picture of random pixels that does not
+  compress.
 * ``images_max_side=N`` every ``image_url`` part must be an inline JPEG that
   decodes, with no side longer than N pixels; otherwise 400 (what the
   bridge's resizing promises).
@@ -115,7 +117,7 @@ _DIRECTIVE_RE = re.compile(r"\[mock(?:\s[^\]]*)?\]")
 _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
-    " event_error_at hang reasoning refusal keepalive stamp split tool images_max_side"
+    " event_error_at hang reasoning refusal keepalive stamp split tool images_max_side noise"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -341,8 +343,15 @@ def picture_cells(prompt: str) -> list[list[tuple[int, int, int]]]:
     ]  # fmt: skip
 
 
-def picture(prompt: str, width: int, height: int) -> Image.Image:
-    """The deterministic picture of ``prompt``: :func:`picture_cells` over the whole size."""
+def picture(prompt: str, width: int, height: int, noise: bool = False) -> Image.Image:
+    """The deterministic picture of ``prompt``: :func:`picture_cells` over the whole size.
+
+    With ``noise`` every pixel is random (seeded by the prompt), so the picture
+    does not compress: a large one tests that a client streams it.
+    """
+    if noise:
+        seed = hashlib.sha256(strip_directives(prompt).encode()).digest()
+        return Image.frombytes("RGB", (width, height), _noise_bytes(seed, width * height * 3))
     im = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(im)
     for r, row in enumerate(picture_cells(prompt)):
@@ -355,6 +364,15 @@ def picture(prompt: str, width: int, height: int) -> Image.Image:
             )
             draw.rectangle(box, fill=colour)
     return im
+
+
+def _noise_bytes(seed: bytes, size: int) -> bytes:
+    out = bytearray()
+    block = seed
+    while len(out) < size:
+        block = hashlib.blake2b(block, digest_size=64).digest()
+        out += block
+    return bytes(out[:size])
 
 
 def describe_image(url: str) -> dict[str, Any]:
@@ -478,6 +496,7 @@ class MockLLM:
         self.model = model
         self.requests: list[dict[str, Any]] = []
         self.pictures: dict[str, bytes] = {}
+        self.scheme = "http"
         self.connections = 0
         self.peak_connections = 0
         self.port = 0
@@ -502,6 +521,7 @@ class MockLLM:
             self._on_connection, host, port, ssl=ssl_context, backlog=4096, limit=_READ_SIZE
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self.scheme = "https" if ssl_context is not None else "http"
         return self.port
 
     async def stop(self) -> None:
@@ -560,7 +580,7 @@ class MockLLM:
             writer.close()
 
     def _record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
-        if path.startswith("/mock/"):
+        if path.startswith("/mock/requests"):
             return
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         if len(self.requests) > MAX_RECORDED:
@@ -794,7 +814,7 @@ class _Connection:
             await self._respond(opts.get("status"), _status_error(opts.get("status")))
             return
         out = io.BytesIO()
-        picture(prompt, width, height).save(out, "PNG")
+        picture(prompt, width, height, noise=bool(opts.get("noise"))).save(out, "PNG")
         png = out.getvalue()
         item: dict[str, Any] = {"revised_prompt": strip_directives(prompt)}
         if form == "url":
@@ -803,7 +823,7 @@ class _Connection:
             while len(self.mock.pictures) > 16:
                 del self.mock.pictures[next(iter(self.mock.pictures))]
             host = headers.get("host", f"127.0.0.1:{self.mock.port}")
-            item["url"] = f"http://{host}/mock/images/{name}"
+            item["url"] = f"{self.mock.scheme}://{host}/mock/images/{name}"
         else:
             item["b64_json"] = base64.b64encode(png).decode()
         result = {"created": int(time.time()), "data": [item]}

@@ -229,3 +229,190 @@ def _elapsed(start):
     import time
 
     return time.ticks_diff(time.ticks_ms(), start)
+
+
+# -- direct mode: client.images.generate() -------------------------------------
+
+_FORMATS = ("b64_json", "url")
+
+
+class ImagesResponse:
+    # What generate() wrote: created, bytes (decoded picture bytes written),
+    # url (when response_format was "url"), revised_prompt (if the API sent
+    # one before the picture).
+    def __init__(self):
+        self.created = None
+        self.bytes = 0
+        self.url = None
+        self.revised_prompt = None
+
+    def __repr__(self):
+        return "<ImagesResponse %d bytes>" % self.bytes
+
+
+class Images:
+    def __init__(self, client):
+        self._client = client
+
+    async def generate(self, model, prompt, out, size="1024x1024",
+                       response_format="b64_json", timeout_ms=120000, **kwargs):
+        # Ask /images/generations for one picture and write its decoded
+        # bytes to `out` (a path, or an object with write()) as they arrive:
+        # the base64 text is decoded a socket read at a time, a URL is
+        # fetched and its body copied; nothing holds the whole picture.
+        if not isinstance(model, str):
+            raise TypeError("model must be a str")
+        if not model:
+            raise ValueError("model must not be empty")
+        if not isinstance(prompt, str):
+            raise TypeError("prompt must be a str")
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if not isinstance(size, str):
+            raise TypeError("size must be a str")
+        if size != "auto":
+            w, x, h = size.partition("x")
+            if not x or not w.isdigit() or not h.isdigit():
+                raise ValueError("size must be 'WIDTHxHEIGHT' or 'auto'")
+        if response_format not in _FORMATS:
+            raise ValueError("response_format must be 'b64_json' or 'url'")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int):
+            raise TypeError("timeout_ms must be an int")
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+        if not isinstance(out, str) and not hasattr(out, "write"):
+            raise TypeError("out must be a path or have write()")
+        body = {"model": model, "prompt": prompt, "size": size, "n": 1}
+        if response_format == "url":
+            body["response_format"] = "url"
+        body.update(kwargs)
+        data = json.dumps(body).encode()
+        body = None
+        f = open(out, "wb") if isinstance(out, str) else out
+        try:
+            return await self._generate(data, f, response_format, timeout_ms)
+        finally:
+            if isinstance(out, str):
+                f.close()
+
+    async def _generate(self, data, f, response_format, timeout_ms):
+        from picollm.openai import _Conn, _status_error
+
+        c = self._client
+        ctx = c._ssl() if c._https else None
+        conn = _Conn(timeout_ms)
+        res = ImagesResponse()
+        try:
+            await conn.open(c._host, c._port, ctx, c._sni)
+            head = (
+                "POST %s/images/generations HTTP/1.1\r\nHost: %s\r\n"
+                "Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nAccept: application/json\r\nConnection: close\r\n"
+                "User-Agent: picollm\r\n\r\n"
+            ) % (c._path, c._hosthdr, c._key, len(data))
+            await conn.send(head.encode(), data)
+            head = data = None
+            await conn.read_head()
+            if conn.status != 200:
+                raise _status_error(conn.status, await conn.read_all())
+            if response_format == "b64_json":
+                res.bytes = await _b64_value(conn, f)
+            else:
+                try:
+                    d = json.loads(await conn.read_all())
+                    res.url = d["data"][0]["url"]
+                    res.created = d.get("created")
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise LLMError("upstream_protocol", "no url in the answer")
+                conn.close()
+                res.bytes = await _fetch(c, res.url, f, timeout_ms)
+            return res
+        finally:
+            conn.close()
+
+
+async def _b64_value(conn, f):
+    # Find "b64_json":"..." in the body as it comes and decode the value
+    # in blocks of 4 characters; returns the bytes written.
+    from binascii import a2b_base64
+
+    key = b'"b64_json"'
+    buf = b""
+    carry = b""
+    state = 0  # 0: looking for the key, 1: for the opening quote, 2: in the value
+    n = 0
+    while True:
+        part = await conn._part()
+        if not part:
+            raise LLMError("upstream_protocol", "the picture was cut short")
+        buf = buf + part if buf else part
+        part = None
+        if state == 0:
+            i = buf.find(key)
+            if i < 0:
+                buf = buf[-len(key):]
+                continue
+            buf = buf[i + len(key):]
+            state = 1
+        if state == 1:
+            i = buf.find(b'"')
+            if i < 0:
+                buf = b""
+                continue
+            buf = buf[i + 1:]
+            state = 2
+        j = buf.find(b'"')
+        chunk = buf if j < 0 else buf[:j]
+        buf = b""
+        if b"\\" in chunk:
+            chunk = chunk.replace(b"\\", b"")  # "\/" from some JSON encoders
+        chunk = carry + chunk if carry else chunk
+        k = len(chunk) & ~3
+        if k:
+            raw = a2b_base64(chunk[:k])
+            f.write(raw)
+            n += len(raw)
+            raw = None
+        carry = chunk[k:]
+        chunk = None
+        if j >= 0:
+            if carry.strip(b"="):
+                raise LLMError("upstream_protocol", "the picture's base64 is cut")
+            conn.close()
+            return n
+
+
+async def _fetch(client, url, f, timeout_ms):
+    # GET a picture's URL (another host, often) and copy its body to f. The
+    # API key is not sent there.
+    from picollm.openai import _Conn
+
+    if url.startswith("https://"):
+        https, rest = True, url[8:]
+    elif url.startswith("http://"):
+        https, rest = False, url[7:]
+    else:
+        raise LLMError("upstream_protocol", "the picture's url is not http(s)")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    port = int(port) if port else (443 if https else 80)
+    ctx = client._ssl() if https else None
+    conn = _Conn(timeout_ms)
+    n = 0
+    try:
+        await conn.open(host, port, ctx, host)
+        head = ("GET /%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n"
+                "User-Agent: picollm\r\n\r\n") % (path, hostport)
+        await conn.send(head.encode(), b"")
+        await conn.read_head()
+        if conn.status != 200:
+            raise LLMError("upstream_status", "fetching the picture: HTTP %d" % conn.status,
+                           conn.status)
+        while True:
+            part = await conn._part()
+            if not part:
+                return n
+            f.write(part)
+            n += len(part)
+    finally:
+        conn.close()

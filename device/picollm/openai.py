@@ -164,6 +164,13 @@ class OpenAI:
     def __repr__(self):
         return "<OpenAI %s>" % self.base_url  # never the key
 
+    @property
+    def images(self):
+        # client.images.generate(...): picollm.image, loaded when first used
+        from picollm.image import Images
+
+        return Images(self)
+
     @staticmethod
     def encode_image(filepath):
         # The file's bytes as a base64 str (no data: prefix). Small images:
