@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bridge.core.hooks import Hooks
+from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
 from bridge.core.settings import Settings
 
@@ -52,30 +52,30 @@ async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) ->
     return task.result()
 
 
-def build_hooks(settings: Settings) -> list[Hooks]:
-    """The hooks `run_bridge` serves with, in the order they are called."""
-    from bridge.plugins.policy import PolicyHook  # noqa: PLC0415 (plugins load only when enabled)
+def build_plugins(settings: Settings) -> list[Plugin]:
+    """The plugins `run_bridge` serves with, in the order they are called."""
+    from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415 (plugins load only when enabled)
 
-    hooks: list[Hooks] = [PolicyHook(settings)]
+    plugins: list[Plugin] = [PolicyPlugin(settings)]
     if settings.metrics_port:
-        from bridge.plugins.metrics import MetricsHook  # noqa: PLC0415
+        from bridge.plugins.metrics import MetricsPlugin  # noqa: PLC0415
 
-        hooks.append(MetricsHook(settings))
+        plugins.append(MetricsPlugin(settings))
     if settings.state or settings.ha_discovery:
-        from bridge.plugins.homeassistant import HomeAssistantHook  # noqa: PLC0415
-        from bridge.plugins.state import StateHook  # noqa: PLC0415
+        from bridge.plugins.homeassistant import HomeAssistantPlugin  # noqa: PLC0415
+        from bridge.plugins.state import StatePlugin  # noqa: PLC0415
 
-        state = StateHook(settings)
+        state = StatePlugin(settings)
         if settings.ha_discovery:
-            # Before the state hook: a new device's discovery precedes its first state.
-            hooks.append(HomeAssistantHook(settings, state))
-        hooks.append(state)
-    return hooks
+            # Before the state plugin: a new device's discovery precedes its first state.
+            plugins.append(HomeAssistantPlugin(settings, state))
+        plugins.append(state)
+    return plugins
 
 
 async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     """Run a bridge until `stop` is set (the CLI's `run`)."""
-    bridge = Bridge(settings, hooks=build_hooks(settings))
+    bridge = Bridge(settings, plugins=build_plugins(settings))
     await bridge.start()
     # The modules loaded at start are never garbage: keep the collector off them,
     # and let it run less often, since every chunk allocates a few short-lived

@@ -238,14 +238,18 @@ class Device:
         *,
         subscribe: bool = True,
         persistent: bool = False,
+        user: str | None = None,
     ) -> None:
         """`persistent`: a session the broker keeps (clean session off, fixed client id)
         and a quick reconnect, so that the device rides out a broker restart; it
-        counts its connections in `connects`."""
+        counts its connections in `connects`. `user`: log in as another user (e.g.
+        `integrations`) to watch the device's replies without sharing its user name,
+        which a broker with `use_username_as_clientid` makes its client id."""
         self.id = device_id
         self.prefix = prefix
-        if device_id not in broker.users:
-            broker.add_user(device_id)
+        user = user or device_id
+        if user not in broker.users:
+            broker.add_user(user)
         self.replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.raw: list[tuple[str, bytes]] = []
         self.connects = 0
@@ -257,7 +261,7 @@ class Device:
         )
         if persistent:
             c.reconnect_delay_set(1, 2)
-        c.username_pw_set(device_id, broker.users[device_id])
+        c.username_pw_set(user, broker.users[user])
         c.on_message = self._on_message
         # Without it each request waits ~40 ms behind the PUBACKs this client sends
         # (Nagle's algorithm meeting delayed ACKs), as any device's would.

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from bridge.core.chunking import Chunker, cut_utf8
 from bridge.core.journal import Journal
@@ -68,14 +67,23 @@ def test_journal_survives_the_process(tmp_path: Path) -> None:
     again = Journal(path, 4)
     got = sorted((x.topic, x.seq, x.correlation) for x in again.pending)
     assert got == [("llm/d/res/a", 7, None), ("llm/d/res/b", 3, b"\x01\x02")]
-    assert Journal(path, 4).pending == []  # read once, then cleared
+    # Until their terminals are acknowledged, a second crash loses none of them...
+    third = Journal(path, 4)
+    assert sorted(x.topic for x in third.pending) == ["llm/d/res/a", "llm/d/res/b"]
+    assert third.add("x", None) >= 0 and third.add("y", None) >= 0
+    assert third.add("z", None) == -1  # ...and their slots are not handed out again
+    # ...then they are gone.
+    for gone in again.pending:
+        again.remove(gone.slot)
+    assert {x.topic for x in Journal(path, 4).pending} == {"x", "y"}
     j.close()
     again.close()
+    third.close()
 
 
 def test_journal_full_or_long_topic_is_not_journaled(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j", 1)
-    assert j.add("x" * 600, None) == -1
+    assert j.add("x" * 1200, None) == -1  # the service refuses such a request beforehand
     assert j.add("t", None) == 0
     assert j.add("u", None) == -1
     j.close()

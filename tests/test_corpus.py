@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.core.reply import ReplyFold, StreamError
+from bridge.core.errors import ProtocolError
+from bridge.core.reply import ReplyFold
 from bridge.core.settings import load_settings
 from bridge.core.upstream import Upstream, UpstreamError
 from bridge.dev.mock_llm import default_corpus_dir
@@ -120,7 +121,7 @@ def test_upstream_reads_any_cut(name: str, how: str) -> None:
                         messages.append({kind: text})
                     if fold.done:
                         break
-        except StreamError as exc:
+        except ProtocolError as exc:
             code = exc.code
         except UpstreamError as exc:
             code = exc.code
@@ -162,7 +163,7 @@ def test_fold_matches_corpus_unstreamed(name: str) -> None:
             continue
         try:
             fold.feed(sse.event, sse.data)
-        except StreamError as exc:
+        except ProtocolError as exc:
             error = exc
             break
         if fold.done:

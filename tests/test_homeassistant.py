@@ -446,11 +446,11 @@ def test_home_assistant_schemas() -> None:
     if ha_python() is None:
         pytest.skip("no Python with homeassistant: set HA_PYTHON (docs/integrations/README.md)")
     from bridge.core.settings import Settings
-    from bridge.plugins.homeassistant import HomeAssistantHook
-    from bridge.plugins.state import StateHook
+    from bridge.plugins.homeassistant import HomeAssistantPlugin
+    from bridge.plugins.state import StatePlugin
 
     settings = Settings(_env_file=None, topic_prefix="home/llm")  # type: ignore[call-arg]
-    ha = HomeAssistantHook(settings, StateHook(settings))
+    ha = HomeAssistantPlugin(settings, StatePlugin(settings))
     payloads = [
         (ha.config_topic("kitchen"), ha.device_config("kitchen")),
         (ha.bridge_config_topic, ha.bridge_config()),

@@ -138,7 +138,7 @@ def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Ite
         assert API_KEY not in proc.logs()
         logs = proc.logs()
         # No hook of ours failed (the service logs "hook X.y failed" with the traceback).
-        for mine in ("StateHook", "HomeAssistantHook", "state.py", "homeassistant.py"):
+        for mine in ("StatePlugin", "HomeAssistantPlugin", "state.py", "homeassistant.py"):
             assert mine not in logs, logs[-3000:]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger("bridge.core.journal")
 
-SLOT = 512
+SLOT = 1024
 _HEADER = struct.Struct("<B3xIH")
 _SEQ = struct.Struct("<I")
 _ACTIVE = 1
@@ -31,8 +31,14 @@ _ACTIVE = 1
 
 @dataclass(frozen=True)
 class Interrupted:
-    """A request that was running when the bridge stopped without a goodbye."""
+    """A request that was running when the bridge stopped without a goodbye.
 
+    Its slot stays taken until `remove(slot)`: after its `interrupted`
+    terminal is acknowledged by the broker, so a second crash before that
+    loses nothing.
+    """
+
+    slot: int
     topic: str
     seq: int
     correlation: bytes | None
@@ -54,7 +60,8 @@ class Journal:
             os.close(fd)
         self._slots = size // SLOT
         self.pending = self._recover()
-        self._free = list(range(self._slots - 1, -1, -1))
+        taken = {gone.slot for gone in self.pending}
+        self._free = [i for i in range(self._slots - 1, -1, -1) if i not in taken]
 
     def _recover(self) -> list[Interrupted]:
         found = []
@@ -66,15 +73,23 @@ class Journal:
             try:
                 blob = json.loads(self._mm[off + _HEADER.size : off + _HEADER.size + length])
                 corr = bytes.fromhex(blob["c"]) if blob.get("c") else None
-                found.append(Interrupted(blob["t"], seq, corr))
+                found.append(Interrupted(i, blob["t"], seq, corr))
             except (ValueError, KeyError, TypeError):
                 log.warning("unreadable journal slot %d skipped", i)
-            self._mm[off] = 0
+                self._mm[off] = 0
         return found
 
+    @staticmethod
+    def fits(topic: str, correlation: bytes | None) -> bool:
+        """Whether a request with this reply topic and correlation data fits a slot."""
+        return len(_blob(topic, correlation)) <= SLOT - _HEADER.size
+
     def add(self, topic: str, correlation: bytes | None) -> int:
-        """Take a slot for a new request; -1 when none is free (it is then not journaled)."""
-        blob = json.dumps({"t": topic, "c": correlation.hex() if correlation else None}).encode()
+        """Take a slot for a new request; -1 when none is free or it does not fit.
+
+        The bridge refuses such a request rather than serve it unprotected.
+        """
+        blob = _blob(topic, correlation)
         if not self._free or len(blob) > SLOT - _HEADER.size:
             return -1
         slot = self._free.pop()
@@ -90,10 +105,16 @@ class Journal:
             _SEQ.pack_into(self._mm, slot * SLOT + 4, seq)
 
     def remove(self, slot: int) -> None:
-        """The request's terminal was published: forget it."""
-        if slot >= 0:
+        """The request's terminal was acknowledged by the broker: forget it."""
+        if slot >= 0 and self._mm[slot * SLOT] == _ACTIVE:
             self._mm[slot * SLOT] = 0
             self._free.append(slot)
 
     def close(self) -> None:
         self._mm.close()
+
+
+def _blob(topic: str, correlation: bytes | None) -> bytes:
+    return json.dumps(
+        {"t": topic, "c": correlation.hex() if correlation else None}, ensure_ascii=False
+    ).encode()

@@ -187,6 +187,7 @@ class MqttLink:
         self._high_water = high_water
         self._low_water = high_water // 2
         self._pending = 0
+        self._acks: dict[int, Callable[[], None]] = {}
         self._unwritten_since: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -432,8 +433,15 @@ class MqttLink:
         except Exception:
             log.exception("message handler failed on %s", msg.topic)
 
-    def _on_publish(self, _c: paho.Client, _u: Any, _mid: int, _rc: Any, _p: Any) -> None:
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         self._pending -= 1
+        if self._acks:
+            acked = self._acks.pop(mid, None)
+            if acked is not None:
+                try:
+                    acked()
+                except Exception:
+                    log.exception("acknowledgement callback failed")
         if self._pending <= self._low_water and not self._drained.is_set():
             self._drained.set()
 
@@ -471,8 +479,13 @@ class MqttLink:
         qos: int = 0,
         retain: bool = False,
         properties: Properties | None = None,
+        *,
+        on_ack: Callable[[], None] | None = None,
     ) -> None:
         """Queue a message; raise ConnectionError if paho refuses it.
+
+        `on_ack` (QoS 1) is called once the broker has acknowledged the
+        message, possibly after a reconnect (paho resends it in the session).
 
         Callers that publish in volume check `congested` first and await
         `drained()`: that is the back-pressure that keeps queues bounded.
@@ -482,6 +495,8 @@ class MqttLink:
             info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
         ):
             self._pending += 1
+            if on_ack is not None and qos > 0:
+                self._acks[info.mid] = on_ack
             if self._pending >= self._high_water:
                 self._drained.clear()
             # Writes wait for the loop's writer, which runs after every read and

@@ -24,27 +24,27 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.core.errors import (  # re-exported: the codes are part of the protocol
+    BAD_REQUEST as BAD_REQUEST,
+    CANCELLED as CANCELLED,
+    IMAGE_TIMEOUT as IMAGE_TIMEOUT,
+    INTERNAL as INTERNAL,
+    INTERRUPTED as INTERRUPTED,
+    OVERLOADED as OVERLOADED,
+    TOO_LARGE as TOO_LARGE,
+    TOPIC_NOT_ALLOWED as TOPIC_NOT_ALLOWED,
+    UPSTREAM_ERROR as UPSTREAM_ERROR,
+    UPSTREAM_PROTOCOL as UPSTREAM_PROTOCOL,
+    UPSTREAM_STATUS as UPSTREAM_STATUS,
+    UPSTREAM_TIMEOUT as UPSTREAM_TIMEOUT,
+    UPSTREAM_UNREACHABLE as UPSTREAM_UNREACHABLE,
+    ProtocolError as ProtocolError,
+)
+
 ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
 RESERVED_DEVICE_IDS = frozenset({"bridge"})
-
-# Error codes: the closed set documented in docs/protocol.md.
-BAD_REQUEST = "bad_request"
-TOO_LARGE = "too_large"
-UPSTREAM_STATUS = "upstream_status"
-UPSTREAM_ERROR = "upstream_error"
-UPSTREAM_TIMEOUT = "upstream_timeout"
-UPSTREAM_UNREACHABLE = "upstream_unreachable"
-UPSTREAM_PROTOCOL = "upstream_protocol"
-CANCELLED = "cancelled"
-OVERLOADED = "overloaded"
-INTERRUPTED = "interrupted"
-INTERNAL = "internal"
-# Pictures (protocol v2): a camera topic the device was not given; a picture that did
-# not come (no camera image within `image_wait_ms`, an upload left incomplete).
-TOPIC_NOT_ALLOWED = "topic_not_allowed"
-IMAGE_TIMEOUT = "image_timeout"
 
 
 def valid_id(value: str) -> bool:
@@ -66,48 +66,6 @@ def salvage_id(payload: bytes) -> str | None:
     """Find a request id at the start of a payload that cannot be parsed whole."""
     m = _SALVAGE_ID_RE.search(payload[:256])
     return m.group(1).decode() if m else None
-
-
-class Topics:
-    """The protocol's topic names under one prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.req_filter = f"{prefix}/+/req"
-        self.cancel_filter = f"{prefix}/+/cancel"
-        self.status = f"{prefix}/bridge/status"
-        self._levels = prefix.count("/") + 1
-
-    def req(self, device: str) -> str:
-        return f"{self.prefix}/{device}/req"
-
-    def cancel(self, device: str) -> str:
-        return f"{self.prefix}/{device}/cancel"
-
-    def res(self, device: str, request_id: str) -> str:
-        return f"{self.prefix}/{device}/res/{request_id}"
-
-    def res_filter(self, device: str) -> str:
-        return f"{self.prefix}/{device}/res/+"
-
-    def upload(self, device: str, request_id: str) -> str:
-        """`P/D/upload/R`: a picture the device sends in pieces for request R."""
-        return f"{self.prefix}/{device}/upload/{request_id}"
-
-    def image(self, device: str, request_id: str) -> str:
-        """`P/D/image/R`: the pieces of the picture generated for request R."""
-        return f"{self.prefix}/{device}/image/{request_id}"
-
-    @property
-    def upload_filter(self) -> str:
-        return f"{self.prefix}/+/upload/+"
-
-    def parse(self, topic: str) -> tuple[str, str] | None:
-        """Split `P/D/kind` into (D, kind), or None when the topic is not ours."""
-        parts = topic.split("/")
-        if len(parts) != self._levels + 2 or "/".join(parts[: self._levels]) != self.prefix:
-            return None
-        return parts[self._levels], parts[self._levels + 1]
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -347,16 +305,6 @@ class ChatRequest(BaseModel):
         return body
 
 
-class BadRequest(Exception):
-    """A request the bridge refuses; `request_id` is known when the answer can be addressed."""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
@@ -400,13 +348,13 @@ def _encodable(data: Any) -> bool:
 
 
 def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
-    """Turn a `P/D/req` payload into a request, or raise BadRequest saying why.
+    """Turn a `P/D/req` payload into a request, or raise ProtocolError saying why.
 
     A payload whose first non-blank character is `{` is JSON; any other valid
     UTF-8 text is a prompt.
     """
     if len(payload) > max_bytes:
-        raise BadRequest(
+        raise ProtocolError(
             TOO_LARGE,
             f"request is {len(payload)} bytes, more than the {max_bytes} allowed",
             salvage_id(payload),
@@ -414,32 +362,36 @@ def parse_request(payload: bytes, max_bytes: int) -> ChatRequest:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest(BAD_REQUEST, "request is not valid UTF-8", salvage_id(payload)) from None
+        raise ProtocolError(
+            BAD_REQUEST, "request is not valid UTF-8", salvage_id(payload)
+        ) from None
     stripped = text.strip()
     if not stripped:
-        raise BadRequest(BAD_REQUEST, "request is empty")
+        raise ProtocolError(BAD_REQUEST, "request is empty")
     if not stripped.startswith("{"):
         return ChatRequest.model_validate({"prompt": stripped})
     try:
         data = _loads(stripped)
     except RecursionError:
-        raise BadRequest(BAD_REQUEST, "request is nested too deeply", salvage_id(payload)) from None
+        raise ProtocolError(
+            BAD_REQUEST, "request is nested too deeply", salvage_id(payload)
+        ) from None
     except ValueError as exc:
-        raise BadRequest(
+        raise ProtocolError(
             BAD_REQUEST, f"request is not valid JSON: {exc}", salvage_id(payload)
         ) from None
     rid = data.get("id") if isinstance(data, dict) else None
     known = rid if isinstance(rid, str) and valid_id(rid) else None
     if not isinstance(data, dict):
-        raise BadRequest(BAD_REQUEST, "request must be a JSON object")
+        raise ProtocolError(BAD_REQUEST, "request must be a JSON object")
     if _SURROGATE_ESCAPE_RE.search(stripped) and not _encodable(data):
-        raise BadRequest(
+        raise ProtocolError(
             BAD_REQUEST, "request holds a lone UTF-16 surrogate (\\ud800-\\udfff)", known
         )
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
-        raise BadRequest(BAD_REQUEST, _describe(exc), known) from None
+        raise ProtocolError(BAD_REQUEST, _describe(exc), known) from None
 
 
 def parse_cancel(payload: bytes) -> str | None:
@@ -491,8 +443,9 @@ def done_message(
     text: str | None = None,
     refusal: str | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
-    """The terminal message of a request that completed."""
+    """The terminal message of a request that completed (`extra`: fields plugins add)."""
     msg: dict[str, Any] = {
         "seq": seq,
         "done": True,
@@ -506,7 +459,15 @@ def done_message(
         msg["refusal"] = refusal
     if tool_calls:
         msg["tool_calls"] = tool_calls
+    if extra:
+        msg.update(extra)
     return _utf8(_dumps(msg))
+
+
+def progress_message(seq: int, fields: dict[str, Any]) -> bytes:
+    """`{"seq":n,…}`: a message of a reply that is neither text nor its end (a tool call,
+    a transcript), added by a plugin."""
+    return _utf8(_dumps({"seq": seq, **fields}))
 
 
 def error_message(seq: int, code: str, message: str, status: int | None = None) -> bytes:

@@ -11,21 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bridge.core.errors import UPSTREAM_ERROR, UPSTREAM_PROTOCOL, ProtocolError
+
 DELTA = "delta"
 REFUSAL = "refusal"
-
-
-class StreamError(Exception):
-    """The stream itself reports a failure or is not a chat completion stream.
-
-    `code` is a protocol error code: `upstream_error` for an error the provider
-    sent, `upstream_protocol` for data that cannot be understood.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _error_text(err: Any) -> str:
@@ -50,6 +39,8 @@ class ReplyFold:
         "_parts",
         "_refusal",
         "_tools",
+        "chars",
+        "opened",
         "done",
         "finish_reason",
         "keep_text",
@@ -66,12 +57,17 @@ class ReplyFold:
         self.finish_reason: str | None = None
         self.usage: Any = None
         self.done = False
+        # Characters of content, refusal and tool arguments received: what the
+        # budget estimates from when the provider sends no `usage`.
+        self.chars = 0
+        # Whether the API accepted the call (a stream began): only then was the prompt spent.
+        self.opened = False
 
     def feed(self, event: str, data: str) -> list[tuple[str, str]]:
         """Take one SSE event; return the (kind, text) pieces to publish, in order.
 
         Raises:
-            StreamError: for an error event or data that is not JSON.
+            ProtocolError: for an error event or data that is not JSON.
         """
         if data == "[DONE]":
             self.done = True
@@ -82,15 +78,15 @@ class ReplyFold:
             obj = json.loads(data)
         except ValueError:
             if event == "error":
-                raise StreamError("upstream_error", data or "error event") from None
-            raise StreamError(
+                raise ProtocolError(UPSTREAM_ERROR, data or "error event") from None
+            raise ProtocolError(
                 "upstream_protocol", f"malformed event from the API: {data[:80]!r}"
             ) from None
         if not isinstance(obj, dict):
-            raise StreamError("upstream_protocol", "an event from the API is not a JSON object")
+            raise ProtocolError(UPSTREAM_PROTOCOL, "an event from the API is not a JSON object")
         err = obj.get("error")
         if event == "error" or err is not None:
-            raise StreamError("upstream_error", _error_text(err if err is not None else obj))
+            raise ProtocolError(UPSTREAM_ERROR, _error_text(err if err is not None else obj))
         model = obj.get("model")
         if isinstance(model, str) and model:
             self.model = model
@@ -122,15 +118,18 @@ class ReplyFold:
         if isinstance(content, str):
             if content:
                 pieces.append((DELTA, content))
+                self.chars += len(content)
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and part.get("type") == "text":
                     text = part.get("text")
                     if isinstance(text, str) and text:
                         pieces.append((DELTA, text))
+                        self.chars += len(text)
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
             pieces.append((REFUSAL, refusal))
+            self.chars += len(refusal)
             self._refusal.append(refusal)
         calls = delta.get("tool_calls")
         if calls:
@@ -160,6 +159,7 @@ class ReplyFold:
         args = fn.get("arguments")
         if isinstance(args, str):
             call["arguments"].append(args)
+            self.chars += len(args)
 
     @property
     def text(self) -> str:

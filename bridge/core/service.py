@@ -1,17 +1,19 @@
-"""The bridge: requests enter in `on_message`, go upstream in `_attempt`, chunks leave in `_emit`.
+"""The bridge: requests enter in `submit`, go upstream in `_attempt`, chunks leave in `_emit`.
 
 One asyncio task per request. Every request ends with exactly one terminal
-message, published in `_run`'s `finally`, whatever happened before it.
+message, built from the job in `_end` (the `finally` of `_run`), whatever
+happened before it; its journal slot is freed only when the broker has
+acknowledged that terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -20,108 +22,128 @@ from paho.mqtt.properties import Properties
 
 from bridge.core import protocol as p
 from bridge.core.chunking import Chunker
-from bridge.core.hooks import Hooks, Refusal
+from bridge.core.errors import ProtocolError, UpstreamError
+from bridge.core.job import Job
 from bridge.core.journal import Journal
 from bridge.core.mqtt import MqttLink, Will
-from bridge.core.reply import DELTA, ReplyFold, StreamError
+from bridge.core.plugin import Handler, Inbound, Plugin, overrides
+from bridge.core.reply import DELTA, ReplyFold
+from bridge.core.router import Router
 from bridge.core.settings import Settings
-from bridge.core.upstream import Upstream, UpstreamError
+from bridge.core.topics import Topics
+from bridge.core.upstream import Upstream
 
 log = logging.getLogger("bridge")
 
-_DEDUP_MAX = 100_000
-
-
-# At most 2 MB of journal (512 B a slot); requests beyond it are not journaled.
+# At most 4 MB of journal (1 KiB a slot); a request that finds no slot is refused.
 JOURNAL_SLOTS = 4096
+# MQTT v5 properties a request may carry, bounded so that its journal slot holds them.
+MAX_RESPONSE_TOPIC_BYTES = 256
+MAX_CORRELATION_BYTES = 256
 
-Terminal = Callable[[int], bytes]
-"""Builds a request's terminal message from the seq it will carry."""
 
+class Recent:
+    """Requests recently accepted, to drop a second delivery of one.
 
-class Job:
-    """One request in flight: who asked, where its reply goes, how far it got."""
+    Bounded in entries per device and overall (each entry is a key, a 16-byte
+    digest and a time: about 200 bytes), so a device inventing ids or device
+    ids costs bounded memory; the least recently active device loses its
+    oldest entries first.
+    """
 
-    __slots__ = (
-        "cancel_code",
-        "cancel_message",
-        "chunker",
-        "device",
-        "digest",
-        "fold",
-        "outcome",
-        "props",
-        "request",
-        "rid",
-        "seq",
-        "slot",
-        "started",
-        "task",
-        "timer",
-        "topic",
-    )
+    def __init__(self, window: float, per_device: int = 64, total: int = 20_000) -> None:
+        self.window = window
+        self.per_device = per_device
+        self.total = total
+        self.count = 0
+        self._devices: OrderedDict[str, OrderedDict[str, tuple[bytes, float]]] = OrderedDict()
 
-    def __init__(
-        self,
-        device: str,
-        rid: str,
-        topic: str,
-        request: p.ChatRequest,
-        digest: bytes,
-        *,
-        props: Properties | None = None,
-    ) -> None:
-        self.device = device
-        self.rid = rid
-        self.topic = topic
-        self.props = props
-        self.fold: ReplyFold | None = None
-        self.request = request
-        self.digest = digest
-        self.seq = 0
-        self.outcome = "done"
-        self.started = time.monotonic()
-        self.task: asyncio.Task[None] | None = None
-        self.cancel_code = p.CANCELLED
-        self.cancel_message = "cancelled by the device"
-        self.chunker: Chunker | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.slot = -1
+    def duplicate(self, device: str, key: str, digest: bytes, now: float) -> bool:
+        """Whether `key` of `device` was accepted with the same payload within the window."""
+        seen = self._devices.get(device)
+        entry = seen.get(key) if seen is not None else None
+        return entry is not None and entry[0] == digest and now - entry[1] < self.window
+
+    def remember(self, device: str, key: str, digest: bytes, now: float) -> None:
+        seen = self._devices.get(device)
+        if seen is None:
+            seen = self._devices[device] = OrderedDict()
+        else:
+            self._devices.move_to_end(device)
+            if seen.pop(key, None) is not None:
+                self.count -= 1
+        seen[key] = (digest, now)
+        self.count += 1
+        if len(seen) > self.per_device:
+            seen.popitem(last=False)
+            self.count -= 1
+        while self.count > self.total:
+            oldest_device, oldest = next(iter(self._devices.items()))
+            oldest.popitem(last=False)
+            self.count -= 1
+            if not oldest:
+                del self._devices[oldest_device]
+
+    def forget(self, device: str, key: str) -> None:
+        """A request that ended with an error may be asked again with the same payload."""
+        seen = self._devices.get(device)
+        if seen is not None and seen.pop(key, None) is not None:
+            self.count -= 1
+            if not seen:
+                del self._devices[device]
 
 
 class Bridge:
-    """Serves protocol v1 between one MQTT broker and one OpenAI-compatible API.
+    """Serves the protocol between one MQTT broker and one OpenAI-compatible API.
+
+    It is the plugins' `Host` (bridge/core/plugin.py).
 
     Args:
         settings: the configuration.
         upstream: the API client; made from the settings when not given.
-        hooks: policy, state, integrations and metrics, called in order.
+        plugins: policy, state, integrations, metrics..., called in order.
     """
 
     def __init__(
         self,
         settings: Settings,
         upstream: Upstream | None = None,
-        hooks: list[Hooks] | None = None,
+        plugins: list[Plugin] | None = None,
     ) -> None:
         self.settings = settings
-        self.hooks = hooks or []
-        self._keep_text = any(h.needs_text for h in self.hooks)
-        self.topics = p.Topics(settings.topic_prefix)
+        self.plugins = plugins or []
+        self._keep_text = any(pl.needs_text for pl in self.plugins)
+        self._text_plugins = [pl for pl in self.plugins if overrides(pl, "text")]
+        self._preparers = [pl for pl in self.plugins if overrides(pl, "prepare")]
+        self._rounders = [pl for pl in self.plugins if overrides(pl, "next_round")]
+        self._finishers = [pl for pl in self.plugins if overrides(pl, "finishing")]
+        self.topics = Topics(settings.topic_prefix)
         self.upstream = upstream or Upstream(settings)
         self.qos = settings.response_qos
         self.jobs: dict[tuple[str, str], Job] = {}
-        self._recent: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        self.recent = Recent(settings.dedup_window)
         self._slots = asyncio.Semaphore(settings.max_streams)
         self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
+        self.router = Router()
+        self.router.add(self.topics.req_filter, self._on_request)
+        self.router.add(self.topics.cancel_filter, self._on_cancel)
+        self.journal: Journal | None = None
+        if settings.journal:
+            self.journal = Journal(
+                settings.data_dir / f"inflight-{settings.client_id}.journal",
+                min(settings.max_streams + settings.max_queue + 16, JOURNAL_SLOTS),
+            )
+        self._attaching = True
+        for plugin in self.plugins:
+            plugin.attach(self)
+        self._attaching = False
         self.link = MqttLink(
             settings.mqtt,
             client_id=settings.client_id,
-            on_message=self.on_message,
-            subscriptions=[(self.topics.req_filter, 1), (self.topics.cancel_filter, 1)]
-            + [s for h in self.hooks for s in h.subscriptions()],
+            on_message=self._on_message,
+            subscriptions=self.router.subscriptions(),
             clean_start=False,
             session_expiry=settings.session_expiry,
             keepalive=settings.mqtt_keepalive,
@@ -132,14 +154,42 @@ class Bridge:
             ca_file=settings.mqtt_ca_file,
             tls_insecure=settings.mqtt_tls_insecure,
         )
-        self.journal: Journal | None = None
-        if settings.journal:
-            self.journal = Journal(
-                settings.data_dir / f"inflight-{settings.client_id}.journal",
-                min(settings.max_streams + settings.max_queue + 16, JOURNAL_SLOTS),
-            )
-        for hook in self.hooks:
-            hook.attach(self)
+
+    # --- what plugins get (Host) ------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected.is_set()
+
+    async def subscribed(self) -> None:
+        await self.link.subscribed.wait()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        try:
+            self.link.publish(topic, payload, qos=qos, retain=retain)
+        except ConnectionError as exc:
+            log.warning("could not publish %s: %s", topic[:200], exc)
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        if not self._attaching:
+            raise RuntimeError("plugins subscribe in attach(), before the bridge connects")
+        self.router.add(topic_filter, handler, qos)
+
+    def emit(self, job: Job, message: dict[str, Any]) -> None:
+        payload = p.progress_message(job.seq, message)
+        if self.journal is not None:
+            self.journal.set_seq(job.slot, job.seq + 1)
+        self._send(job, payload)
+
+    def job(self, device: str, rid: str) -> Job | None:
+        return self.jobs.get((device, rid))
+
+    def jobs_running(self) -> tuple[int, int]:
+        return self.active, len(self.jobs) - self.active
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -165,8 +215,8 @@ class Bridge:
                     job.task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
-        if self.link.connected.is_set():
-            self._call("stopping")
+        if self.connected:
+            self._each("stopping")
             self.link.publish(self.topics.status, b"offline", qos=1, retain=True)
         await self.link.stop()
         await self.upstream.aclose()
@@ -175,36 +225,36 @@ class Bridge:
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
-        if self.journal is not None and self.journal.pending:
-            for gone in self.journal.pending:
-                props = None
-                if gone.correlation is not None:
-                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    props.CorrelationData = gone.correlation
-                message = "the bridge stopped while answering; ask again"
+        journal = self.journal
+        if journal is not None and journal.pending:
+            # Each recovered slot is freed when its terminal is acknowledged; until
+            # then paho holds the message in the session and resends it.
+            recovered, journal.pending = journal.pending, []
+            message = "the bridge stopped while answering; ask again"
+            for gone in recovered:
                 self.link.publish(
-                    gone.topic, p.error_message(gone.seq, p.INTERRUPTED, message), 1,
-                    properties=props,
-                )  # fmt: skip
-            log.warning(
-                "sent %d interrupted terminals for requests of a previous run",
-                len(self.journal.pending),
-            )
-            self.journal.pending = []
-        self._call("connected")
+                    gone.topic,
+                    p.error_message(gone.seq, p.INTERRUPTED, message),
+                    1,
+                    properties=_reply_props(gone.correlation),
+                    on_ack=functools.partial(journal.remove, gone.slot),
+                )
+            log.warning("sent %d interrupted terminals for requests of a previous run",
+                        len(recovered))  # fmt: skip
+        self._each("connected")
 
-    def _call(self, name: str, *args: Any) -> None:
-        """Call one hook method on every hook; a failing hook is logged, never fatal."""
-        for hook in self.hooks:
+    def _each(self, name: str, *args: Any) -> None:
+        """Call one plugin method on every plugin; a failing plugin is logged, never fatal."""
+        for plugin in self.plugins:
             try:
-                getattr(hook, name)(*args)
+                getattr(plugin, name)(*args)
             except Exception:
-                log.exception("hook %s.%s failed", type(hook).__name__, name)
+                log.exception("plugin %s.%s failed", type(plugin).__name__, name)
 
-    # --- where requests enter -------------------------------------------------------------
+    # --- where messages enter -------------------------------------------------------------
 
-    def on_message(self, msg: paho.MQTTMessage) -> None:
-        """Dispatch one MQTT message (called in the loop, must not block or raise).
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        """Route one MQTT message (called in the loop, must not block or raise).
 
         A message is acknowledged once it is taken in hand; while the bridge
         stops it is not, so the broker keeps it for the next start.
@@ -212,24 +262,44 @@ class Bridge:
         if not self._accepting:
             return
         try:
-            parsed = self.topics.parse(msg.topic)
-            if parsed is None:
-                if not any(h.message(msg) for h in self.hooks):
-                    log.warning("ignored message on unexpected topic %r", msg.topic)
-            elif not p.valid_device_id(parsed[0]):
-                log.warning("ignored %s from invalid device id %r", parsed[1], parsed[0][:80])
-            elif parsed[1] == "req":
-                props = getattr(msg, "properties", None)
-                self.submit(
-                    parsed[0],
-                    bytes(msg.payload),
-                    response_topic=getattr(props, "ResponseTopic", None),
-                    correlation=getattr(props, "CorrelationData", None),
-                )
-            elif parsed[1] == "cancel":
-                self.cancel(parsed[0], bytes(msg.payload))
+            inbound = Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos,
+                              getattr(msg, "properties", None), bool(msg.dup))  # fmt: skip
+            if not self.router.route(inbound):
+                log.warning("ignored message on unexpected topic %r", msg.topic[:200])
         finally:
             self.link.ack(msg)
+
+    def _device_of(self, msg: Inbound, kind: str) -> str | None:
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None or parsed[2] is not None:
+            return None
+        if not p.valid_device_id(parsed[0]):
+            log.warning("ignored %s from invalid device id %r", kind, parsed[0][:80])
+            return None
+        return parsed[0]
+
+    def _on_request(self, msg: Inbound) -> None:
+        device = self._device_of(msg, "request")
+        if device is None:
+            return
+        if msg.retain:
+            # The broker replays a retained request at every subscription (each
+            # restart, each reconnect): it was served when it arrived live.
+            log.info("ignored the retained copy of a request from %s", device)
+            return
+        props = msg.properties
+        self.submit(
+            device,
+            msg.payload,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+            redelivered=msg.dup,
+        )
+
+    def _on_cancel(self, msg: Inbound) -> None:
+        device = self._device_of(msg, "cancel")
+        if device is not None and not msg.retain:
+            self.cancel(device, msg.payload)
 
     def submit(
         self,
@@ -238,112 +308,136 @@ class Bridge:
         *,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        redelivered: bool = False,
     ) -> Job | None:
-        """Validate a request and start it, or answer it with an error at once.
+        """Take a request: parse -> check its reply topic -> drop a duplicate -> admit -> queue.
+
+        Anything refused is answered at once with its error terminal.
 
         Args:
             device: the device id from the topic.
             payload: the request as received.
             response_topic: an MQTT v5 Response Topic: the reply goes there
                 (it must lie under `P/D/res/`), each message with `correlation`.
+            redelivered: the broker's DUP flag: only such a delivery of a
+                request without an id can be a duplicate.
         Returns:
             the started job, or None when the request was answered or dropped.
         """
-        props: Properties | None = None
-        if response_topic is not None or correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if correlation is not None:
-                props.CorrelationData = correlation
-        req: p.ChatRequest | None = None
-        refusal: tuple[str, str, str | None] | None = None
-        try:
-            req = p.parse_request(payload, self.settings.max_request_bytes)
-        except p.BadRequest as exc:
-            refusal = (exc.code, exc.message, exc.request_id)
-        if response_topic is not None and not self._own_response_topic(device, response_topic):
-            rid = req.id if req is not None else (refusal[2] if refusal else None)
-            refusal = (
-                p.BAD_REQUEST,
-                f"response topic must lie under {self.topics.prefix}/{device}/res/",
-                rid,
-            )
-            req, response_topic = None, None
-        # A second delivery of the same request is dropped before anything else
-        # (policy included), so it can never get a second terminal.
-        known_id = req.id if req is not None else (refusal[2] if refusal else None)
+        rid: str | None = None
+        wrong_topic = self._reply_to_error(device, response_topic, correlation)
+        reply_to = response_topic if wrong_topic is None else None
         digest = hashlib.blake2b(payload, digest_size=16).digest()
-        if known_id is not None:
-            key = (device, known_id)
-            now = time.monotonic()
-            seen = self._recent.get(key)
-            window = self.settings.dedup_window
-            if seen is not None and seen[0] == digest and now - seen[1] < window:
-                log.info("dropped duplicate delivery device=%s id=%s", device, known_id)
-                return None
-            self._remember(key, digest, now)
-        if req is not None:
+        now = time.monotonic()
+        try:
             try:
-                for hook in self.hooks:
-                    hook.admit(device, req, len(payload))
-            except Refusal as exc:
-                refusal = (exc.code, exc.message, req.id)
-        if refusal is not None or req is None:
-            code, message, known = refusal or (p.INTERNAL, "no request", None)
-            rid = known or p.new_request_id()
-            log.info(
-                "refused request device=%s id=%s: %s: %s", device, rid, code, message,
-                extra={"device": device, "request_id": rid, "outcome": code},
-            )  # fmt: skip
-            self._call("refused", device, code)
-            self._publish_terminal(
-                response_topic or self.topics.res(device, rid),
-                p.error_message(0, code, message),
-                props,
-            )
+                req = p.parse_request(payload, self._size_limit(device))
+            except ProtocolError as exc:
+                # The same bytes are refused the same way: a second delivery of a
+                # malformed request needs no second answer.
+                if exc.request_id is not None:
+                    if self.recent.duplicate(device, exc.request_id, digest, now):
+                        return None
+                    self.recent.remember(device, exc.request_id, digest, now)
+                raise
+            rid = req.id
+            if wrong_topic is not None:
+                raise ProtocolError(p.BAD_REQUEST, wrong_topic, rid)
+            key = rid or f"~{digest.hex()}"
+            if (rid is not None or redelivered) and self.recent.duplicate(device, key, digest, now):
+                log.info("dropped duplicate delivery device=%s id=%s", device, rid)
+                return None
+            for plugin in self.plugins:
+                plugin.admit(device, req, len(payload))
+            job = self._queue(device, req, digest, reply_to, correlation)
+            self.recent.remember(device, key, digest, now)
+            return job
+        except ProtocolError as exc:
+            self._refuse(device, exc, rid or exc.request_id, reply_to, correlation)
             return None
+
+    def _size_limit(self, device: str) -> int:
+        """The smallest of the bridge's and the plugins' request size limits for `device`."""
+        limit = self.settings.max_request_bytes
+        for plugin in self.plugins:
+            own = plugin.max_request_bytes(device)
+            if own:
+                limit = min(limit, own)
+        return limit
+
+    def _reply_to_error(
+        self, device: str, topic: str | None, correlation: bytes | None
+    ) -> str | None:
+        """Why a v5 response topic or correlation data is refused, or None when they are fine.
+
+        A response topic may only point at the asking device's own replies, and
+        both are bounded so that the request's journal slot holds them.
+        """
+        if correlation is not None and len(correlation) > MAX_CORRELATION_BYTES:
+            return f"correlation data is longer than {MAX_CORRELATION_BYTES} bytes"
+        if topic is None:
+            return None
+        base = self.topics.res_base(device)
+        if not (topic.startswith(base) and len(topic) > len(base)) or "+" in topic or "#" in topic:
+            return f"response topic must lie under {base}"
+        if len(topic.encode()) > MAX_RESPONSE_TOPIC_BYTES:
+            return f"response topic is longer than {MAX_RESPONSE_TOPIC_BYTES} bytes"
+        return None
+
+    def _queue(
+        self,
+        device: str,
+        req: p.ChatRequest,
+        digest: bytes,
+        reply_to: str | None,
+        correlation: bytes | None,
+    ) -> Job:
         rid = req.id or p.new_request_id()
         key = (device, rid)
-        topic = response_topic or self.topics.res(device, rid)
+        topic = reply_to or self.topics.res(device, rid)
         previous = self.jobs.get(key)
-        if (
-            previous is None
-            and len(self.jobs) >= self.settings.max_streams + self.settings.max_queue
-        ):
-            log.warning(
-                "overloaded: refused device=%s id=%s", device, rid,
-                extra={"device": device, "request_id": rid, "outcome": p.OVERLOADED},
-            )  # fmt: skip
-            self._call("refused", device, p.OVERLOADED)
-            self._publish_terminal(
-                topic,
-                p.error_message(0, p.OVERLOADED, "the bridge is busy; try again in a few seconds"),
-                props,
-            )
-            return None
-        job = Job(device, rid, topic, req, digest, props=props)
+        s = self.settings
+        if previous is None and len(self.jobs) >= s.max_streams + s.max_queue:
+            raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
+        job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
         if self.journal is not None:
             job.slot = self.journal.add(topic, correlation)
+            if job.slot < 0:
+                raise ProtocolError(
+                    p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid
+                )
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             _cancel_soon(previous.task)
         self.jobs[key] = job
         job.task = asyncio.create_task(self._run(job, previous), name=f"req {device}/{rid}")
         log.info(
-            "request device=%s id=%s model=%s stream=%s",
-            device,
-            rid,
-            req.model or self.settings.openai_model,
-            req.stream,
+            "request device=%s id=%s model=%s stream=%s", device, rid,
+            req.model or s.openai_model, req.stream,
             extra={"device": device, "request_id": rid},
-        )
-        self._call("started", job)
+        )  # fmt: skip
+        self._each("started", job)
         return job
 
-    def _own_response_topic(self, device: str, topic: str) -> bool:
-        """A v5 response topic may only point at the asking device's own replies."""
-        base = f"{self.topics.prefix}/{device}/res/"
-        return (
-            topic.startswith(base) and len(topic) > len(base) and not ("+" in topic or "#" in topic)
+    def _refuse(
+        self,
+        device: str,
+        error: ProtocolError,
+        rid: str | None,
+        reply_to: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        """Answer a request at once with its error (as seq 0); it leaves nothing behind."""
+        rid = rid or p.new_request_id()
+        log.info(
+            "refused request device=%s id=%s: %s: %s", device, rid, error.code, error.message,
+            extra={"device": device, "request_id": rid, "outcome": error.code},
+        )  # fmt: skip
+        self._each("refused", device, error)
+        self._publish_terminal(
+            reply_to or self.topics.res(device, rid),
+            p.error_message(0, error.code, error.message, error.status),
+            _reply_props(correlation),
         )
 
     def cancel(self, device: str, payload: bytes) -> None:
@@ -356,120 +450,141 @@ class Bridge:
         log.info("cancel device=%s id=%s", device, rid)
         _cancel_soon(job.task)
 
-    def _remember(self, key: tuple[str, str], digest: bytes, now: float) -> None:
-        recent = self._recent
-        recent.pop(key, None)
-        recent[key] = (digest, now)
-        horizon = now - self.settings.dedup_window
-        while recent:
-            oldest_key, (_, t) = next(iter(recent.items()))
-            if t >= horizon and len(recent) <= _DEDUP_MAX:
-                break
-            del recent[oldest_key]
-
     # --- one request, start to terminal ---------------------------------------------------
 
     async def _run(self, job: Job, previous: Job | None) -> None:
-        terminal: Terminal | None = None
         try:
             if previous is not None and previous.task is not None:
                 await asyncio.wait([previous.task])
             await self._slots.acquire()
             self.active += 1
             try:
-                terminal = await self._serve(job)
+                await self._serve(job)
             finally:
                 self.active -= 1
                 self._slots.release()
         except asyncio.CancelledError:
-            job.outcome = job.cancel_code
-            code, message = job.cancel_code, job.cancel_message
-            terminal = lambda seq: p.error_message(seq, code, message)  # noqa: E731
+            job.error = ProtocolError(job.cancel_code, job.cancel_message)
+        except ProtocolError as exc:
+            job.error = exc
         except Exception:
             log.exception("internal error device=%s id=%s", job.device, job.rid)
+            job.error = ProtocolError(p.INTERNAL, "internal error")
         finally:
-            if terminal is None:
-                job.outcome = p.INTERNAL
-                terminal = lambda seq: p.error_message(seq, p.INTERNAL, "internal error")  # noqa: E731
-            if self.jobs.get((job.device, job.rid)) is job:
-                del self.jobs[(job.device, job.rid)]
-            if job.timer is not None:
-                job.timer.cancel()
-            if job.chunker is not None:
-                self._publish_held(job)
-            self._publish_terminal(job.topic, terminal(job.seq), job.props)
-            if self.journal is not None:
-                self.journal.remove(job.slot)
-            self._call("finished", job, job.outcome, job.fold.usage if job.fold else None)
-            log.info(
-                "finished device=%s id=%s outcome=%s chunks=%d seconds=%.3f",
-                job.device,
-                job.rid,
-                job.outcome,
-                job.seq,
-                time.monotonic() - job.started,
-                extra={"device": job.device, "request_id": job.rid, "outcome": job.outcome},
-            )
+            self._end(job)
 
-    async def _serve(self, job: Job) -> Terminal:
-        """Call the API (retrying while nothing was published); return how to end the reply.
+    def _end(self, job: Job) -> None:
+        """Publish the one terminal and let everyone know (must not raise)."""
+        if self.jobs.get((job.device, job.rid)) is job:
+            del self.jobs[(job.device, job.rid)]
+        if job.timer is not None:
+            job.timer.cancel()
+        self._publish_held(job)
+        error = job.error
+        if error is None:
+            payload = self._done(job)
+        else:
+            job.outcome = error.code
+            payload = p.error_message(job.seq, error.code, error.message, error.status)
+            # An error ended it: the same request asked again is a new try, not a duplicate.
+            self.recent.forget(job.device, job.request.id or f"~{job.digest.hex()}")
+        if self.journal is not None:
+            self.journal.set_seq(job.slot, job.seq)
+        self._publish_terminal(job.topic, payload, job.props, slot=job.slot)
+        self._each("finished", job)
+        log.info(
+            "finished device=%s id=%s outcome=%s chunks=%d seconds=%.3f", job.device, job.rid,
+            job.outcome, job.seq, time.monotonic() - job.started,
+            extra={"device": job.device, "request_id": job.rid, "outcome": job.outcome},
+        )  # fmt: skip
 
-        The terminal is built from the seq it gets, after any held text was published.
+    def _done(self, job: Job) -> bytes:
+        fold, stream = job.fold, job.request.stream
+        if fold is None:  # a plugin served the request without the chat API
+            return p.done_message(job.seq, finish_reason=None, usage=job.usage,
+                                  model=job.request.model or self.settings.openai_model,
+                                  extra=job.terminal)  # fmt: skip
+        return p.done_message(
+            job.seq,
+            finish_reason=fold.finish_reason,
+            usage=job.reported_usage,
+            model=fold.model,
+            text=None if stream else fold.text,
+            refusal=None if stream else fold.refusal,
+            tool_calls=fold.tool_calls,
+            extra=job.terminal,
+        )
+
+    async def _serve(self, job: Job) -> None:
+        """Prepare, ask the API round after round while a plugin wants more, then finish.
+
+        Returns when the reply is complete; raises ProtocolError to end it with an error.
         """
         s = self.settings
-        req = job.request
-        body = req.upstream_body(s.openai_model, s.include_usage)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.upstream_total_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                job.body = job.request.upstream_body(s.openai_model, s.include_usage)
+                for plugin in self._preparers:
+                    await plugin.prepare(job)
+                while job.body is not None:
+                    await self._round(job, job.body, deadline)
+                    job.rounds += 1
+                    if not await self._more(job):
+                        break
+                for plugin in self._finishers:
+                    await plugin.finishing(job)
+        except TimeoutError:
+            text = f"no complete reply within {s.upstream_total_timeout:g} s"
+            raise ProtocolError(p.UPSTREAM_TIMEOUT, text) from None
+
+    async def _more(self, job: Job) -> bool:
+        for plugin in self._rounders:
+            if await plugin.next_round(job):
+                return True
+        return False
+
+    async def _round(self, job: Job, body: dict[str, Any], deadline: float) -> None:
+        """One complete API reply, retrying while nothing of the request was published."""
+        req = job.request
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             fold = ReplyFold(body["model"], keep_text=self._keep_text or not req.stream)
             job.fold = fold
-            if req.stream and req.chunked:
+            if req.stream and req.chunked and job.seq == 0:
                 job.chunker = Chunker(req.chunk_bytes or 0, req.chunk_sentences, req.chunk_ms or 0)
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._attempt(job, body, fold)
-            except TimeoutError:
-                job.outcome = p.UPSTREAM_TIMEOUT
-                text = f"no complete reply within {s.upstream_total_timeout:g} s"
-                return lambda seq: p.error_message(seq, p.UPSTREAM_TIMEOUT, text)
-            except StreamError as exc:
-                job.outcome = exc.code
-                code, text = exc.code, self.upstream.redact(exc.message)
-                return lambda seq: p.error_message(seq, code, text)
+                await self._attempt(job, body, fold)
             except UpstreamError as exc:
+                _estimate(job, body, fold)
                 wait = self._retry_wait(exc, attempt, job, deadline - loop.time())
                 if wait is None:
-                    job.outcome = exc.code
-                    error = exc
-                    return lambda seq: p.error_message(seq, error.code, error.message, error.status)
+                    raise
                 attempt += 1
-                log.info(
-                    "retrying device=%s id=%s in %.2f s after %s",
-                    job.device,
-                    job.rid,
-                    wait,
-                    exc.code,
-                )
+                log.info("retrying device=%s id=%s in %.2f s after %s",
+                         job.device, job.rid, wait, exc.code)  # fmt: skip
                 await asyncio.sleep(wait)
                 continue
-            return lambda seq: p.done_message(
-                seq,
-                finish_reason=fold.finish_reason,
-                usage=fold.usage,
-                model=fold.model,
-                text=None if req.stream else fold.text,
-                refusal=None if req.stream else fold.refusal,
-                tool_calls=fold.tool_calls,
-            )
+            except ProtocolError as exc:  # an error the API sent inside the stream
+                _estimate(job, body, fold)
+                raise ProtocolError(exc.code, self.upstream.redact(exc.message)) from None
+            except asyncio.CancelledError:
+                _estimate(job, body, fold)
+                raise
+            if fold.usage is None:
+                _estimate(job, body, fold)
+            else:
+                job.add_usage(fold.usage)
+            return
 
     def _retry_wait(
         self, exc: UpstreamError, attempt: int, job: Job, time_left: float
     ) -> float | None:
         """Seconds to wait before another attempt, or None to give up.
 
-        Only before the first chunk is published: after that the device has
+        Only before the first message is published: after that the device has
         part of a reply and a second attempt would not continue it.
         """
         s = self.settings
@@ -483,19 +598,30 @@ class Bridge:
         return wait if wait < time_left else None
 
     async def _attempt(self, job: Job, body: dict[str, Any], fold: ReplyFold) -> None:
-        """One upstream call: publish pieces as they come; raise on an incomplete stream."""
+        """One upstream call: publish pieces as they come; raise on an incomplete stream.
+
+        A stream that breaks after its `finish_reason` is complete: the reply
+        was whole, only the end of the connection (or the usage chunk) is missing.
+        """
         stream = job.request.stream
-        first = True
-        async with self.upstream.stream(body) as events:
-            async for event, data in events:
-                if fold.done:
-                    continue  # read to the end of the body, so the connection is reused
-                pieces = fold.feed(event, data)
-                if pieces and first:
-                    first = False
-                    self._call("streaming", job)
-                if stream and pieces:
-                    await self._emit(job, pieces)
+        first = job.seq == 0
+        try:
+            async with self.upstream.stream(body) as events:
+                fold.opened = True
+                async for event, data in events:
+                    if fold.done:
+                        continue  # read to the end of the body, so the connection is reused
+                    pieces = fold.feed(event, data)
+                    if pieces and first:
+                        first = False
+                        self._each("streaming", job)
+                    if stream and pieces:
+                        await self._emit(job, pieces)
+        except UpstreamError:
+            if fold.finish_reason is None:
+                raise
+            log.info("stream of device=%s id=%s broke after its finish_reason: complete",
+                     job.device, job.rid)  # fmt: skip
         if not fold.complete:
             raise UpstreamError(
                 p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
@@ -513,16 +639,31 @@ class Bridge:
             # Counted before publishing: after a crash the journal may be ahead of
             # what the device got (a gap), never behind it (a repeated seq).
             self.journal.set_seq(job.slot, job.seq + len(pieces))
+        first = job.seq == 0
         for kind, text in pieces:
-            msg = (
-                p.delta_message(job.seq, text)
-                if kind == DELTA
-                else p.refusal_message(job.seq, text)
-            )
-            link.publish(job.topic, msg, self.qos, properties=job.props)
-            job.seq += 1
-        if job.seq == len(pieces):
+            if kind == DELTA:
+                self._send(job, p.delta_message(job.seq, text))
+                for plugin in self._text_plugins:
+                    try:
+                        plugin.text(job, text)
+                    except Exception:
+                        log.exception("plugin %s.text failed", type(plugin).__name__)
+            else:
+                self._send(job, p.refusal_message(job.seq, text))
+        if first and pieces:
             link.flush()  # the first chunk leaves at once: time to first chunk
+
+    def _send(self, job: Job, payload: bytes) -> None:
+        """Publish one message of a reply; its seq is spent even if the link refuses it.
+
+        At QoS 0 while the broker is away the message is lost: the device then
+        sees a gap in `seq`, never a silently shortened text.
+        """
+        try:
+            self.link.publish(job.topic, payload, self.qos, properties=job.props)
+        except ConnectionError as exc:
+            log.warning("lost a message of device=%s id=%s: %s", job.device, job.rid, exc)
+        job.seq += 1
 
     def _chunk(self, job: Job, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Merge deltas as the request asked; start the clock for what is held."""
@@ -553,30 +694,65 @@ class Bridge:
         if self.journal is not None:
             self.journal.set_seq(job.slot, job.seq + len(held))
         for text in held:
-            self.link.publish(
-                job.topic, p.delta_message(job.seq, text), self.qos, properties=job.props
-            )
-            job.seq += 1
+            self._send(job, p.delta_message(job.seq, text))
+            for plugin in self._text_plugins:
+                try:
+                    plugin.text(job, text)
+                except Exception:
+                    log.exception("plugin %s.text failed", type(plugin).__name__)
 
     def _publish_terminal(
-        self, topic: str, payload: bytes, props: Properties | None = None
+        self, topic: str, payload: bytes, props: Properties | None = None, slot: int = -1
     ) -> None:
-        """Publish a terminal message (QoS 1); while disconnected, as soon as we are back."""
-        if not self.link.connected.is_set():
-            task = asyncio.create_task(self._publish_when_connected(topic, payload, props))
+        """Publish a terminal message (QoS 1); while disconnected, as soon as we are back.
+
+        The request's journal slot is freed when the broker acknowledges it.
+        """
+        if not self.connected:
+            task = asyncio.create_task(self._publish_when_connected(topic, payload, props, slot))
             self._later.add(task)
             task.add_done_callback(self._later.discard)
             return
+        journal = self.journal
         try:
-            self.link.publish(topic, payload, qos=1, properties=props)
+            self.link.publish(
+                topic, payload, qos=1, properties=props,
+                on_ack=None if journal is None or slot < 0 else lambda: journal.remove(slot),
+            )  # fmt: skip
         except (ConnectionError, ValueError) as exc:
             log.error("could not publish terminal on %s: %s", topic, exc)
 
     async def _publish_when_connected(
-        self, topic: str, payload: bytes, props: Properties | None
+        self, topic: str, payload: bytes, props: Properties | None, slot: int
     ) -> None:
         await self.link.connected.wait()
-        self._publish_terminal(topic, payload, props)
+        self._publish_terminal(topic, payload, props, slot)
+
+
+def _reply_props(correlation: bytes | None) -> Properties | None:
+    """The v5 properties every message of a reply carries (the request's correlation data)."""
+    if correlation is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.CorrelationData = correlation
+    return props
+
+
+def _estimate(job: Job, body: dict[str, Any], fold: ReplyFold) -> None:
+    """Count what an API call consumed without a `usage` to say so (the budget estimates it).
+
+    A call the API refused or never received spent nothing.
+    """
+    if not fold.opened:
+        return
+    prompt = 0
+    for message in body.get("messages", ()):
+        content = message.get("content")
+        if isinstance(content, str):
+            prompt += len(content)
+        elif isinstance(content, list):
+            prompt += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    job.estimated_chars += prompt + fold.chars
 
 
 def _cancel_soon(task: asyncio.Task[None]) -> None:

@@ -212,6 +212,7 @@ class Settings(BaseSettings):
     # Integrations (docs/protocol.md "State" and "Home Assistant"): retained
     # per-device state, Home Assistant discovery, and the devices known ahead.
     state: bool = True
+    state_max_devices: int = Field(1000, ge=1, le=1_000_000)
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
     devices: str = ""
@@ -219,8 +220,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    # Per-device policy and provisioning (docs/configuration.md, bridge/policy.py,
-    # bridge/provision.py): the limits, where the counters live, the broker's files.
+    # Per-device policy and provisioning (docs/configuration.md, bridge/plugins/policy.py,
+    # bridge/ops/provision.py): the limits, where the counters live, the broker's files.
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     data_dir: Path = Path("data")
     broker_dir: Path = Path("broker")

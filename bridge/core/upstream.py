@@ -21,40 +21,9 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from bridge.core import protocol as p
+from bridge.core.errors import UpstreamError
 from bridge.core.netio import AsyncioTransport
 from bridge.core.settings import Settings
-
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-
-
-class UpstreamError(Exception):
-    """A failed upstream call, as the protocol reports it.
-
-    Attributes:
-        code: a protocol error code (`upstream_status`, `upstream_timeout`, ...).
-        status: the HTTP status for `upstream_status`.
-        retry_after: seconds the API asked us to wait, if it said.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same request may succeed if sent again."""
-        if self.code == p.UPSTREAM_STATUS:
-            return self.status in RETRYABLE_STATUS
-        return self.code in (p.UPSTREAM_TIMEOUT, p.UPSTREAM_UNREACHABLE, p.UPSTREAM_PROTOCOL)
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

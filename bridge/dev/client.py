@@ -31,24 +31,21 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from bridge.core import protocol as p
+from bridge.core.errors import ProtocolError
 from bridge.core.mqtt import MqttLink
 from bridge.core.settings import MqttUrl
+from bridge.core.topics import Topics
 
 
-class BridgeError(Exception):
+class BridgeError(ProtocolError):
     """The request ended with an error terminal (or never ended in time).
 
-    Attributes:
-        code: the protocol's error code (`upstream_status`, `cancelled`, ...,
-            or `timeout` when no message came in time, `protocol` for a seq gap).
-        status: the upstream HTTP status for `upstream_status`.
+    The protocol's `ProtocolError`, with two codes of the client's own:
+    `timeout` when no message came in time, `protocol` for a seq gap.
     """
 
     def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.status = status
+        super().__init__(code, message, status=status)
 
 
 @dataclass
@@ -107,7 +104,7 @@ class BridgeClient:
         if not p.valid_device_id(device):
             raise ValueError(f"invalid device id {device!r}")
         self.device = device
-        self.topics = p.Topics(prefix)
+        self.topics = Topics(prefix)
         self.idle_timeout = idle_timeout
         self.last: Reply | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}

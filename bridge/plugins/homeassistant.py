@@ -19,13 +19,13 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from bridge.core import protocol as p
-from bridge.core.hooks import Hooks
-from bridge.plugins.state import EVENT_TYPES, StateHook
+from bridge.core.plugin import Inbound, Plugin
+from bridge.core.topics import Topics
+from bridge.plugins.state import EVENT_TYPES, StatePlugin
 
 if TYPE_CHECKING:
-    import paho.mqtt.client as paho
-
-    from bridge.core.service import Bridge, Job
+    from bridge.core.job import Job
+    from bridge.core.plugin import Host
     from bridge.core.settings import Settings
 
 log = logging.getLogger("bridge.plugins.homeassistant")
@@ -52,7 +52,7 @@ def node_id(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
 
 
-class HomeAssistantHook(Hooks):
+class HomeAssistantPlugin(Plugin):
     """Publishes discovery, re-publishes it when HA comes online, serves the text entity.
 
     Known devices are those in `BRIDGE_DEVICES`, those that asked, and those
@@ -61,17 +61,17 @@ class HomeAssistantHook(Hooks):
     config HA deletes (its "Delete" button) is forgotten, state included.
     """
 
-    def __init__(self, settings: Settings, state: StateHook) -> None:
+    def __init__(self, settings: Settings, state: StatePlugin) -> None:
         self.prefix = settings.topic_prefix
         self.ha_prefix = settings.ha_prefix
         self.node = node_id(settings.topic_prefix)
         self.configured = settings.known_devices
         self.state = state
-        self.topics = p.Topics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix)
         self.known: set[str] = set()
         self.retained_configs: set[str] = set()
         self.ready = False
-        self.bridge: Bridge | None = None
+        self.host: Host | None = None
         self._settle: asyncio.Task[None] | None = None
         self.origin = {"name": MANUFACTURER, "sw": _version()}
         self._config_re = re.compile(
@@ -91,9 +91,6 @@ class HomeAssistantHook(Hooks):
     def birth_topic(self) -> str:
         return f"{self.ha_prefix}/status"
 
-    def ask_topic(self, device: str) -> str:
-        return f"{self.prefix}/{device}/ask"
-
     # --- the discovery payloads ---------------------------------------------------------
 
     def _common(self) -> dict[str, Any]:
@@ -107,7 +104,7 @@ class HomeAssistantHook(Hooks):
 
     def device_config(self, device: str) -> dict[str, Any]:
         """The device-based discovery config of device D."""
-        state = self.state.state_topic(device)
+        state = self.topics.state(device)
         uid = f"{self.node}_{device}"
         return {
             "dev": {
@@ -140,7 +137,7 @@ class HomeAssistantHook(Hooks):
                     "p": "event",
                     "name": "Reply",
                     "unique_id": f"{uid}_event",
-                    "state_topic": self.state.event_topic(device),
+                    "state_topic": self.topics.event(device),
                     "event_types": list(EVENT_TYPES),
                     "icon": "mdi:message-flash",
                 },
@@ -148,7 +145,7 @@ class HomeAssistantHook(Hooks):
                     "p": "text",
                     "name": "Ask",
                     "unique_id": f"{uid}_ask",
-                    "command_topic": self.ask_topic(device),
+                    "command_topic": self.topics.ask(device),
                     "min": 1,
                     "max": HA_STATE_MAX,
                     "mode": "text",
@@ -180,7 +177,7 @@ class HomeAssistantHook(Hooks):
                 "sw_version": _version(),
             },
             **self._common(),
-            "state_topic": self.state.stats_topic,
+            "state_topic": self.topics.stats,
             "cmps": {
                 "requests": counter(
                     "requests", "Requests", "mdi:message-processing", state_class="total_increasing"
@@ -203,35 +200,28 @@ class HomeAssistantHook(Hooks):
 
     # --- hook ---------------------------------------------------------------------------
 
-    def attach(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        # `P/D/ask` looks like a protocol topic (P/D/kind), which the service
-        # does not pass to hooks: paho hands it to us directly.
-        bridge.link.client.message_callback_add(f"{self.prefix}/+/ask", self._on_ask)
-
-    def subscriptions(self) -> list[tuple[str, int]]:
-        return [
-            (self.birth_topic, 0),
-            (f"{self.ha_prefix}/device/{self.node}/+/config", 0),
-            (f"{self.prefix}/+/ask", 1),
-        ]
+    def attach(self, host: Host) -> None:
+        self.host = host
+        host.subscribe(self.birth_topic, self._on_birth, qos=0)
+        host.subscribe(f"{self.ha_prefix}/device/{self.node}/+/config", self._on_config, qos=0)
+        host.subscribe(host.topics.device_filter("ask"), self._on_ask, qos=1)
 
     def connected(self) -> None:
         if self._settle is None or self._settle.done():
             self._settle = asyncio.get_running_loop().create_task(self._after_settle())
 
-    def message(self, msg: paho.MQTTMessage) -> bool:
-        if msg.topic == self.birth_topic:
-            if bytes(msg.payload).strip().lower() == b"online" and self.ready:
-                log.info("Home Assistant is online: publishing discovery again")
-                self.publish_all()
-            return True
+    def _on_birth(self, msg: Inbound) -> None:
+        if msg.payload.strip().lower() == b"online" and self.ready:
+            log.info("Home Assistant is online: publishing discovery again")
+            self.publish_all()
+
+    def _on_config(self, msg: Inbound) -> None:
         m = self._config_re.fullmatch(msg.topic)
         if m is None:
-            return False
+            return
         device = m.group(1)
         if device == "bridge" or not p.valid_device_id(device):
-            return True
+            return
         if msg.payload:
             if msg.retain:
                 self.retained_configs.add(device)
@@ -241,7 +231,6 @@ class HomeAssistantHook(Hooks):
                 # Our own removals leave `known` first: this one came from someone
                 # else, normally Home Assistant's "Delete" of the device.
                 self.forget(device, clear_config=False)
-        return True
 
     def started(self, job: Job) -> None:
         if self.ready and job.device not in self.known:
@@ -254,8 +243,8 @@ class HomeAssistantHook(Hooks):
     # --- publishing ---------------------------------------------------------------------
 
     async def _after_settle(self) -> None:
-        assert self.bridge is not None
-        await self.bridge.link.subscribed.wait()
+        assert self.host is not None
+        await self.host.subscribed()
         await asyncio.sleep(SETTLE)
         self.reconcile()
 
@@ -291,50 +280,40 @@ class HomeAssistantHook(Hooks):
         log.info("forgot device %s%s", device, note if device in self.configured else "")
 
     def _publish(self, topic: str, payload: dict[str, Any] | bytes) -> None:
-        if self.bridge is None or not self.bridge.link.connected.is_set():
+        if self.host is None or not self.host.connected:
             return
         data = (
             payload
             if isinstance(payload, bytes)
             else json.dumps(payload, separators=(",", ":")).encode()
         )
-        try:
-            self.bridge.link.publish(topic, data, qos=1, retain=True)
-        except ConnectionError as exc:
-            log.warning("could not publish %s: %s", topic, exc)
+        self.host.publish(topic, data, qos=1, retain=True)
 
     # --- the text entity ----------------------------------------------------------------
 
-    def _on_ask(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _on_ask(self, msg: Inbound) -> None:
         """`P/D/ask`: a question for device D from Home Assistant (or any integration).
 
-        Plain text is the prompt; a JSON object is a whole protocol v1 request.
+        Plain text is the prompt; a JSON object is a whole protocol request.
         The reply goes to `P/D/res/<id>` (ids made here start with `ha-`) and
-        into D's state and events like any other.
+        into D's state and events like any other. A retained question is not
+        asked again at every start.
         """
-        bridge = self.bridge
-        if bridge is None:
+        host = self.host
+        parsed = self.topics.parse(msg.topic)
+        text = msg.payload.strip()
+        if host is None or parsed is None or msg.retain:
             return
-        if not getattr(bridge, "_accepting", True):
-            return  # stopping: not acknowledged, so the broker keeps it for the next start
-        try:
-            device = msg.topic[len(self.prefix) + 1 :].split("/", 1)[0]
-            payload = bytes(msg.payload)
-            text = payload.strip()
-            if not p.valid_device_id(device) or not text:
-                log.warning("ignored ask on %r", msg.topic[:200])
-            elif text.startswith(b"{"):
-                bridge.submit(device, payload)
-            else:
-                rid = f"ha-{os.urandom(5).hex()}"
-                try:
-                    prompt = text.decode()
-                except UnicodeDecodeError:
-                    log.warning("ignored ask for %s: not UTF-8", device)
-                else:
-                    body = {"id": rid, "prompt": prompt}
-                    bridge.submit(device, json.dumps(body, ensure_ascii=False).encode())
-        except Exception:
-            log.exception("ask on %s failed", msg.topic)
-        finally:
-            bridge.link.ack(msg)
+        device = parsed[0]
+        if not p.valid_device_id(device) or not text:
+            log.warning("ignored ask on %r", msg.topic[:200])
+        elif text.startswith(b"{"):
+            host.submit(device, msg.payload)
+        else:
+            try:
+                prompt = text.decode()
+            except UnicodeDecodeError:
+                log.warning("ignored ask for %s: not UTF-8", device)
+                return
+            body = {"id": f"ha-{os.urandom(5).hex()}", "prompt": prompt}
+            host.submit(device, json.dumps(body, ensure_ascii=False).encode())

@@ -8,21 +8,23 @@ never per chunk.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from bridge.core.hooks import Hooks
+from bridge.core.plugin import Plugin
 
 if TYPE_CHECKING:
-    from bridge.core.service import Bridge, Job
+    from bridge.core.errors import ProtocolError
+    from bridge.core.job import Job
+    from bridge.core.plugin import Host
     from bridge.core.settings import Settings
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class MetricsHook(Hooks):
+class MetricsPlugin(Plugin):
     """Counts requests, errors, tokens and latencies; serves them over HTTP."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
@@ -57,24 +59,25 @@ class MetricsHook(Hooks):
             "llm_bridge_mqtt_connected", "1 while connected to the broker", registry=r
         )
 
-    def attach(self, bridge: Bridge) -> None:
-        self.active.set_function(lambda: bridge.active)
-        self.queued.set_function(lambda: len(bridge.jobs) - bridge.active)
-        self.mqtt_up.set_function(lambda: float(bridge.link.connected.is_set()))
+    def attach(self, host: Host) -> None:
+        self.active.set_function(lambda: host.jobs_running()[0])
+        self.queued.set_function(lambda: host.jobs_running()[1])
+        self.mqtt_up.set_function(lambda: float(host.connected))
         if self.settings.metrics_port:
             start_http_server(
                 self.settings.metrics_port, self.settings.metrics_host, registry=self.registry
             )
 
-    def refused(self, device: str, code: str) -> None:
-        self.requests.labels(code).inc()
+    def refused(self, device: str, error: ProtocolError) -> None:
+        self.requests.labels(error.code).inc()
         self.chunks.inc()
 
     def streaming(self, job: Job) -> None:
         self.ttft.observe(time.monotonic() - job.started)
 
-    def finished(self, job: Job, outcome: str, usage: Any) -> None:
-        self.requests.labels(outcome).inc()
+    def finished(self, job: Job) -> None:
+        usage = job.usage
+        self.requests.labels(job.outcome).inc()
         self.duration.observe(time.monotonic() - job.started)
         self.chunks.inc(job.seq + 1)
         if isinstance(usage, dict):

@@ -16,15 +16,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bridge.core import protocol as p
-from bridge.core.hooks import Hooks, Refusal
+from bridge.core.errors import ProtocolError
+from bridge.core.plugin import Plugin
 from bridge.core.settings import PolicyConfig
 
 if TYPE_CHECKING:
+    from bridge.core.job import Job
+    from bridge.core.plugin import Host
     from bridge.core.protocol import ChatRequest
-    from bridge.core.service import Bridge, Job
     from bridge.core.settings import Settings
 
 log = logging.getLogger("bridge.plugins.policy")
@@ -33,7 +34,6 @@ RATE_LIMITED = "rate_limited"
 BUDGET_EXCEEDED = "budget_exceeded"
 MODEL_NOT_ALLOWED = "model_not_allowed"
 TOO_MANY_STREAMS = "too_many_streams"
-TOO_LARGE = p.TOO_LARGE
 
 COUNTERS_FILE = "counters.sqlite3"
 _WINDOW = 60.0
@@ -108,21 +108,11 @@ class Counters:
         return {str(d): (int(r), int(t)) for d, r, t in rows}
 
 
-def usage_tokens(usage: Any) -> int:
-    """The tokens a provider's `usage` reports (`total_tokens`, else prompt + completion)."""
-    if not isinstance(usage, dict):
-        return 0
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and not isinstance(total, bool):
-        return max(total, 0)
-    parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-    return sum(v for v in parts if isinstance(v, int) and not isinstance(v, bool) and v > 0)
-
-
-class PolicyHook(Hooks):
+class PolicyPlugin(Plugin):
     """Applies `settings.policy` at admission and counts what each device spent.
 
-    Checks, in order: size (`too_large`), model (`model_not_allowed`), requests
+    The size limit (`too_large`) is applied by the core before parsing
+    (`max_request_bytes`); then, in order: model (`model_not_allowed`), requests
     running or waiting (`too_many_streams`), requests in the last 60 s
     (`rate_limited`), tokens this UTC day (`budget_exceeded`). An admitted
     request's `max_tokens` (or `max_completion_tokens`) is lowered to the cap,
@@ -142,25 +132,24 @@ class PolicyHook(Hooks):
             counters = Counters(Path(settings.data_dir) / COUNTERS_FILE)
         self.counters = counters
         self.streams: Counter[str] = Counter()
-        self._bridge: Bridge | None = None
+        self._host: Host | None = None
 
-    def attach(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def attach(self, host: Host) -> None:
+        self._host = host
 
     def _running(self, device: str, rid: str | None) -> bool:
-        return rid is not None and self._bridge is not None and (device, rid) in self._bridge.jobs
+        return (
+            rid is not None and self._host is not None and self._host.job(device, rid) is not None
+        )
+
+    def max_request_bytes(self, device: str) -> int:
+        return self.policy.limits(device).max_request_bytes
 
     def admit(self, device: str, request: ChatRequest, size: int) -> None:
         lim = self.policy.limits(device)
-        if lim.max_request_bytes and size > lim.max_request_bytes:
-            raise Refusal(
-                TOO_LARGE,
-                f"the request is {size} bytes; this device may send at most "
-                f"{lim.max_request_bytes}",
-            )
         model = request.model or self.settings.openai_model
         if lim.models and model not in lim.models:
-            raise Refusal(
+            raise ProtocolError(
                 MODEL_NOT_ALLOWED,
                 f"model {model[:80]!r} is not allowed for this device; "
                 f"allowed: {', '.join(lim.models)}",
@@ -172,7 +161,7 @@ class PolicyHook(Hooks):
             and self.streams[device] >= lim.max_streams
             and not self._running(device, request.id)
         ):
-            raise Refusal(
+            raise ProtocolError(
                 TOO_MANY_STREAMS,
                 f"this device already has {self.streams[device]} requests running or "
                 f"waiting (at most {lim.max_streams}); wait for one to finish",
@@ -182,7 +171,7 @@ class PolicyHook(Hooks):
             recent = self.counters.requests_since(device, now - _WINDOW)
             if len(recent) >= lim.requests_per_minute:
                 wait = max(recent[-lim.requests_per_minute] + _WINDOW - now, 0.0)
-                raise Refusal(
+                raise ProtocolError(
                     RATE_LIMITED,
                     f"at most {lim.requests_per_minute} requests a minute; "
                     f"try again in {wait:.0f} s",
@@ -190,7 +179,7 @@ class PolicyHook(Hooks):
         if lim.tokens_per_day and self.counters is not None:
             used = self.counters.tokens(device, utc_day(now))
             if used >= lim.tokens_per_day:
-                raise Refusal(
+                raise ProtocolError(
                     BUDGET_EXCEEDED,
                     f"this device used {used} of its {lim.tokens_per_day} tokens for today "
                     "(the day ends at 00:00 UTC)",
@@ -206,14 +195,16 @@ class PolicyHook(Hooks):
         if self.counters is not None:
             self.counters.add_request(job.device, self.clock())
 
-    def finished(self, job: Job, outcome: str, usage: Any) -> None:
+    def finished(self, job: Job) -> None:
         self.streams[job.device] -= 1
         if self.streams[job.device] <= 0:
             del self.streams[job.device]
-        tokens = usage_tokens(usage)
+        # What was consumed, whatever the outcome: the providers' usage of every
+        # round and attempt, or an estimate where none came (docs/protocol.md).
+        tokens = job.tokens_used
         if tokens and self.counters is not None:
             self.counters.add_tokens(job.device, tokens, self.clock())
-        log.debug("device=%s id=%s outcome=%s tokens=%d", job.device, job.rid, outcome, tokens)
+        log.debug("device=%s id=%s outcome=%s tokens=%d", job.device, job.rid, job.outcome, tokens)
 
     def stopping(self) -> None:
         if self.counters is not None:

@@ -13,17 +13,18 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bridge.core import protocol as p
-from bridge.core.hooks import Hooks
+from bridge.core.plugin import Inbound, Plugin
+from bridge.core.topics import Topics
 
 if TYPE_CHECKING:
-    import paho.mqtt.client as paho
-
-    from bridge.core.service import Bridge, Job
+    from bridge.core.job import Job
+    from bridge.core.plugin import Host
     from bridge.core.settings import Settings
 
 log = logging.getLogger("bridge.plugins.state")
@@ -72,16 +73,6 @@ def question_of(request: p.ChatRequest) -> str | None:
             return " ".join(texts)[:MAX_QUESTION]
         return None
     return None
-
-
-def _total_tokens(usage: Any) -> int:
-    if not isinstance(usage, dict):
-        return 0
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and not isinstance(total, bool):
-        return total
-    parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-    return sum(n for n in parts if isinstance(n, int) and not isinstance(n, bool))
 
 
 @dataclass
@@ -168,53 +159,41 @@ class Stats:
             self.tokens_today = 0
 
 
-class StateHook(Hooks):
+class StatePlugin(Plugin):
     """Publishes `P/D/state` (retained), `P/D/event` and `P/bridge/stats` (retained).
 
     At start it reads the retained states back: a device whose state still
     says `thinking` or `streaming` lost its request when the bridge stopped,
     and gets `error` with code `interrupted`; the counters continue from the
     retained `P/bridge/stats` (tokens today only if it is still the same day).
+
+    At most `BRIDGE_STATE_MAX_DEVICES` devices are kept in memory: past that,
+    the least recently active idle device is forgotten here (its retained
+    state stays at the broker), so new device ids cost bounded memory.
     """
 
     needs_text = True
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.topic_prefix
-        self.devices: dict[str, DeviceState] = {}
+        self.topics = Topics(settings.topic_prefix)
+        self.max_devices = settings.state_max_devices
+        self.devices: OrderedDict[str, DeviceState] = OrderedDict()
         self.stats = Stats()
         self.started_at = now_iso()
-        self.bridge: Bridge | None = None
+        self.host: Host | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
         self._stats_due = 0.0
         self._day_timer: asyncio.TimerHandle | None = None
         self._restoring: asyncio.Task[None] | None = None
         self._applied = False
 
-    # --- topics -------------------------------------------------------------------------
+    # --- plugin ---------------------------------------------------------------------------
 
-    def state_topic(self, device: str) -> str:
-        return f"{self.prefix}/{device}/state"
-
-    def event_topic(self, device: str) -> str:
-        return f"{self.prefix}/{device}/event"
-
-    @property
-    def stats_topic(self) -> str:
-        return f"{self.prefix}/bridge/stats"
-
-    # --- hook ---------------------------------------------------------------------------
-
-    def attach(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        # `P/+/state` and `P/bridge/stats` look like protocol topics (P/D/kind),
-        # which the service does not pass to hooks: paho hands them to us directly.
-        client = bridge.link.client
-        client.message_callback_add(f"{self.prefix}/+/state", self._guard(self._on_state))
-        client.message_callback_add(self.stats_topic, self._guard(self._on_stats))
-
-    def subscriptions(self) -> list[tuple[str, int]]:
-        return [(f"{self.prefix}/+/state", 0), (self.stats_topic, 0)]
+    def attach(self, host: Host) -> None:
+        self.host = host
+        host.subscribe(host.topics.stats, self._on_stats, qos=0)
+        host.subscribe(host.topics.device_filter("state"), self._on_state, qos=0)
 
     def connected(self) -> None:
         if not self.stats.restored and self._restoring is None:
@@ -224,15 +203,15 @@ class StateHook(Hooks):
     async def _restore_window(self) -> None:
         """The retained counters come right after the subscription is granted; any
         later ones (after a reconnect) are our own. No counters go out before."""
-        assert self.bridge is not None
-        await self.bridge.link.subscribed.wait()
+        assert self.host is not None
+        await self.host.subscribed()
         await asyncio.sleep(RESTORE_WINDOW)
         self.stats.restored = True
         self._publish_stats_soon()
 
     def started(self, job: Job) -> None:
         self.stats.requests += 1
-        dev = self.devices.setdefault(job.device, DeviceState())
+        dev = self._device(job.device)
         dev.active[job.rid] = False
         dev.request_id = job.rid
         dev.question = dev.questions[job.rid] = question_of(job.request)
@@ -247,8 +226,9 @@ class StateHook(Hooks):
         dev.active[job.rid] = True
         self._changed(job.device, dev)
 
-    def finished(self, job: Job, outcome: str, usage: Any) -> None:
-        dev = self.devices.setdefault(job.device, DeviceState())
+    def finished(self, job: Job) -> None:
+        outcome, usage = job.outcome, job.reported_usage
+        dev = self._device(job.device)
         dev.active.pop(job.rid, None)
         if job.rid in dev.questions:
             dev.question = dev.questions.pop(job.rid)
@@ -276,7 +256,7 @@ class StateHook(Hooks):
             }
         else:
             self.stats.errors += 1
-            message = job.cancel_message if outcome == job.cancel_code else None
+            message = job.error.message if job.error is not None else None
             dev.error = {"code": outcome, "message": message}
             event = {
                 "event_type": EVENT_ERROR,
@@ -287,12 +267,12 @@ class StateHook(Hooks):
             }
         dev.request_id = job.rid
         self.stats.roll()
-        tokens = _total_tokens(usage)
+        tokens = job.tokens_used
         self.stats.tokens_total += tokens
         self.stats.tokens_today += tokens
         self._changed(job.device, dev, force=True)
         event["time"] = now
-        self._publish(self.event_topic(job.device), event, retain=False)
+        self._publish(self.topics.event(job.device), event, retain=False)
         self._publish_stats_soon()
 
     def stopping(self) -> None:
@@ -308,16 +288,25 @@ class StateHook(Hooks):
 
     # --- publishing ---------------------------------------------------------------------
 
-    def publish_state(self, device: str) -> None:
-        """Publish the device's state as it is (e.g. for a device just configured)."""
-        dev = self.devices.setdefault(device, DeviceState())
-        self._changed(device, dev, force=True)
+    def _device(self, device: str) -> DeviceState:
+        """The device's state, made if new; the least recently active idle ones go first."""
+        dev = self.devices.get(device)
+        if dev is not None:
+            self.devices.move_to_end(device)
+            return dev
+        dev = self.devices[device] = DeviceState()
+        if len(self.devices) > self.max_devices:
+            for name, old in self.devices.items():
+                if not old.active and name != device:
+                    del self.devices[name]
+                    break
+        return dev
 
     def forget(self, device: str) -> None:
         """Remove a device's retained state."""
         self.devices.pop(device, None)
-        if self.bridge is not None and self.bridge.link.connected.is_set():
-            self.bridge.link.publish(self.state_topic(device), b"", qos=1, retain=True)
+        if self.host is not None and self.host.connected:
+            self.host.publish(self.topics.state(device), b"", qos=1, retain=True)
 
     def _changed(self, device: str, dev: DeviceState, *, force: bool = False) -> None:
         status = dev.current_status()
@@ -326,16 +315,13 @@ class StateHook(Hooks):
         dev.status = status
         dev.time = now_iso()
         dev.published = True
-        self._publish(self.state_topic(device), dev.payload(), retain=True)
+        self._publish(self.topics.state(device), dev.payload(), retain=True)
 
     def _publish(self, topic: str, payload: dict[str, Any], *, retain: bool) -> None:
-        if self.bridge is None:
+        if self.host is None:
             return
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        try:
-            self.bridge.link.publish(topic, data, qos=1, retain=retain)
-        except ConnectionError as exc:
-            log.warning("could not publish %s: %s", topic, exc)
+        self.host.publish(topic, data, qos=1, retain=retain)
 
     def stats_payload(self) -> dict[str, Any]:
         self.stats.roll()
@@ -367,8 +353,8 @@ class StateHook(Hooks):
     def _publish_stats(self) -> None:
         self._stats_timer = None
         self._stats_due = time.monotonic() + STATS_INTERVAL
-        if self.stats.restored and self.bridge is not None and self.bridge.link.connected.is_set():
-            self._publish(self.stats_topic, self.stats_payload(), retain=True)
+        if self.stats.restored and self.host is not None and self.host.connected:
+            self._publish(self.topics.stats, self.stats_payload(), retain=True)
 
     def _arm_day_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         """At local midnight `tokens_today` starts again from 0: publish it then."""
@@ -386,16 +372,7 @@ class StateHook(Hooks):
 
     # --- retained messages read back ----------------------------------------------------
 
-    def _guard(self, handler: Any) -> Any:
-        def callback(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-            try:
-                handler(msg)
-            except Exception:
-                log.exception("state: failed on %s", msg.topic)
-
-        return callback
-
-    def _on_state(self, msg: paho.MQTTMessage) -> None:
+    def _on_state(self, msg: Inbound) -> None:
         """A retained `P/D/state`: learn the device and its last reply, fix a stale status."""
         device = msg.topic[len(self.prefix) + 1 :].split("/", 1)[0]
         if not msg.retain or not msg.payload or not p.valid_device_id(device):
@@ -413,7 +390,7 @@ class StateHook(Hooks):
                 dev.load(data)
                 dev.active, dev.status = active, status
             return
-        dev = self.devices.setdefault(device, DeviceState())
+        dev = self._device(device)
         dev.load(data)
         dev.published = False
         if dev.status in (THINKING, STREAMING) and not dev.active:
@@ -424,7 +401,7 @@ class StateHook(Hooks):
             }
             self._changed(device, dev, force=True)
 
-    def _on_stats(self, msg: paho.MQTTMessage) -> None:
+    def _on_stats(self, msg: Inbound) -> None:
         """The retained counters of the previous run: continue from them (once)."""
         if not msg.retain or not msg.payload or self.stats.restored or self._applied:
             return

@@ -169,22 +169,22 @@ def new_id():
 
 
 class Reply:
-    # The pieces of one reply, as an async iterator of str. After the end:
-    # finish_reason, usage, model, id, refusal. Keeps at most `keep`
-    # characters (for the history, or all of them for ask()).
-    def __init__(self, chat, inner, prompt, keep):
-        self._chat = chat
-        self._inner = inner
-        self._prompt = prompt
-        self._keep = keep
+    # The pieces of one reply, as an async iterator of str; each transport's
+    # reply (and the direct client's Stream) is one of these with its own
+    # next_piece() and _cancel(). After the end: finish_reason, usage, model,
+    # id, refusal. Keeps at most `_keep` characters (for the history, or all
+    # of them for ask()); Chat sets `_chat`, `_prompt` and `_keep`.
+    _chat = None
+    _prompt = None
+    _keep = 0
+
+    def __init__(self, rid=None):
+        self.id = rid
+        self.finish_reason = self.usage = self.model = None
+        self.refusal = False
+        self.done = False
         self._parts = []
         self._kept = 0
-        self.done = False
-        self.id = getattr(inner, "id", None)
-        self.finish_reason = None
-        self.usage = None
-        self.model = None
-        self.refusal = False
 
     def __aiter__(self):
         return self
@@ -193,19 +193,14 @@ class Reply:
         if self.done:
             raise StopAsyncIteration
         try:
-            piece = await self._inner.next_piece()
+            piece = await self.next_piece()
         except BaseException:
             self.done = True
             raise
         if piece is None:
             self.done = True
-            inner = self._inner
-            self.id = inner.id
-            self.finish_reason = inner.finish_reason
-            self.usage = inner.usage
-            self.model = inner.model
-            self.refusal = inner.refusal
-            self._chat._remember(self._prompt, "".join(self._parts))
+            if self._chat is not None:
+                self._chat._remember(self._prompt, self.text())
             raise StopAsyncIteration
         room = self._keep - self._kept
         if room > 0:
@@ -223,7 +218,7 @@ class Reply:
         if self.done:
             return False
         self.done = True
-        return await self._inner.cancel()
+        return await self._cancel()
 
 
 class Chat:
@@ -245,7 +240,7 @@ class Chat:
 
                 t = MQTTTransport(self.config)
             else:
-                from picollm.openai import DirectTransport
+                from picollm.direct import DirectTransport
 
                 t = DirectTransport(self.config)
             self._transport = t
@@ -287,9 +282,10 @@ class Chat:
         if self.config["model"]:
             opts["model"] = self.config["model"]
         opts.update(options)
-        inner = self.transport.open(self._messages(prompt), self.system, opts)
-        self.last = Reply(self, inner, prompt, keep)
-        return self.last
+        r = self.transport.open(self._messages(prompt), self.system, opts)
+        r._chat, r._prompt, r._keep = self, prompt, keep
+        self.last = r
+        return r
 
     async def ask(self, prompt, **options):
         # The whole reply as one str.

@@ -47,7 +47,7 @@ def frame_bytes(width, height, fmt):
 
 def _transport(chat):
     t = chat.transport if hasattr(chat, "transport") else chat
-    if not hasattr(t, "base"):
+    if not hasattr(t, "topics"):
         raise LLMError("mode", "pictures through the bridge need mode 'mqtt'")
     return t
 
@@ -62,7 +62,7 @@ async def upload(chat, rid, source, fmt="jpeg", piece=PIECE):
     if fmt not in CODES:
         raise ValueError("fmt must be one of " + ", ".join(CODES))
     t = _transport(chat)
-    topic = t.base + "upload/" + rid
+    topic = t.topics.upload(rid)
     code = CODES[fmt]
     buf = bytearray(HEADER + piece)
     mv = memoryview(buf)
@@ -172,19 +172,19 @@ async def generate(chat, prompt, width, height, fmt, sink, piece=PIECE, model=No
     from picollm.mqtt import MQTTReply
 
     rid = new_id()
-    rx = _Receiver((t.base + "image/" + rid).encode(), sink)
-    want = t.base + "image/+"
+    rx = _Receiver(t.topics.image(rid), sink)
+    want = t.topics.image_filter()
     if want not in t.extra:
         t.extra.append(want)
         if t.client is not None:
-            t.client.subscribe(want.encode(), 1)
+            t.client.subscribe(want, 1)
     cb = rx.on_msg
     t.side = cb
     spec = {"prompt": prompt, "width": width, "height": height, "format": fmt,
             "piece_bytes": piece}
     if model:
         spec["model"] = model
-    reply = MQTTReply(t, rid, json.dumps({"id": rid, "image": spec}))
+    reply = MQTTReply(t, rid, json.dumps({"id": rid, "image": spec}).encode())
     timeout = timeout_ms or t.cfg["reply_timeout_ms"]
     try:
         await reply.start()

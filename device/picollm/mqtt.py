@@ -11,14 +11,15 @@ import time
 import asyncio
 from umqtt.simple import MQTTClient
 
-from picollm import LLMError, LLMTimeout, error_from, new_id, tls_context
+from picollm import LLMError, LLMTimeout, Reply, error_from, new_id, tls_context
+from picollm.topics import Topics
 
 
 class MQTTTransport:
     def __init__(self, cfg):
         self.cfg = cfg
         self.broker = cfg["broker"]
-        self.base = cfg["prefix"] + "/" + cfg["device_id"] + "/"
+        self.topics = Topics(cfg["prefix"], cfg["device_id"])
         self.client = None
         self.want = None  # the res topic (bytes) of the reply being read
         self.box = []  # its messages not yet read, in arrival order
@@ -42,12 +43,14 @@ class MQTTTransport:
         if b["tls"]:
             kw["ssl"] = tls_context(b["ca"], self.cfg["tls_verify"])
         port = b["port"] or (8883 if b["tls"] else 1883)
+        # umqtt.simple sizes every field with len(): hand it bytes, never a
+        # str, or a multi-byte character makes the packet longer than it says.
         c = MQTTClient(
-            b["client_id"] or self.cfg["device_id"],
+            _utf8(b["client_id"] or self.cfg["device_id"]),
             b["host"],
             port,
-            b["user"] or None,
-            b["password"] or None,
+            _utf8(b["user"]),
+            _utf8(b["password"]),
             b["keepalive"],
             **kw
         )
@@ -55,9 +58,9 @@ class MQTTTransport:
         try:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
-            c.subscribe((self.base + "res/+").encode(), 1)
+            c.subscribe(self.topics.res_filter(), 1)
             for f in self.extra:
-                c.subscribe(f.encode(), 1)
+                c.subscribe(f, 1)
         except Exception:
             _close_sock(c)
             raise
@@ -103,7 +106,8 @@ class MQTTTransport:
                 _close_sock(c)
 
     def publish(self, topic, payload):
-        self.client.publish(topic.encode(), payload, False, 1)
+        # topic and payload: bytes (see connect())
+        self.client.publish(topic, payload, False, 1)
         self.last_out = time.ticks_ms()
 
     async def publish_retry(self, topic, payload):
@@ -136,7 +140,7 @@ class MQTTTransport:
             req["system"] = system
         req["stream"] = True
         req.update(opts)
-        return MQTTReply(self, rid, json.dumps(req))
+        return MQTTReply(self, rid, json.dumps(req).encode())
 
     def abort(self):
         # Synchronous cancel of the reply being read, for a
@@ -145,22 +149,18 @@ class MQTTTransport:
         if r is not None:
             r.send_cancel()
             r.finish()
+            r.done = True
 
 
-class MQTTReply:
+class MQTTReply(Reply):
     def __init__(self, t, rid, payload):
+        super().__init__(rid)
         self.t = t
-        self.id = rid
         self.payload = payload
-        self.topic = (t.base + "res/" + rid).encode()
+        self.topic = t.topics.res(rid)
         self.seq = 0
         self.started = False
         self.ended = False
-        self.tail = None
-        self.finish_reason = None
-        self.usage = None
-        self.model = None
-        self.refusal = False
 
     async def start(self):
         t = self.t
@@ -170,7 +170,7 @@ class MQTTReply:
         t.box = []
         t.active = self
         self.started = True
-        await t.publish_retry(t.base + "req", self.payload)
+        await t.publish_retry(t.topics.req(), self.payload)
         self.payload = None
 
     def finish(self):
@@ -185,7 +185,7 @@ class MQTTReply:
         t = self.t
         try:
             t.ensure()
-            t.publish(t.base + "cancel", json.dumps({"id": self.id}))
+            t.publish(t.topics.cancel(), json.dumps({"id": self.id}).encode())
         except OSError:
             t.drop()
 
@@ -202,10 +202,10 @@ class MQTTReply:
                     raise LLMError("protocol", "message without seq")
                 if seq < self.seq:
                     continue  # a second delivery
-                if seq > self.seq:
+                if seq > self.seq and not _interrupted(m):
                     self.finish()
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
-                self.seq += 1
+                self.seq = seq + 1
                 return m
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
@@ -218,10 +218,6 @@ class MQTTReply:
                 await asyncio.sleep_ms(t.cfg["poll_ms"])
 
     async def next_piece(self):
-        if self.tail is not None:
-            text = self.tail
-            self.tail = None
-            return text
         if self.ended:
             return None
         try:
@@ -262,7 +258,7 @@ class MQTTReply:
                 self.finish()
             raise
 
-    async def cancel(self):
+    async def _cancel(self):
         # Send P/D/cancel and wait (a few seconds at most) for the bridge's
         # `cancelled` terminal, dropping the chunks still on their way.
         # True when the bridge confirmed.
@@ -281,6 +277,20 @@ class MQTTReply:
             return False
         self.finish()
         return "error" in m and m["error"].get("code") == "cancelled"
+
+
+def _interrupted(m):
+    # The `interrupted` terminal a bridge sends after a crash: chunks it
+    # held in memory are lost, so it may follow a gap (docs/protocol.md,
+    # "Delivery"); the reply then ends with LLMError("interrupted").
+    e = m.get("error")
+    return isinstance(e, dict) and e.get("code") == "interrupted" and "delta" not in m \
+        and "refusal" not in m
+
+
+def _utf8(s):
+    # None and "" stay None (no user name, no password)
+    return s.encode() if s else None
 
 
 def _close_sock(c):

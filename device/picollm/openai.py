@@ -10,12 +10,13 @@
 #
 # Unlike uopenai, HTTPS verifies the server certificate against a CA bundle
 # (`ca`); verify=False is the explicit opt-out. Memory: one SSE line at a time.
+# The client stands alone; picollm.direct puts it behind Chat.
 
 import json
 
 import asyncio
 
-from picollm import LLMError, LLMTimeout, tls_context
+from picollm import LLMError, LLMTimeout, Reply, tls_context
 
 MAX_LINE = 16384  # the longest SSE line read
 READ_SIZE = 512  # bytes read from the socket at a time
@@ -210,7 +211,7 @@ class OpenAI:
                 raw = await conn.read_all()
                 raise _status_error(conn.status, raw)
             if stream:
-                return Stream(conn, timeout_ms)
+                return Stream(conn)
             raw = await conn.read_all()
             conn.close()
             try:
@@ -236,11 +237,42 @@ def _status_error(status, raw):
     return LLMError("upstream_status", "HTTP %d: %s" % (status, (msg or "")[:200]), status)
 
 
+class _Buf:
+    # Bytes from the coroutine function `more` (b"" at the end), handed
+    # out a line or a few bytes at a time.
+    def __init__(self, more):
+        self.more = more
+        self.b = b""
+
+    async def line(self):
+        # The next line with its newline; what is left (b"" at the end).
+        while True:
+            b = self.b
+            i = b.find(b"\n")
+            if i >= 0:
+                self.b = b[i + 1 :]
+                return b[: i + 1]
+            if len(b) > MAX_LINE:
+                raise LLMError("upstream_protocol", "line too long")
+            data = await self.more()
+            if not data:
+                self.b = b""
+                return b
+            self.b = b + data if b else data
+
+    async def take(self, n):
+        if not self.b:
+            self.b = await self.more()
+        part = self.b[:n]
+        self.b = self.b[n:]
+        return part
+
+
 class _Conn:
     # One HTTP/1.1 exchange on an asyncio stream. The socket is read in
-    # blocks of READ_SIZE into a small buffer (reading a TLS socket a byte at
-    # a time is slow); the body is decoded from chunked transfer coding when
-    # the server uses it and handed out a line at a time.
+    # blocks of READ_SIZE (reading a TLS socket a byte at a time is slow)
+    # into `raw`; the body, decoded from chunked transfer coding when the
+    # server uses it, goes through `body` and is handed out a line at a time.
     def __init__(self, timeout_ms):
         self.timeout_ms = timeout_ms
         self.r = self.w = None
@@ -250,8 +282,8 @@ class _Conn:
         self.left = 0  # bytes left in the current chunk, or in the body
         self.started = False
         self.eof = False
-        self.buf = b""  # read from the socket, not yet used
-        self.lbuf = b""  # decoded body, not yet handed out
+        self.raw = _Buf(self._recv)
+        self.body = _Buf(self._part)
 
     async def _io(self, coro):
         try:
@@ -287,14 +319,10 @@ class _Conn:
         self.w.write(data)
         await self.w.drain()
 
-    async def _fill(self):
+    async def _recv(self):
         if self.r is None:
-            return False
-        data = await self._io(self._read())
-        if not data:
-            return False
-        self.buf = self.buf + data if self.buf else data
-        return True
+            return b""
+        return await self._io(self._read()) or b""
 
     async def _read(self):
         # Try the socket first: a TLS layer can hold decrypted bytes (or the
@@ -305,36 +333,14 @@ class _Conn:
             data = await self.r.read(READ_SIZE)
         return data
 
-    async def _raw_line(self):
-        # A line of the raw stream (head, chunk sizes), with its newline.
-        while True:
-            i = self.buf.find(b"\n")
-            if i >= 0:
-                line = self.buf[: i + 1]
-                self.buf = self.buf[i + 1 :]
-                return line
-            if len(self.buf) > MAX_LINE:
-                raise LLMError("upstream_protocol", "line too long")
-            if not await self._fill():
-                line = self.buf
-                self.buf = b""
-                return line
-
-    async def _raw_take(self, n):
-        if not self.buf and not await self._fill():
-            return b""
-        part = self.buf[:n]
-        self.buf = self.buf[n:]
-        return part
-
     async def read_head(self):
-        line = await self._raw_line()
+        line = await self.raw.line()
         parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
             raise LLMError("upstream_protocol", "not an HTTP response")
         self.status = int(parts[1])
         while True:
-            line = await self._raw_line()
+            line = await self.raw.line()
             if not line:
                 raise LLMError("upstream_protocol", "headers cut")
             if line in (b"\r\n", b"\n"):
@@ -357,9 +363,9 @@ class _Conn:
         if self.chunked:
             if self.left == 0:
                 if self.started:
-                    await self._raw_line()  # the CRLF after a chunk's data
+                    await self.raw.line()  # the CRLF after a chunk's data
                 self.started = True
-                size = await self._raw_line()
+                size = await self.raw.line()
                 try:
                     self.left = int(size.split(b";")[0].strip(), 16)
                 except ValueError:
@@ -368,39 +374,22 @@ class _Conn:
                 if self.left == 0:
                     self.eof = True
                     return b""
-            part = await self._raw_take(self.left)
+            part = await self.raw.take(self.left)
             self.left -= len(part)
         elif self.length >= 0:
-            part = await self._raw_take(self.left)
+            part = await self.raw.take(self.left)
             self.left -= len(part)
             if self.left == 0:
                 self.eof = True
         else:
-            part = await self._raw_take(READ_SIZE)
+            part = await self.raw.take(READ_SIZE)
         if not part:
             self.eof = True
         return part
 
-    async def readline(self):
-        # The next line of the body, with its newline; b"" at the end.
-        while True:
-            i = self.lbuf.find(b"\n")
-            if i >= 0:
-                line = self.lbuf[: i + 1]
-                self.lbuf = self.lbuf[i + 1 :]
-                return line
-            if len(self.lbuf) > MAX_LINE:
-                raise LLMError("upstream_protocol", "line too long")
-            part = await self._part()
-            if not part:
-                line = self.lbuf
-                self.lbuf = b""
-                return line
-            self.lbuf = self.lbuf + part if self.lbuf else part
-
     async def read_all(self):
-        out = self.lbuf
-        self.lbuf = b""
+        out = self.body.b
+        self.body.b = b""
         while True:
             part = await self._part()
             if not part:
@@ -433,19 +422,14 @@ class _Lines:
         return line
 
 
-class Stream:
+class Stream(Reply):
     # The reply of create(stream=True). Read it once, either as raw SSE
     # lines (iter_lines(), as in uopenai) or as text pieces (async for).
     # After the end: id, model, finish_reason, usage, refusal.
-    def __init__(self, conn, timeout_ms):
+    def __init__(self, conn):
+        super().__init__()
         self._conn = conn
         self.status = conn.status
-        self.id = None
-        self.model = None
-        self.finish_reason = None
-        self.usage = None
-        self.refusal = False
-        self._done = False
         self._event = None
 
     async def _line(self):
@@ -453,7 +437,7 @@ class Stream:
         while True:
             if self._conn.r is None:
                 return None
-            line = await self._conn.readline()
+            line = await self._conn.body.line()
             if not line:
                 self.close()
                 return None
@@ -464,22 +448,13 @@ class Stream:
     def iter_lines(self):
         return _Lines(self)
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        piece = await self.next_piece()
-        if piece is None:
-            raise StopAsyncIteration
-        return piece
-
     async def next_piece(self):
         # The next text piece (content or refusal), None at the end.
         try:
-            while not self._done:
+            while not self.done:
                 line = await self._line()
                 if line is None:
-                    self._done = True
+                    self.done = True
                     if self.finish_reason is None:
                         raise LLMError("upstream_protocol", "the stream ended before [DONE]")
                     return None
@@ -491,7 +466,7 @@ class Stream:
                 data = line[5:].strip()
                 line = None
                 if data == b"[DONE]":
-                    self._done = True
+                    self.done = True
                     self.close()
                     return None
                 try:
@@ -525,7 +500,7 @@ class Stream:
                     return text
             return None
         except BaseException:
-            self._done = True
+            self.done = True
             self.close()
             raise
 
@@ -535,73 +510,7 @@ class Stream:
     async def aclose(self):
         self.close()
 
-    async def cancel(self):
+    async def _cancel(self):
         # Closing the socket ends the upstream request.
-        if self._done:
-            return False
-        self._done = True
         self.close()
         return True
-
-
-class DirectReply:
-    def __init__(self, t, messages, opts):
-        self.t = t
-        self.messages = messages
-        self.opts = opts
-        self.s = None
-        self.id = None
-        self.finish_reason = None
-        self.usage = None
-        self.model = None
-        self.refusal = False
-
-    async def next_piece(self):
-        t = self.t
-        if self.s is None:
-            opts = self.opts
-            model = opts.pop("model", None) or t.cfg["model"]
-            opts.pop("stream", None)
-            if "stream_options" not in opts:
-                opts["stream_options"] = {"include_usage": True}
-            t.active = self
-            self.s = await t.client.chat.completions.create(
-                model, self.messages, True, t.cfg["reply_timeout_ms"], **opts)
-            self.messages = None
-        piece = await self.s.next_piece()
-        s = self.s
-        self.id, self.model, self.usage = s.id, s.model, s.usage
-        self.finish_reason, self.refusal = s.finish_reason, s.refusal
-        if piece is None and t.active is self:
-            t.active = None
-        return piece
-
-    async def cancel(self):
-        if self.t.active is self:
-            self.t.active = None
-        if self.s is None:
-            return False
-        return await self.s.cancel()
-
-
-class DirectTransport:
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.client = OpenAI(cfg["api_key"], cfg["base_url"], cfg["ca"], cfg["tls_verify"],
-                             cfg["server_hostname"])
-        self.active = None
-
-    def open(self, messages, system, opts):
-        if system:
-            messages = [{"role": "system", "content": system}] + messages
-        return DirectReply(self, messages, opts)
-
-    def abort(self):
-        r = self.active
-        self.active = None
-        if r is not None and r.s is not None:
-            r.s._done = True
-            r.s.close()
-
-    async def close(self):
-        self.abort()

@@ -167,10 +167,8 @@ def test_mpremote_mip_install_from_package_json(
     proc = _mpremote(board, "mip", "install", "--index", base + "/index", str(package))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lib = board.root / "lib"
-    for name in ("__init__.py", "mqtt.py", "openai.py"):
-        assert (lib / "picollm" / name).read_bytes() == (
-            vmkit.DEVICE_DIR / "picollm" / name
-        ).read_bytes()
+    for src in sorted((vmkit.DEVICE_DIR / "picollm").glob("*.py")):
+        assert (lib / "picollm" / src.name).read_bytes() == src.read_bytes()
     assert (lib / "umqtt" / "simple.py").is_file()
 
 
@@ -183,7 +181,7 @@ def test_mip_install_on_the_device_from_the_repository_url(
         f"mip.install('{base}/repo/device/package.json', index='{base}/index', target='lib')\n"
         "import sys\n"
         "sys.path.append('lib')\n"
-        "import picollm.mqtt, picollm.openai\n"
+        "import picollm.mqtt, picollm.direct, picollm.openai, picollm.topics\n"
         "print('installed', picollm.VERSION)\n"
     )
     script = tmp_path / "install.py"

@@ -332,3 +332,24 @@ def test_ca_bundle_with_several_certificates(
     )
     assert rec["ok"], rec
     assert rec["text"] == _text("hello")
+
+
+def test_the_client_module_stands_alone(tmp_path: Path) -> None:
+    """picollm.openai is the uopenai-compatible client only: importing it loads no
+    transport, and Chat's direct transport lives in picollm.direct."""
+    script = tmp_path / "alone.py"
+    script.write_text(
+        "import sys\n"
+        "import picollm.openai\n"
+        "print(sorted(k for k in sys.modules if k.startswith('picollm')))\n"
+        "print(hasattr(picollm.openai, 'DirectTransport'))\n"
+        "import picollm.direct\n"
+        "print(picollm.direct.DirectTransport.__name__)\n"
+    )
+    proc = vmkit.run_vm(script, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split("\n")[:3] == [
+        "['picollm', 'picollm.openai']",
+        "False",
+        "DirectTransport",
+    ]

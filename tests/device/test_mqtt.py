@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import signal
 import socket
 import threading
@@ -22,7 +23,7 @@ import pytest
 
 from bridge.dev.mock_llm import REFUSAL_TEXT, reply_tokens
 from tests.device import vmkit
-from tests.harness import Broker, Device
+from tests.harness import BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 _ids = itertools.count()
 
@@ -62,8 +63,10 @@ def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
-    """A second client of the same device user that records every reply message."""
-    d = Device(broker, device_config["device_id"])
+    """A client that records every reply message of the device. It logs in as
+    `integrations`: a second client with the device's user name would take the
+    device's client id on a broker with `use_username_as_clientid`."""
+    d = Device(broker, device_config["device_id"], user="integrations")
     yield d
     d.close()
 
@@ -111,6 +114,59 @@ def test_normal_reply_stream_ask_and_history(
     ]
     assert bodies[-1]["messages"][0]["content"] == "Answer briefly."
     assert bodies[-1]["messages"][2]["content"] == _text("Why is the sky blue?")
+
+
+def test_multi_byte_prompts_and_history_arrive_whole(
+    device_config: dict[str, Any], observer: Device, mock_llm: Any, tmp_path: Path
+) -> None:
+    # umqtt.simple sizes a packet with len(): a str payload with "é", CJK or an
+    # emoji would be announced shorter than its UTF-8 bytes, cut by the broker,
+    # and its tail read as the next packet. Every prompt here holds more bytes
+    # than characters; the history carries multi-byte replies into later requests.
+    device_config.update(history=3, system="Réponds en une phrase. 簡潔に")
+    prompts = [
+        "Pourquoi le ciel est-il bleu, café crème? é",
+        "日本語で答えて 🎉",
+        "naïve ✓ " + "é" * 150,  # past 127 bytes: the length takes two bytes
+        "plain ASCII after them",
+    ]
+    recs = vmkit.run_job(tmp_path, device_config, [{"op": "ask", "prompt": p} for p in prompts])
+    for prompt, rec in zip(prompts, recs, strict=True):
+        assert rec["ok"], rec
+        assert rec["text"] == _text(prompt), rec
+        assert rec["connects"] == 1, rec  # the stream never broke
+    for rec in recs:
+        assert observer.wait(rec["id"]).terminal.get("done") is True
+    # the bridge forwarded the system prompt and the history, every character intact
+    bodies = [
+        r["body"]
+        for r in mock_llm.requests
+        if isinstance(r.get("body"), dict) and r["body"]["messages"][-1]["content"] == prompts[-1]
+    ]
+    assert bodies, "the bridge did not forward the last question"
+    msgs = bodies[-1]["messages"]
+    assert msgs[0] == {"role": "system", "content": "Réponds en une phrase. 簡潔に"}
+    contents = [m["content"] for m in msgs[1:]]
+    assert contents == [
+        prompts[0], _text(prompts[0]), prompts[1], _text(prompts[1]), prompts[2],
+        _text(prompts[2]), prompts[3],
+    ]  # fmt: skip
+
+
+def test_multi_byte_password_connects(broker: Broker, bridge: Any, tmp_path: Path) -> None:
+    device_id = f"vm{next(_ids)}"
+    password = broker.add_user(device_id, "pässwörd-日本-🔑")
+    config = {
+        "mode": "mqtt",
+        "device_id": device_id,
+        "prefix": broker.prefix,
+        "broker": {"host": "127.0.0.1", "port": broker.port, "user": device_id,
+                   "password": password},
+        "reply_timeout_ms": 8000,
+        "history": 0,
+    }  # fmt: skip
+    (rec,) = vmkit.run_job(tmp_path, config, [{"op": "ask", "prompt": "Grüße"}])
+    assert rec["ok"] and rec["text"] == _text("Grüße"), rec
 
 
 def test_long_reply_heap_stays_bounded(device_config: dict[str, Any], tmp_path: Path) -> None:
@@ -339,6 +395,89 @@ def test_keepalive_pings_and_reconnect_after_idle(
     assert after["connects"] == 2  # the request found the socket dead and reconnected
 
 
+def test_client_id_is_the_device_id(
+    device_config: dict[str, Any], broker: Broker, tmp_path: Path
+) -> None:
+    # No broker.client_id in the config: the client id is the device id, which is
+    # also its user name, so a broker with use_username_as_clientid sees no change.
+    assert "client_id" not in device_config["broker"]
+    dev = device_config["device_id"]
+    (rec,) = vmkit.run_job(tmp_path, device_config, [{"op": "ask", "prompt": "who am I"}])
+    assert rec["ok"], rec
+    log = broker.log_file.read_text()
+    assert f" as {dev} (" in log and f"u'{dev}')" in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def username_broker(tmp_path_factory: pytest.TempPathFactory, mock_llm: Any) -> Iterator[Broker]:
+    """The project's broker with `use_username_as_clientid true`, and a bridge on it."""
+    from tests import harness
+
+    plain = harness.render_config
+
+    def render(**kw: Any) -> str:
+        text = plain(**kw)
+        if "use_username_as_clientid true" in text:  # broker/ has it already
+            return text
+        # a listener's own option in Mosquitto 2: one line in each listener block
+        return re.sub(r"(?m)^(listener .*)$", r"\1\nuse_username_as_clientid true", text)
+
+    b = Broker(tmp_path_factory.mktemp("username-broker"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "render_config", render)
+        b.start()
+    assert "use_username_as_clientid true" in (b.dir / "mosquitto.conf").read_text()
+    bridge = BridgeProcess(
+        tmp_path_factory.mktemp("username-bridge"), bridge_env(b, mock_llm.base_url)
+    ).start()
+    try:
+        wait_for_status(b, b.prefix, "online")
+        yield b
+    finally:
+        bridge.stop()
+        b.stop()
+
+
+def test_device_keeps_its_session_when_the_broker_names_clients_by_user(
+    username_broker: Broker, tmp_path: Path
+) -> None:
+    # The broker takes the user name as client id; the device's persistent session
+    # is found again after the socket dies mid-reply: nothing lost, nothing twice.
+    dev = f"vm{next(_ids)}"
+    password = username_broker.add_user(dev)
+    proxy = DropProxy(username_broker.port)
+    config = {
+        "mode": "mqtt",
+        "device_id": dev,
+        "prefix": username_broker.prefix,
+        "broker": {"host": "127.0.0.1", "port": proxy.port, "user": dev, "password": password,
+                   "keepalive": 30},
+        "reply_timeout_ms": 8000,
+        "history": 0,
+    }  # fmt: skip
+    prompt = "by user name"
+    job = tmp_path / "job.json"
+    steps = [{"op": "stream", "prompt": f"{prompt} [mock tokens=60 delay_ms=25]", "mark": True}]
+    job.write_text(json.dumps({"config": config, "steps": steps}))
+    proc = vmkit.start_vm(vmkit.PROGRAMS_DIR / "chat_job.py", str(job), cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PIECE"
+        proxy.drop()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    (rec,) = vmkit.parse_records(out)
+    assert rec["ok"], out + err
+    assert rec["text"] == _text(prompt, 60)
+    assert rec["connects"] >= 2
+    log = username_broker.log_file.read_text()
+    assert f" as {dev} (" in log and "Client " + dev + " already connected" not in log
+    assert " as bridge (" in log  # the option is on: the bridge is named by its user
+
+
 def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:
     device_config.update(
         prompts=["Why is the sky blue?", "Is it?"],
@@ -401,3 +540,29 @@ def test_seq_handling_unit(tmp_path: Path) -> None:
     assert r["error"]["error"] == "upstream_status" and r["error"]["pieces"] == ["a"]
     assert r["silence"]["error"] == "timeout" and r["silence"]["published"] == [req, cancel]
     assert r["whole_text"]["pieces"] == ["all of it"]
+
+
+def test_interrupted_terminal_after_a_gap_ends_the_reply_as_interrupted(tmp_path: Path) -> None:
+    """docs/protocol.md, Delivery: a device accepts an `interrupted` terminal after a gap
+    (chunks lost in a crashed bridge's memory); every other gap stays a protocol error."""
+    proc = vmkit.run_vm(vmkit.PROGRAMS_DIR / "seq_unit.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = {
+        line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("R ")
+    }
+    req = "llm/dev/req"
+    assert r["gap_interrupted"] == {
+        "pieces": ["a"], "error": "interrupted", "message": "the bridge restarted",
+        "published": [req],
+    }  # fmt: skip
+    assert (
+        r["interrupted_first"]["pieces"] == [] and r["interrupted_first"]["error"] == "interrupted"
+    )
+    assert r["interrupted_in_order"]["error"] == "interrupted"
+    assert r["interrupted_in_order"]["pieces"] == ["a"]
+    for case in ("gap_other_error", "gap_done", "gap_interrupted_not_terminal"):
+        assert r[case]["error"] == "protocol", (case, r[case])
+        assert r[case]["pieces"] == ["a"], (case, r[case])
+        assert "seq 2 after 0" in r[case]["message"], (case, r[case])

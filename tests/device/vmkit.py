@@ -167,7 +167,8 @@ def run_job(
 ) -> list[dict[str, Any]]:
     """Run ``tests/device/vm/chat_job.py`` with a config and steps; return its STEP records."""
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": config, "steps": steps}))
+    # Raw UTF-8: MicroPython's json does not join a \ud83c\udf89 surrogate pair.
+    job.write_text(json.dumps({"config": config, "steps": steps}, ensure_ascii=False), "utf-8")
     proc = run_vm(
         PROGRAMS_DIR / "chat_job.py",
         str(job),

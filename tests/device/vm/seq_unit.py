@@ -8,12 +8,13 @@ import sys
 
 from picollm import LLMError
 from picollm.mqtt import MQTTReply
+from picollm.topics import Topics
 
 
 class FakeTransport:
     def __init__(self, messages):
         self.cfg = {"poll_ms": 1, "reply_timeout_ms": 300}
-        self.base = "llm/dev/"
+        self.topics = Topics("llm", "dev")
         self.box = []
         self.want = None
         self.active = None
@@ -21,13 +22,13 @@ class FakeTransport:
         self.published = []
 
     async def publish_retry(self, topic, payload):
-        self.published.append(topic)
+        self.published.append(topic.decode())
 
     def ensure(self):
         pass
 
     def publish(self, topic, payload):
-        self.published.append(topic)
+        self.published.append(topic.decode())
 
     def poll(self):
         if self.pending:
@@ -66,6 +67,26 @@ async def main():
         ],
         "silence": [{"seq": 0, "delta": "a"}],
         "whole_text": [{"seq": 0, "done": True, "finish_reason": "stop", "text": "all of it"}],
+        # a bridge back from a crash: chunks lost in its memory, then `interrupted`
+        "gap_interrupted": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 3, "error": {"code": "interrupted", "message": "the bridge restarted"}},
+        ],
+        "interrupted_first": [{"seq": 2, "error": {"code": "interrupted", "message": "x"}}],
+        "interrupted_in_order": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 1, "error": {"code": "interrupted", "message": "the bridge stopped"}},
+        ],
+        # any other terminal after a gap is still a protocol error
+        "gap_other_error": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 2, "error": {"code": "upstream_error", "message": "x"}},
+        ],
+        "gap_done": [{"seq": 0, "delta": "a"}, {"seq": 2, "done": True, "finish_reason": "stop"}],
+        "gap_interrupted_not_terminal": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 2, "delta": "c", "error": {"code": "interrupted"}},
+        ],
     }
     for name, messages in cases.items():
         sys.stdout.write("R " + name + " " + json.dumps(await collect(messages)) + "\n")

@@ -1,0 +1,54 @@
+"""Topic filters to handlers: which code a received message goes to.
+
+Every subscription of the bridge, the core's and the plugins', is a route
+here, so no part reaches around the core into the MQTT client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from paho.mqtt.client import topic_matches_sub
+
+from bridge.core.plugin import Handler, Inbound
+
+log = logging.getLogger("bridge.core.router")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    topic_filter: str
+    handler: Handler
+    qos: int
+
+
+class Router:
+    """An ordered list of (topic filter, handler): the first match takes a message."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def add(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        self.routes.append(Route(topic_filter, handler, qos))
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """(filter, qos) for the broker, each filter once."""
+        seen: dict[str, int] = {}
+        for r in self.routes:
+            seen[r.topic_filter] = max(seen.get(r.topic_filter, 0), r.qos)
+        return list(seen.items())
+
+    def route(self, msg: Inbound) -> bool:
+        """Hand `msg` to the first matching handler; False when none matches.
+
+        A handler that raises is logged: one bad message never stops the others.
+        """
+        for r in self.routes:
+            if topic_matches_sub(r.topic_filter, msg.topic):
+                try:
+                    r.handler(msg)
+                except Exception:
+                    log.exception("handler for %s failed on %s", r.topic_filter, msg.topic[:200])
+                return True
+        return False
