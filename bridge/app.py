@@ -54,9 +54,11 @@ async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) ->
 
 def build_plugins(settings: Settings) -> list[Plugin]:
     """The plugins `run_bridge` serves with, in the order they are called."""
+    from bridge.plugins.images import ImagesPlugin  # noqa: PLC0415
     from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415 (plugins load only when enabled)
 
-    plugins: list[Plugin] = [PolicyPlugin(settings)]
+    # Pictures: always present, so that with BRIDGE_IMAGES off it refuses picture requests.
+    plugins: list[Plugin] = [PolicyPlugin(settings), ImagesPlugin(settings)]
     if settings.metrics_port:
         from bridge.plugins.metrics import MetricsPlugin  # noqa: PLC0415
 

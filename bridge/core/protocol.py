@@ -279,8 +279,7 @@ class ChatRequest(BaseModel):
             out.append({"role": "system", "content": self.system})
         if self.prompt is not None:
             out.append({"role": "user", "content": self.prompt})
-        else:
-            assert self.messages is not None
+        elif self.messages is not None:  # neither: an `image` request (no conversation)
             out.extend(m.model_dump(exclude_none=True) for m in self.messages)
         return out
 

@@ -16,16 +16,27 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from paho.mqtt.client import topic_matches_sub
 
 from bridge.core import protocol as p
+from bridge.core.errors import ProtocolError, UpstreamError
+from bridge.core.plugin import Host, Inbound, Plugin
 from bridge.plugins import imaging
+
+if TYPE_CHECKING:
+    from bridge.core.job import Job
+    from bridge.core.protocol import ChatRequest
+    from bridge.core.settings import Settings
 
 log = logging.getLogger("bridge.images")
 
 # Uploads a device may have pending (not yet taken by a request) at once; the
 # oldest one nobody waits for makes room for a new one.
 UPLOADS_PER_DEVICE = 4
+# Pictures decoded or converted at once (each in a worker thread): bounds CPU and memory.
+WORKERS = 2
 
 
 class PictureError(Exception):
@@ -296,3 +307,175 @@ def screen_picture(data: bytes, width: int, height: int, fmt: str, max_pixels: i
     except imaging.ImageError as exc:
         raise PictureError(p.UPSTREAM_PROTOCOL, f"the generated image: {exc}") from None
     return imaging.to_screen(im, width, height, fmt)
+
+
+# --- the plugin ---------------------------------------------------------------------------------
+
+
+class ImagesPlugin(Plugin):
+    """Pictures in (`images`, inline `data:` images) and out (`image`), docs/protocol.md."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.enabled = settings.images
+        held = settings.image_max_bytes * 4
+        self.uploads = Uploads(held, settings.image_upload_timeout)
+        self.cameras = Cameras(settings.image_max_bytes, held)
+        self._work = asyncio.Semaphore(WORKERS)
+        self._host: Host | None = None
+
+    @property
+    def host(self) -> Host:
+        assert self._host is not None, "attach() first"
+        return self._host
+
+    def attach(self, host: Host) -> None:
+        self._host = host
+        if not self.enabled:
+            return
+        host.subscribe(host.topics.device_filter("upload", per_request=True), self._on_upload)
+        for topic_filter in self._camera_filters():
+            host.subscribe(topic_filter, self._on_camera)
+
+    def _camera_filters(self) -> list[str]:
+        """Every filter some device's policy names, except ones reaching the protocol's topics."""
+        policy = self.settings.policy
+        first = self.settings.topic_prefix.split("/")[0]
+        found: dict[str, None] = {}
+        for limits in (policy.default, *policy.devices.values()):
+            for topic_filter in limits.camera_topics:
+                if topic_filter.split("/")[0] in (first, "+", "#"):
+                    log.warning("camera filter %r ignored: it could match %s/ topics",
+                                topic_filter, first)  # fmt: skip
+                    continue
+                found[topic_filter] = None
+        return list(found)
+
+    def _upload_limit(self, device: str) -> int:
+        own = self.settings.policy.limits(device).max_upload_bytes
+        cap = self.settings.image_max_bytes
+        return min(own, cap) if own else cap
+
+    def _on_upload(self, msg: Inbound) -> None:
+        parsed = self.host.topics.parse(msg.topic)
+        if parsed is None:
+            return
+        device, _, rid = parsed
+        if rid is None or not p.valid_device_id(device) or not p.valid_id(rid):
+            log.warning("upload piece on invalid topic %r ignored", msg.topic[:200])
+            return
+        self.uploads.feed(device, rid, msg.payload, self._upload_limit(device))
+
+    def _on_camera(self, msg: Inbound) -> None:
+        self.cameras.feed(msg.topic, msg.payload)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def admit(self, device: str, request: ChatRequest, size: int) -> None:
+        if request.images is None and request.image is None:
+            return
+        if not self.enabled:
+            raise ProtocolError(p.BAD_REQUEST, "pictures are turned off on this bridge")
+        allowed = self.settings.policy.limits(device).camera_topics
+        prefix = self.settings.topic_prefix + "/"
+        for source in request.images or ():
+            topic = source.topic
+            if topic is None:
+                continue
+            if topic.startswith(prefix) or not any(topic_matches_sub(f, topic) for f in allowed):
+                raise ProtocolError(
+                    p.TOPIC_NOT_ALLOWED, f"device {device} may not read {topic[:200]}"
+                )
+
+    async def prepare(self, job: Job) -> None:
+        req = job.request
+        if job.body is None or not self.enabled:
+            return
+        try:
+            if req.image is not None:
+                await self._generate(job)
+                return
+            inline = inline_parts(job.body)
+            if inline:
+                await self._reencode(inline)
+            if req.images is not None:
+                urls = [await self._picture(job, i) for i in range(len(req.images))]
+                add_images(job.body, urls)
+        except PictureError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+
+    async def _convert(self, fn: Any, *args: Any) -> Any:
+        async with self._work:
+            return await asyncio.to_thread(fn, *args)
+
+    async def _reencode(self, parts: list[dict[str, Any]]) -> None:
+        """Inline `data:` images of `messages`, decoded and re-encoded like any other."""
+        s = self.settings
+        for part in parts:
+            try:
+                raw = imaging.decode_data_uri(part["url"])
+            except imaging.ImageError as exc:
+                raise PictureError(p.BAD_REQUEST, str(exc)) from None
+            if raw is not None:
+                part["url"] = await self._convert(
+                    vision_jpeg, raw, s.image_max_side, s.image_max_pixels
+                )
+
+    async def _picture(self, job: Job, index: int) -> str:
+        s = self.settings
+        assert job.request.images is not None
+        source = job.request.images[index]
+        if source.topic is not None:
+            data = await self.cameras.latest(source.topic, s.image_wait_ms / 1000)
+            return str(await self._convert(vision_jpeg, data, s.image_max_side, s.image_max_pixels))
+        data, _code = await self.uploads.take(job.device, job.rid, self._upload_limit(job.device))
+        if source.format is not None:
+            assert source.width is not None and source.height is not None
+            return str(
+                await self._convert(
+                    raw_vision_jpeg, data, source.format, source.width, source.height,
+                    s.image_max_side,
+                )
+            )  # fmt: skip
+        return str(await self._convert(vision_jpeg, data, s.image_max_side, s.image_max_pixels))
+
+    async def _generate(self, job: Job) -> None:
+        """`/images/generations`, converted for the screen, published in pieces on P/D/image/R."""
+        s = self.settings
+        spec = job.request.image
+        assert spec is not None
+        job.body = None  # served here, not by the chat API
+        model = spec.model or s.openai_image_model
+        attempt = 0
+        while True:
+            try:
+                data = await self.host.upstream.generate_image(
+                    spec.prompt, model=model, size=s.image_size, max_bytes=s.image_max_bytes
+                )
+                break
+            except UpstreamError as exc:
+                if not exc.retryable or attempt >= s.upstream_retries:
+                    raise
+                wait = min(s.upstream_retry_base * 2**attempt, s.upstream_retry_max_wait)
+                if exc.retry_after is not None:
+                    if exc.retry_after > s.upstream_retry_max_wait:
+                        raise
+                    wait = max(wait, exc.retry_after)
+                attempt += 1
+                await asyncio.sleep(wait)
+        screen: bytes = await self._convert(
+            screen_picture, data, spec.width, spec.height, spec.format, s.image_max_pixels
+        )
+        del data
+        topic = self.host.topics.image(job.device, job.rid)
+        messages = imaging.pieces(screen, spec.format, spec.piece_bytes)
+        for message in messages:
+            self.host.publish(topic, message, qos=1)
+        job.terminal["model"] = model
+        job.terminal["image"] = {
+            "width": spec.width,
+            "height": spec.height,
+            "format": spec.format,
+            "bytes": len(screen),
+            "pieces": len(messages),
+        }
