@@ -40,11 +40,11 @@ class ReplyFold:
         "_refusal",
         "_tools",
         "chars",
-        "opened",
         "done",
         "finish_reason",
         "keep_text",
         "model",
+        "opened",
         "usage",
     )
 

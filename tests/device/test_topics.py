@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.protocol import Topics
+from bridge.core.topics import Topics
 from tests.device import vmkit
 
 CASES = [("llm", "kitchen"), ("home/llm", "d-1_x"), ("pré", "Z9")]
