@@ -395,3 +395,28 @@ def test_inline_images_are_re_encoded_and_non_images_refused(
     }
     reply = door.ask({"id": "inl2", "messages": messages})
     assert reply.error_code == "bad_request"
+
+
+# --- the demo ------------------------------------------------------------------------------
+
+
+def test_demo_image_writes_the_devices_picture_to_a_png(tmp_path: Any) -> None:
+    from tests.test_cli import llm_bridge
+
+    result = llm_bridge(
+        "demo", "--image", "a lighthouse", "--image-format", "mono1_vlsb",
+        "--image-size", "128x64", "--image-out", "seen.png", cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "seen.png"
+    assert f"converted back: {out}" in result.stderr
+    assert "received 1024 bytes in 2 pieces (mono1_vlsb)" in result.stderr
+    seen = Image.open(out).convert("RGB")
+    assert seen.size == (128, 64)
+    # the mock's 1024x1024 picture cropped to 2:1 keeps its middle four rows of cells
+    cells = picture_cells("a lighthouse")
+    for r in range(2, 6):
+        for c in range(8):
+            colour = cells[r][c]
+            if colour in ((0, 0, 0), (255, 255, 255)):
+                assert seen.getpixel((16 * c + 8, 16 * (r - 2) + 8)) == colour

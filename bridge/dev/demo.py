@@ -4,6 +4,10 @@ It starts a broker (Mosquitto with the project's broker/ files when it is
 installed, else the embedded Python broker amqtt), the mock LLM (or the real
 API when `OPENAI_API_KEY` is set), the bridge, and a device that asks a
 question and prints the answer as it streams. Ctrl-C stops all of it.
+
+With `--image` the device asks for a picture for its screen instead
+(docs/protocol.md "Pictures"): it receives it in pieces in the screen's
+format, and the demo converts it back and writes it to a PNG file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
+from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
 from bridge.core.settings import load_settings
 from bridge.dev.client import BridgeClient, BridgeError
@@ -138,13 +143,21 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             else:
                 _say(f"LLM: {base.openai_base_url}, model {base.openai_model}")
             settings = load_settings(**overrides)
-            bridge = Bridge(settings)
+            plugins: list[Plugin] = []
+            if args.image is not None:
+                from bridge.plugins.images import ImagesPlugin  # noqa: PLC0415
+
+                plugins.append(ImagesPlugin(settings))
+            bridge = Bridge(settings, plugins=plugins)
             try:
                 await bridge.start(connect_timeout=10)
                 _say("bridge: online")
                 url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
                 version = 5 if mqtt_version == "5" else 4
-                status = await _ask(url, version, args.prompt, stop)
+                if args.image is not None:
+                    status = await _picture(url, version, args, stop)
+                else:
+                    status = await _ask(url, version, args.prompt, stop)
                 if args.keep_running and not stop.is_set():
                     _say(
                         "still serving; ask again from another terminal with:\n"
@@ -182,6 +195,36 @@ async def _ask(url: str, version: int, prompt: str, stop: asyncio.Event) -> int:
             return 0
 
         return await unless_stopped(stream(), stop)
+
+
+async def _picture(url: str, version: int, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Ask for a picture as a small screen would, then show where its PNG copy is."""
+    width, _, height = args.image_size.partition("x")
+    w, h, fmt = int(width), int(height), args.image_format
+    async with BridgeClient(url, DEVICE, version=version) as client:
+        _say(f"device {DEVICE!r} asks for a {w}x{h} {fmt} picture of: {args.image}")
+
+        async def fetch() -> int:
+            try:
+                info, data = await client.image(args.image, w, h, fmt)
+            except BridgeError as exc:
+                _say(f"error: {exc}")
+                return 1
+            _say(f"received {info['bytes']} bytes in {info['pieces']} pieces ({fmt})")
+            out = await asyncio.to_thread(_save_png, data, w, h, fmt, args.image_out)
+            _say(f"the device's picture, converted back: {out}")
+            return 0
+
+        return await unless_stopped(fetch(), stop)
+
+
+def _save_png(data: bytes, width: int, height: int, fmt: str, path: str) -> Path:
+    """The screen's bytes back as a picture, in a PNG file; its absolute path."""
+    from bridge.plugins import imaging  # noqa: PLC0415
+
+    out = Path(path).resolve()
+    imaging.from_screen(data, width, height, fmt).save(out, "PNG")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
