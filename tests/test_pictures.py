@@ -420,3 +420,38 @@ def test_demo_image_writes_the_devices_picture_to_a_png(tmp_path: Any) -> None:
             colour = cells[r][c]
             if colour in ((0, 0, 0), (255, 255, 255)):
                 assert seen.getpixel((16 * c + 8, 16 * (r - 2) + 8)) == colour
+
+
+def test_home_assistant_frigate_automation_asks_about_the_snapshot(
+    pictures_bridge: Any, clients: Callable[..., Client], mock_llm: Any
+) -> None:
+    """docs/integrations/homeassistant-frigate.yaml's request, as HA's automation user sends it."""
+    import ast
+    from pathlib import Path
+
+    import yaml
+
+    proc, door, _ = pictures_bridge
+    doc = Path(__file__).resolve().parent.parent / "docs/integrations/homeassistant-frigate.yaml"
+    auto = yaml.safe_load(doc.read_text())
+    assert auto["triggers"][0] == {"trigger": "mqtt", "topic": "frigate/events"}
+    publish = auto["actions"][0]["data"]
+    assert publish["topic"] == "llm/doorbell/ask"
+    template = " ".join(publish["payload"].split())
+    assert template.startswith("{{ {") and template.endswith("} | to_json }}")
+    request = ast.literal_eval(template[3 : -len(" | to_json }}")])  # the Jinja dict literal
+    assert request["images"] == [{"topic": "frigate/front_door/person/snapshot"}]
+    # The same request for this test's door device and camera, with an id to wait on.
+    request["images"] = [{"topic": "frigate/front/person/snapshot"}]
+    request["id"] = "frigate1"
+    camera = clients("frigate")
+    camera.publish(
+        "frigate/front/person/snapshot", jpeg(picture("visitor", 1280, 720)), retain=True
+    )
+    try:
+        clients("automation").publish(f"{proc.prefix}/{door.id}/ask", json.dumps(request).encode())
+        reply = door.wait("frigate1")
+        assert reply.text == "I see 1 image."
+        assert seen_images(mock_llm, "carrying")[-1]["width"] == 768
+    finally:
+        camera.publish("frigate/front/person/snapshot", b"", retain=True)
