@@ -39,7 +39,7 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
 
 * ``noise=1`` (image generation) a picture of random pixels that does not
-  compress.
+  compress; ``url=1`` answer with a URL even without ``response_format``.
 * ``images_max_side=N`` every ``image_url`` part must be an inline JPEG that
   decodes, with no side longer than N pixels; otherwise 400 (what the
   bridge's resizing promises).
@@ -117,7 +117,7 @@ _DIRECTIVE_RE = re.compile(r"\[mock(?:\s[^\]]*)?\]")
 _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
-    " event_error_at hang reasoning refusal keepalive stamp split tool images_max_side noise"
+    " event_error_at hang reasoning refusal keepalive stamp split tool images_max_side noise url"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -817,7 +817,7 @@ class _Connection:
         picture(prompt, width, height, noise=bool(opts.get("noise"))).save(out, "PNG")
         png = out.getvalue()
         item: dict[str, Any] = {"revised_prompt": strip_directives(prompt)}
-        if form == "url":
+        if form == "url" or opts.get("url"):
             name = f"{self.mock._new_id()}.png"
             self.mock.pictures[name] = png
             while len(self.mock.pictures) > 16:
