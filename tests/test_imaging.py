@@ -180,3 +180,7 @@ def test_pieces_carry_the_voice_header_and_end_with_a_marker() -> None:
     assert out[1][:8] == b"\x01\x00\x00\x00\x00\x03\x00\x00"
     with pytest.raises(ValueError, match="header"):
         imaging.unpack_piece(b"\x00\x00")
+    end = imaging.unpack_piece(imaging.pieces(b"ab", imaging.PNG, 8, {"bytes": 2})[-1])
+    assert end == (1, imaging.END, 7, b'{"bytes":2}')
+    assert imaging.error_text(b'{"code":"cancelled","message":"camera off"}') == "camera off"
+    assert imaging.error_text(b"plain words") == "plain words"

@@ -327,6 +327,7 @@ def test_generated_picture_arrives_in_pieces_in_the_screens_format(
     assert all(len(d) <= 500 for *_, d in pieces)
     data = b"".join(d for _, k, _, d in pieces if k == imaging.DATA)
     assert len(data) == size
+    assert json.loads(pieces[-1][3]) == reply.terminal["image"]  # the end piece's summary
     back = imaging.from_screen(data, 128, 64, fmt)
     for x, y, colour in _cells_at_centres(128, 64, prompt):
         got = back.getpixel((x, y))

@@ -106,7 +106,7 @@ class Uploads:
         up.next_seq += 1
         up.fmt = fmt
         if kind == imaging.ERROR:
-            why = data[:200].decode("utf-8", "replace") or "no reason given"
+            why = imaging.error_text(data) or "no reason given"
             self._fail(up, p.BAD_REQUEST, f"the device gave up its upload: {why}")
         elif kind == imaging.END:
             up.done = True
@@ -468,14 +468,15 @@ class ImagesPlugin(Plugin):
         )
         del data
         topic = self.host.topics.image(job.device, job.rid)
-        messages = imaging.pieces(screen, spec.format, spec.piece_bytes)
-        for message in messages:
-            self.host.publish(topic, message, qos=1)
-        job.terminal["model"] = model
-        job.terminal["image"] = {
+        info: dict[str, object] = {
             "width": spec.width,
             "height": spec.height,
             "format": spec.format,
             "bytes": len(screen),
-            "pieces": len(messages),
+            "pieces": -(-len(screen) // spec.piece_bytes) + 1,
         }
+        messages = imaging.pieces(screen, spec.format, spec.piece_bytes, info)
+        for message in messages:
+            self.host.publish(topic, message, qos=1)
+        job.terminal["model"] = model
+        job.terminal["image"] = info

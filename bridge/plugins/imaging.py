@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import warnings
 from typing import Final
@@ -250,13 +251,28 @@ def unpack_piece(data: bytes) -> tuple[int, int, int, bytes]:
     return seq, kind, fmt, bytes(data[PIECE_HEADER.size :])
 
 
-def pieces(data: bytes, fmt: str, size: int) -> list[bytes]:
-    """A picture cut into DATA pieces of at most `size` bytes, then the END marker."""
+def pieces(
+    data: bytes, fmt: str, size: int, summary: dict[str, object] | None = None
+) -> list[bytes]:
+    """A picture cut into DATA pieces of at most `size` bytes, then the END piece, whose
+    payload is `summary` as JSON (as a voice stream's end frame carries its summary)."""
     code = FORMAT_CODES[fmt]
     view = memoryview(data)
     out = [
         pack_piece(n, DATA, code, bytes(view[i : i + size]))
         for n, i in enumerate(range(0, len(data), size))
     ]
-    out.append(pack_piece(len(out), END, code))
+    tail = json.dumps(summary, separators=(",", ":")).encode() if summary else b""
+    out.append(pack_piece(len(out), END, code, tail))
     return out
+
+
+def error_text(payload: bytes) -> str:
+    """What an ERROR piece says: `{"code":…,"message":…}` (the voice frames' form), or text."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload[:200].decode("utf-8", "replace")
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("code") or "")[:200]
+    return str(body)[:200]
