@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,56 @@ def make_device(broker: Broker) -> Iterator[Callable[..., Device]]:
 
     def make(device_id: str | None = None, prefix: str = "llm", subscribe: bool = True) -> Device:
         d = Device(broker, device_id or f"dev{next(_ids)}", prefix, subscribe=subscribe)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+# --- a broker and bridges of one module's own (integrations tests) ----------------------------
+
+StartBridge = Callable[..., BridgeProcess]
+
+
+@pytest.fixture(scope="module", name="own_broker")
+def own_broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A Mosquitto of this module's own: no other bridge answers or publishes on it."""
+    b = Broker(tmp_path_factory.mktemp("broker-integrations")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(name="own_bridge")
+def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[StartBridge]:
+    """Start bridges on `own_broker` with extra BRIDGE_* settings; stopped after the test."""
+    started: list[BridgeProcess] = []
+
+    def start(*, wait: bool = True, **env: str | int | float) -> BridgeProcess:
+        e = bridge_env(own_broker, mock_llm.base_url, **env)
+        proc = BridgeProcess(tmp_path / f"bridge{len(started)}", e).start()
+        started.append(proc)
+        if wait:
+            wait_for_status(own_broker, "llm", "online")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+        assert API_KEY not in proc.logs()
+        logs = proc.logs()
+        # No hook of ours failed (the service logs "hook X.y failed" with the traceback).
+        for mine in ("StatePlugin", "HomeAssistantPlugin", "state.py", "homeassistant.py"):
+            assert mine not in logs, logs[-3000:]
+
+
+@pytest.fixture(name="own_device")
+def own_device_fixture(own_broker: Broker) -> Iterator[Callable[..., Device]]:
+    made: list[Device] = []
+
+    def make(device_id: str | None = None) -> Device:
+        d = Device(own_broker, device_id or f"st{next(_ids)}")
         made.append(d)
         return d
 

@@ -14,12 +14,15 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.ops.brokerconf import acl_text, render_config
 from bridge.ops.passwords import password_line
@@ -402,3 +405,144 @@ def cpu_seconds(pid: int) -> float:
     """A process's CPU time so far (user + system), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- more test clients: a watcher of many topics, an MQTT v5 device ---------------------------
+
+
+@dataclass
+class Msg:
+    topic: str
+    payload: bytes
+    retain: bool
+    props: Any = None
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Watcher:
+    """An MQTT v5 client that records every message it may read, in order."""
+
+    def __init__(self, broker: Broker, filters: list[str], user: str = "automation") -> None:
+        self.msgs: list[Msg] = []
+        self._cond = threading.Condition()
+        ready = threading.Event()
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"w-{user}-{os.urandom(3).hex()}",
+            protocol=paho.MQTTv5,
+        )
+        c.username_pw_set(user, broker.users[user])
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *a: ready.set()
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        c.subscribe([(f, 1) for f in filters])
+        assert ready.wait(5), "watcher could not subscribe"
+        self.client = c
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            props = getattr(msg, "properties", None)
+            self.msgs.append(Msg(msg.topic, bytes(msg.payload), bool(msg.retain), props))
+            self._cond.notify_all()
+
+    def on(self, topic: str) -> list[Msg]:
+        with self._cond:
+            return [m for m in self.msgs if m.topic == topic]
+
+    def wait_for(self, pred: Callable[[Msg], bool], timeout: float = 10.0) -> Msg:
+        """The first message (seen so far or later) for which `pred` holds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.msgs:
+                    try:
+                        if pred(m):
+                            return m
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = [(m.topic, m.payload[:200]) for m in self.msgs[-5:]]
+                    raise TimeoutError(f"no such message in {timeout} s; last: {tail}")
+                self._cond.wait(left)
+
+    def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def retained(broker: Broker, topic: str, timeout: float = 1.0) -> bytes | None:
+    """The retained message on `topic` as a new subscriber gets it (None when there is none)."""
+    w = Watcher(broker, [topic])
+    try:
+        return w.wait_for(lambda m: m.retain, timeout).payload
+    except TimeoutError:
+        return None
+    finally:
+        w.close()
+
+
+class V5Device:
+    """A device speaking MQTT v5, recording (topic, payload, correlation data)."""
+
+    def __init__(self, broker: Broker, device_id: str, prefix: str = "llm") -> None:
+        if device_id not in broker.users:
+            broker.add_user(device_id)
+        self.id = device_id
+        self.prefix = prefix
+        self.got: list[tuple[str, dict[str, Any], bytes | None]] = []
+        self._cond = threading.Condition()
+        ready = threading.Event()
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"v5-{device_id}-{os.urandom(3).hex()}",
+            protocol=paho.MQTTv5,
+        )
+        c.username_pw_set(device_id, broker.users[device_id])
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *a: ready.set()
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        c.subscribe(f"{prefix}/{device_id}/res/#", qos=1)
+        assert ready.wait(5)
+        self.client = c
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        corr = getattr(msg.properties, "CorrelationData", None)
+        with self._cond:
+            self.got.append((msg.topic, json.loads(msg.payload), corr))
+            self._cond.notify_all()
+
+    def request(
+        self, body: dict[str, Any], response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        info = self.client.publish(
+            f"{self.prefix}/{self.id}/req", json.dumps(body), 1, properties=props
+        )
+        info.wait_for_publish(5)
+
+    def wait(self, pred: Any, timeout: float = 10.0) -> list[tuple[str, dict[str, Any], Any]]:
+        """Wait until `pred(messages)` holds; return the messages."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred(self.got):
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out; got {self.got[-3:]}"
+                self._cond.wait(left)
+            return list(self.got)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -3,24 +3,37 @@
 #   bash tests/run.sh            # lint, types, then the whole pytest suite
 #   bash tests/run.sh -k cancel  # extra arguments go to pytest
 # It makes .venv, installs the package with its dev extras, and installs
-# Mosquitto with apt-get when it is missing (as root, or through sudo).
+# Mosquitto and python3-venv with apt-get when they are missing (as root, or
+# through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
-if ! have_mosquitto; then
-  echo "== installing Mosquitto (apt-get)"
+# apt_install WHAT PACKAGE...: as root, or through sudo; elsewhere say what to install.
+apt_install() {
+  local what=$1; shift
+  echo "== installing $what (apt-get)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "Mosquitto is missing and this user cannot run apt-get: install the 'mosquitto'" >&2
-    echo "package (Debian/Ubuntu: sudo apt-get install mosquitto), then run this again." >&2
+    echo "$what is missing and this user cannot run apt-get: install the package(s)" >&2
+    echo "'$*' (Debian/Ubuntu: sudo apt-get install $*), then run this again." >&2
     exit 1
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+if ! have_mosquitto; then
+  apt_install Mosquitto mosquitto mosquitto-clients
+fi
+# Debian's python3 makes virtual environments only with python3-venv (its ensurepip):
+# the README's set-up needs it, and tests/test_readme.py runs that set-up with it.
+if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  apt_install "Python's venv module" python3-venv
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# (again when a venv made before python3-venv was installed has no pip)
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   echo "== creating .venv"
   "$PY" -m venv .venv
 fi

@@ -13,6 +13,7 @@ from bridge.core.chunking import Chunker, cut_utf8
 from bridge.core.journal import Journal
 from bridge.dev.mock_llm import reply_tokens
 from tests.harness import BridgeProcess, Device
+from tests.streams import load
 
 
 def test_cut_utf8_never_splits_a_character() -> None:
@@ -111,7 +112,8 @@ def test_chunk_sentences_end_to_end(bridge: BridgeProcess, device: Device) -> No
     ]
     reply = device.ask({"id": "cs", "messages": msgs, "chunk_sentences": True})
     deltas = [m["delta"] for m in reply.messages[:-1]]
-    assert len(deltas) >= 1
+    assert "".join(deltas) == load("own", "mistral_text").expect["content"]
+    assert len(deltas) >= 2
     for d in deltas[:-1]:
         assert d.rstrip().endswith((".", "!", "?", ":")) or d.endswith("\n"), d
 

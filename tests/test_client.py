@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.dev.client import BridgeClient, BridgeError, ChatCompletion, MqttOpenAI
-from tests.harness import API_KEY, BridgeProcess, Broker
-from tests.test_state import Watcher
+from tests.harness import API_KEY, BridgeProcess, Broker, Watcher
 
 _ids = itertools.count()
 

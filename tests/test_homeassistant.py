@@ -22,16 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Broker, Device
-from tests.test_state import (  # noqa: F401 (the *_fixture names are fixtures used here)
-    Msg,
-    StartBridge,
-    Watcher,
-    own_bridge_fixture,
-    own_broker_fixture,
-    own_device_fixture,
-    retained,
-)
+from tests.conftest import StartBridge
+from tests.harness import Broker, Device, Msg, Watcher, retained
 
 PREFIX = "homeassistant/device/llm"
 STATUS = "llm/bridge/status"

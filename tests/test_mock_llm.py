@@ -26,11 +26,11 @@ from bridge.dev.mock_llm import (
     FILLER_WORDS,
     REFUSAL_TEXT,
     MockHandle,
-    default_corpus_dir,
     reasoning_tokens,
     reply_tokens,
     running_mock,
 )
+from tests.streams import OWN
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-123"
@@ -379,23 +379,22 @@ def test_stamp(client: httpx.Client) -> None:
 
 # --------------------------------------------------------------------------- corpus
 
-CORPUS = default_corpus_dir()
-needs_corpus = pytest.mark.skipif(CORPUS is None, reason="shared/sse-corpus not found")
+CORPUS = OWN
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     "name",
     [
-        "openai_text_include_usage",
-        "synthetic_crlf_line_endings",
-        "synthetic_truncated_mid_event",
-        "synthetic_multi_events_per_read",
-        "synthetic_utf8_split_across_reads",
+        "openai_text_usage_chunk",
+        "crlf_line_endings",
+        "cr_line_endings",
+        "truncated_mid_event",
+        "multi_events_per_read",
+        "utf8_split_across_reads",
     ],
 )
 def test_corpus_replay_byte_exact(client: httpx.Client, name: str) -> None:
-    assert CORPUS is not None
+    """The project's own provider streams (the default corpus), byte for byte, in their reads."""
     expected = (CORPUS / f"{name}.sse").read_bytes()
     meta = json.loads((CORPUS / f"{name}.json").read_text())
     pieces: list[bytes] = []
@@ -414,9 +413,7 @@ def test_corpus_replay_byte_exact(client: httpx.Client, name: str) -> None:
         assert set(bounds) <= offsets
 
 
-@needs_corpus
 def test_corpus_split_and_missing(client: httpx.Client) -> None:
-    assert CORPUS is not None
     expected = (CORPUS / "mistral_text.sse").read_bytes()
     headers = {"X-Mock": "corpus=mistral_text split=64"}
     with client.stream("POST", "/chat/completions", json=body("x"), headers=headers) as r:

@@ -33,8 +33,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from tests.harness import REPO, BridgeProcess, Broker, free_port
-from tests.test_state import Watcher
+from tests.harness import REPO, BridgeProcess, Broker, Watcher, free_port
 
 pytestmark = pytest.mark.slow
 

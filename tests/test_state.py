@@ -11,149 +11,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as paho
-import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
-from tests.harness import API_KEY, BridgeProcess, Broker, Device, bridge_env, wait_for_status
+from tests.conftest import StartBridge
+from tests.harness import Broker, Device, Watcher, retained, wait_for_status
 
 _ids = itertools.count()
-StartBridge = Callable[..., BridgeProcess]
-
-
-@dataclass
-class Msg:
-    topic: str
-    payload: bytes
-    retain: bool
-    props: Any = None
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-
-class Watcher:
-    """An MQTT v5 client that records every message it may read, in order."""
-
-    def __init__(self, broker: Broker, filters: list[str], user: str = "automation") -> None:
-        self.msgs: list[Msg] = []
-        self._cond = threading.Condition()
-        ready = threading.Event()
-        c = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"w-{user}-{os.urandom(3).hex()}",
-            protocol=paho.MQTTv5,
-        )
-        c.username_pw_set(user, broker.users[user])
-        c.on_message = self._on_message
-        c.on_subscribe = lambda *a: ready.set()
-        c.connect("127.0.0.1", broker.port)
-        c.loop_start()
-        c.subscribe([(f, 1) for f in filters])
-        assert ready.wait(5), "watcher could not subscribe"
-        self.client = c
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        with self._cond:
-            props = getattr(msg, "properties", None)
-            self.msgs.append(Msg(msg.topic, bytes(msg.payload), bool(msg.retain), props))
-            self._cond.notify_all()
-
-    def on(self, topic: str) -> list[Msg]:
-        with self._cond:
-            return [m for m in self.msgs if m.topic == topic]
-
-    def wait_for(self, pred: Callable[[Msg], bool], timeout: float = 10.0) -> Msg:
-        """The first message (seen so far or later) for which `pred` holds."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for m in self.msgs:
-                    try:
-                        if pred(m):
-                            return m
-                    except (ValueError, KeyError, TypeError):
-                        pass
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    tail = [(m.topic, m.payload[:200]) for m in self.msgs[-5:]]
-                    raise TimeoutError(f"no such message in {timeout} s; last: {tail}")
-                self._cond.wait(left)
-
-    def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def retained(broker: Broker, topic: str, timeout: float = 1.0) -> bytes | None:
-    """The retained message on `topic` as a new subscriber gets it (None when there is none)."""
-    w = Watcher(broker, [topic])
-    try:
-        return w.wait_for(lambda m: m.retain, timeout).payload
-    except TimeoutError:
-        return None
-    finally:
-        w.close()
 
 
 def states(w: Watcher, device: str) -> list[dict[str, Any]]:
     return [m.json for m in w.on(f"llm/{device}/state") if m.payload]
-
-
-@pytest.fixture(scope="module", name="own_broker")
-def own_broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A Mosquitto of this module's own: no other bridge answers or publishes on it."""
-    b = Broker(tmp_path_factory.mktemp("broker-integrations")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(name="own_bridge")
-def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[StartBridge]:
-    """Start bridges on `own_broker` with extra BRIDGE_* settings; stopped after the test."""
-    started: list[BridgeProcess] = []
-
-    def start(*, wait: bool = True, **env: str | int | float) -> BridgeProcess:
-        e = bridge_env(own_broker, mock_llm.base_url, **env)
-        proc = BridgeProcess(tmp_path / f"bridge{len(started)}", e).start()
-        started.append(proc)
-        if wait:
-            wait_for_status(own_broker, "llm", "online")
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-        assert API_KEY not in proc.logs()
-        logs = proc.logs()
-        # No hook of ours failed (the service logs "hook X.y failed" with the traceback).
-        for mine in ("StatePlugin", "HomeAssistantPlugin", "state.py", "homeassistant.py"):
-            assert mine not in logs, logs[-3000:]
-
-
-@pytest.fixture(name="own_device")
-def own_device_fixture(own_broker: Broker) -> Iterator[Callable[..., Device]]:
-    made: list[Device] = []
-
-    def make(device_id: str | None = None) -> Device:
-        d = Device(own_broker, device_id or f"st{next(_ids)}")
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 # --- per-device state -----------------------------------------------------------------------

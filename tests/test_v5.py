@@ -6,74 +6,11 @@ and a paho MQTT v5 client as the device.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from tests.harness import BridgeProcess, Broker, Device
-
-
-class V5Device:
-    """A device speaking MQTT v5, recording (topic, payload, correlation data)."""
-
-    def __init__(self, broker: Broker, device_id: str) -> None:
-        if device_id not in broker.users:
-            broker.add_user(device_id)
-        self.id = device_id
-        self.got: list[tuple[str, dict[str, Any], bytes | None]] = []
-        self._cond = threading.Condition()
-        ready = threading.Event()
-        c = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"v5-{device_id}-{os.urandom(3).hex()}",
-            protocol=paho.MQTTv5,
-        )
-        c.username_pw_set(device_id, broker.users[device_id])
-        c.on_message = self._on_message
-        c.on_subscribe = lambda *a: ready.set()
-        c.connect("127.0.0.1", broker.port)
-        c.loop_start()
-        c.subscribe(f"llm/{device_id}/res/#", qos=1)
-        assert ready.wait(5)
-        self.client = c
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None)
-        with self._cond:
-            self.got.append((msg.topic, json.loads(msg.payload), corr))
-            self._cond.notify_all()
-
-    def request(
-        self, body: dict[str, Any], response_topic: str | None, correlation: bytes | None
-    ) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic is not None:
-            props.ResponseTopic = response_topic
-        if correlation is not None:
-            props.CorrelationData = correlation
-        info = self.client.publish(f"llm/{self.id}/req", json.dumps(body), 1, properties=props)
-        info.wait_for_publish(5)
-
-    def wait(self, pred: Any, timeout: float = 10.0) -> list[tuple[str, dict[str, Any], Any]]:
-        """Wait until `pred(messages)` holds; return the messages."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not pred(self.got):
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out; got {self.got[-3:]}"
-                self._cond.wait(left)
-            return list(self.got)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+from tests.harness import BridgeProcess, Broker, Device, V5Device
 
 
 def _terminals(msgs: list[tuple[str, dict[str, Any], Any]], corr: bytes) -> int:

@@ -1,9 +1,9 @@
 """Folding a `chat.completion.chunk` stream into the reply a device gets.
 
 Kept apart from the HTTP client so that the rules for what providers send
-(see `shared/sse-corpus/README.md`) are one small, testable piece: content of
-choice 0 only, reasoning never, refusals kept, tool-call fragments joined,
-the last finish_reason and usage, errors inside the stream.
+(see `tests/fixtures/streams/README.md`) are one small, testable piece:
+content of choice 0 only, reasoning never, refusals kept, tool-call fragments
+joined, the last finish_reason and usage, errors inside the stream.
 """
 
 from __future__ import annotations

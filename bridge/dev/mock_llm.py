@@ -19,6 +19,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   e.g. ``run=7``, to start a fresh counter).
 * ``cut_after=N`` send N content chunks, then close the connection without
   the terminating zero-length chunk (non-stream: half the body).
+  ``cut_after_finish=1`` send the whole reply and its ``finish_reason``, then
+  close the connection the same way (no usage chunk, no ``[DONE]``).
 * ``malformed_at=N`` the Nth content event's data is not valid JSON
   (non-stream: the body is cut JSON).
 * ``error_event_at=N`` after N content chunks send a ``data: {"error":...}``
@@ -32,9 +34,10 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   events.
 * ``stamp=1`` every content token is ``f"{time.monotonic_ns()} "`` taken just
   before its chunk is written (for latency benchmarks).
-* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory byte
-  for byte, split at ``transport.chunk_boundaries`` of ``NAME.json`` when it
-  has them; ``split=K`` instead writes K-byte slices.
+* ``corpus=NAME`` (text) replay ``NAME.sse`` from the corpus directory (the
+  repository's ``tests/fixtures/streams`` unless set) byte for byte, split
+  at ``transport.chunk_boundaries`` of ``NAME.json`` when it has them;
+  ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
 
@@ -117,7 +120,8 @@ _DIRECTIVE_RE = re.compile(r"\[mock(?:\s[^\]]*)?\]")
 _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
-    " event_error_at hang reasoning refusal keepalive stamp split tool images_max_side noise url"
+    " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
+    " images_max_side noise url"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -210,15 +214,17 @@ def reasoning_tokens(count: int) -> list[str]:
 
 
 def default_corpus_dir() -> Path | None:
-    """Locate the shared SSE corpus: ``$MOCK_LLM_CORPUS_DIR``, else ``shared/sse-corpus``.
+    """Locate what ``corpus=NAME`` replays: ``$MOCK_LLM_CORPUS_DIR``, else the project's own.
 
-    Why: the repo sits at ``<workspace>/main`` next to ``<workspace>/shared``,
-    so the corpus is found without configuration in a checkout.
+    Why: the project's provider fixtures (``tests/fixtures/streams`` in the
+    repository, beside this package) are what its tests and a developer's
+    checkout replay, with nothing outside the repository; an installed wheel
+    has no tests/, so there it takes ``--corpus-dir`` or the variable.
     """
     env = os.environ.get("MOCK_LLM_CORPUS_DIR")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "sse-corpus"
+    candidate = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "streams"
     return candidate if candidate.is_dir() else None
 
 
@@ -999,6 +1005,9 @@ class _Connection:
 
         plan.events.extend(content)
         plan.events.append(_Event(chunk({}, reply.finish)))
+        if opts.get("cut_after_finish"):
+            plan.cut = True
+            return self._keepalive(plan, opts)
         stream_options = body.get("stream_options")
         if isinstance(stream_options, dict) and stream_options.get("include_usage"):
             usage = self._usage(conv, completion, len(reply.reasoning))
@@ -1214,7 +1223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus-dir",
         type=Path,
         default=None,
-        help="directory of NAME.sse bodies for the corpus= directive",
+        help="directory of NAME.sse bodies for the corpus= directive"
+        " (default: the repository's tests/fixtures/streams)",
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
