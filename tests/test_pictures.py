@@ -270,15 +270,30 @@ def test_truncated_upload_times_out(pictures_bridge: Any, clients: Callable[...,
     assert "no end" in reply.terminal["error"]["message"]
 
 
-def test_a_device_cannot_upload_for_another(
+def test_a_device_cannot_upload_for_another_nor_read_or_forge_its_pictures(
     pictures_bridge: Any, clients: Callable[..., Client]
 ) -> None:
     proc, door, other = pictures_bridge
+    base = f"{proc.prefix}/{door.id}"
+    spy = clients(other.id, f"{base}/upload/#", f"{base}/image/#")
+    screen = clients(door.id, f"{base}/image/+")
     # other writes a picture on door's upload topic: the broker drops it
-    upload(clients(other.id), f"{proc.prefix}/{door.id}/upload/own1", jpeg(picture("x", 64, 64)))
+    upload(clients(other.id), f"{base}/upload/own1", jpeg(picture("x", 64, 64)))
     reply = door.ask({"id": "own1", "prompt": "Mine?", "images": [{"upload": True}]})
     assert reply.error_code == "image_timeout"
     assert "(nothing)" in reply.terminal["error"]["message"]
+    # door's own upload works, and other reads none of it
+    upload(screen, f"{base}/upload/own2", jpeg(picture("y", 64, 64)))
+    reply = door.ask({"id": "own2", "prompt": "Mine now?", "images": [{"upload": True}]})
+    assert reply.terminal.get("done") is True, reply.terminal
+    # other cannot forge pieces on door's picture topic; door's own device cannot either
+    forged = imaging.pieces(b"\xff" * 16, imaging.MONO1, 16)
+    for sender in (clients(other.id), screen):
+        for message in forged:
+            sender.publish(f"{base}/image/forged", message)
+    time.sleep(0.3)
+    assert spy.got == []
+    assert [t for t, _ in screen.got if t.endswith("/forged")] == []
 
 
 # --- pictures out --------------------------------------------------------------------------
@@ -382,6 +397,7 @@ def test_inline_images_are_re_encoded_and_non_images_refused(
         {"type": "text", "text": "inline1 [mock images_max_side=768]"},
         {"type": "image_url", "image_url": {"url": big}},
         {"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
     ]}]  # fmt: skip
     reply = door.ask({"id": "inl1", "messages": messages})
     assert reply.terminal.get("done") is True, reply.terminal
@@ -389,7 +405,7 @@ def test_inline_images_are_re_encoded_and_non_images_refused(
     body = next(
         r["body"] for r in reversed(mock_llm.requests) if "inline1" in json.dumps(r["body"])
     )
-    assert body["messages"][0]["content"][2] == messages[0]["content"][2]  # video as sent
+    assert body["messages"][0]["content"][2:] == messages[0]["content"][2:]  # video, audio as sent
     messages[0]["content"][1] = {
         "type": "image_url",
         "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRg=="},
