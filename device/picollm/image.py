@@ -251,8 +251,17 @@ class ImagesResponse:
 
 
 class Images:
+    # client.images.generate(...); also as uopenai names its TODO,
+    # client.images.generations.create(...).
     def __init__(self, client):
         self._client = client
+
+    @property
+    def generations(self):
+        return self
+
+    def create(self, model, prompt, out, **kwargs):
+        return self.generate(model, prompt, out, **kwargs)
 
     async def generate(self, model, prompt, out, size="1024x1024",
                        response_format="b64_json", timeout_ms=120000, **kwargs):

@@ -72,6 +72,12 @@ def test_generate_streams_the_picture_to_a_file_and_a_writer(
     assert r["url"]["url"].startswith("https://localhost:")
     assert r["url"]["largest"] <= 4096
     assert r["status"] == {"code": "upstream_status"}
+    kite = io.BytesIO()
+    picture("a kite", 64, 32).save(kite, "PNG")
+    assert r["create"] == {  # uopenai's name for it: images.generations.create
+        "bytes": len(kite.getvalue()),
+        "sha256": hashlib.sha256(kite.getvalue()).hexdigest(),
+    }
     generations = [q for q in tls_mock.requests if q["path"].endswith("/images/generations")]
     assert generations[-1]["headers"]["authorization"] == f"Bearer {API_KEY}"
     fetches = [q for q in tls_mock.requests if q["path"].startswith("/mock/images/")]

@@ -65,6 +65,9 @@ async def main():
     rec("url", {"bytes": res.bytes, "sha256": hexlify(w.h.digest()).decode(),
                 "written": w.n, "url": res.url, "largest": w.largest})
     rec("status", {"code": await araises(gen("mock-image", "x [mock status=400]", w))})
+    w = Hasher()
+    res = await client.images.generations.create("mock-image", "a kite", w, size="64x32")
+    rec("create", {"bytes": res.bytes, "sha256": hexlify(w.h.digest()).decode()})
 
 
 asyncio.run(main())
