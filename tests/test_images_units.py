@@ -233,3 +233,32 @@ def test_generate_image_b64_url_errors_and_size_bound() -> None:
                 await up.aclose()
 
         run(go())
+
+
+def test_image_api_keys_never_reach_an_error_message() -> None:
+    images_key = "sk-images-only-9876543210"
+    with running_mock(api_key=images_key) as mock:
+        settings = load_settings(
+            OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+            OPENAI_API_KEY=KEY,
+            OPENAI_IMAGES_BASE_URL=mock.base_url,
+            OPENAI_IMAGES_API_KEY=images_key,
+        )
+
+        async def go() -> None:
+            up = Upstream(settings)
+            try:
+                data = await up.generate_image("ok", model="m", size="64x64", max_bytes=10**6)
+                assert data.startswith(b"\x89PNG")  # the image API's own key was accepted
+                for echo in ("echo_auth=0", "echo_auth=3 echo_keep=12"):
+                    with pytest.raises(UpstreamError) as info:
+                        await up.generate_image(f"x [mock status=401 {echo}]", model="m",
+                                                size="64x64", max_bytes=10**6)  # fmt: skip
+                    message = info.value.message
+                    assert "Incorrect API key provided" in message
+                    assert images_key not in message and images_key[:12] not in message
+                    assert KEY not in message
+            finally:
+                await up.aclose()
+
+        run(go())

@@ -831,10 +831,15 @@ class _Connection:
         if headers.get("x-mock"):
             directives.update(parse_directives(headers["x-mock"]))
         opts = _options(directives)
+        echo = _auth_echo(opts, headers.get("authorization", ""))
         if opts.get("first_byte_delay_ms"):
             await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
         if self.mock._should_fail(opts):
-            await self._respond(opts.get("status"), _status_error(opts.get("status")))
+            status = opts.get("status")
+            error = _status_error(status)
+            if echo is not None:
+                error = _error_json(echo, "invalid_request_error", "invalid_api_key")
+            await self._respond(status, error)
             return
         out = io.BytesIO()
         picture(prompt, width, height, noise=bool(opts.get("noise"))).save(out, "PNG")
