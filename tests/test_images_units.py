@@ -163,6 +163,24 @@ def test_pictures_turned_off_are_refused_at_admission() -> None:
     plugin.admit("d", p.parse_request(b'{"prompt":"no pictures"}', 10_000), 10)
 
 
+@pytest.mark.parametrize(
+    ("spec", "code", "words"),
+    [
+        (b'"width":2048,"height":2048,"format":"rgb565"', p.TOO_LARGE, "8388608 bytes"),
+        (b'"width":1024,"height":1024,"format":"rgb565","piece_bytes":64', p.BAD_REQUEST,
+         "more than 8192 pieces"),
+    ],
+)  # fmt: skip
+def test_pictures_too_large_or_in_too_many_pieces_are_refused(
+    spec: bytes, code: str, words: str
+) -> None:
+    plugin = ImagesPlugin(load_settings(image_max_bytes=4 * 1024 * 1024))
+    request = p.parse_request(b'{"image":{"prompt":"x",' + spec + b"}}", 10_000)
+    with pytest.raises(ProtocolError, match=words) as info:
+        plugin.admit("d", request, 10)
+    assert info.value.code == code
+
+
 # --- the mock ------------------------------------------------------------------------------
 
 

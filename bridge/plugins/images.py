@@ -37,6 +37,11 @@ log = logging.getLogger("bridge.images")
 UPLOADS_PER_DEVICE = 4
 # Pictures decoded or converted at once (each in a worker thread): bounds CPU and memory.
 WORKERS = 2
+# The most pieces one generated picture may take (a huge picture in tiny pieces would
+# queue that many messages at once); and how many are published between two yields
+# to the event loop, so other replies keep flowing meanwhile.
+MAX_PIECES = 8192
+PIECES_PER_YIELD = 16
 
 
 class PictureError(Exception):
@@ -376,6 +381,21 @@ class ImagesPlugin(Plugin):
             return
         if not self.enabled:
             raise ProtocolError(p.BAD_REQUEST, "pictures are turned off on this bridge")
+        spec = request.image
+        if spec is not None:
+            size = imaging.screen_size(spec.width, spec.height, spec.format)
+            if size > self.settings.image_max_bytes:
+                raise ProtocolError(
+                    p.TOO_LARGE,
+                    f"a {spec.width}x{spec.height} {spec.format} picture is {size} bytes, more "
+                    f"than the {self.settings.image_max_bytes} allowed",
+                )
+            if size > MAX_PIECES * spec.piece_bytes:
+                raise ProtocolError(
+                    p.BAD_REQUEST,
+                    f"a {size}-byte picture takes more than {MAX_PIECES} pieces: "
+                    "ask for larger piece_bytes",
+                )
         allowed = self.settings.policy.limits(device).camera_topics
         prefix = self.settings.topic_prefix + "/"
         for source in request.images or ():
@@ -476,7 +496,9 @@ class ImagesPlugin(Plugin):
             "pieces": -(-len(screen) // spec.piece_bytes) + 1,
         }
         messages = imaging.pieces(screen, spec.format, spec.piece_bytes, info)
-        for message in messages:
+        for n, message in enumerate(messages, 1):
             self.host.publish(topic, message, qos=1)
+            if n % PIECES_PER_YIELD == 0:
+                await asyncio.sleep(0)
         job.terminal["model"] = model
         job.terminal["image"] = info
