@@ -7,6 +7,7 @@ back with `FrameBuffer.pixel`) and into a file.
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
@@ -55,9 +56,10 @@ def test_upload_from_a_file_larger_than_the_heap(
     photo = out.getvalue()
     assert len(photo) > 2 * 128 * 1024  # twice the VM's whole heap
     (tmp_path / "shelf.jpg").write_bytes(photo)
-    [rec] = run_steps(tmp_path, broker, [
+    rec, frame = run_steps(tmp_path, broker, [
         {"op": "ask_about", "prompt": "What is on it? vmshelf [mock images_max_side=768]",
          "path": "shelf.jpg", "piece": 4096},
+        {"op": "ask_about", "prompt": "And now? vmframe", "frame": [96, 64], "piece": 2048},
     ])  # fmt: skip
     assert rec["ok"], rec
     assert rec["text"] == "I see 1 image."
@@ -67,6 +69,16 @@ def test_upload_from_a_file_larger_than_the_heap(
     assert body["images"] == [
         {"format": "JPEG", "width": 640, "height": 480, "media_type": "image/jpeg"}
     ]
+    # a raw frame from a buffer in memory, as a camera hands it over
+    assert frame["ok"] and frame["text"] == "I see 1 image.", frame
+    sent = next(
+        r for r in reversed(mock_llm.requests) if "vmframe" in json.dumps(r.get("body") or "")
+    )
+    url = sent["body"]["messages"][-1]["content"][1]["image_url"]["url"]
+    seen = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    assert seen.size == (96, 64)
+    left, right = seen.getpixel((2, 32)), seen.getpixel((93, 32))
+    assert left[0] < 30 and right[0] > 220 and right[1] < 40  # the ramp, black to red
 
 
 def test_generated_pictures_land_in_a_framebuffer_and_a_file(

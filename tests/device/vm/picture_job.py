@@ -2,6 +2,8 @@
 # file {"config": {...}, "steps": [...]}; prints one "STEP {json}" per step.
 #   {"op": "ask_about", "prompt": str, "path": str, "piece": n}
 #       upload the file in pieces, then stream the reply about it
+#   {"op": "ask_about", "prompt": str, "frame": [w, h]}
+#       the same with a raw rgb565 frame drawn in a buffer
 #   {"op": "generate", "prompt": str, "width": w, "height": h, "format": f,
 #    "sink": "framebuf" | "file", "points": [[x, y], ...]}
 #       receive a picture into a FrameBuffer (and read pixels back with
@@ -28,7 +30,17 @@ def out(tag, obj):
 async def step_ask_about(chat, step):
     gc.collect()
     free = gc.mem_free()
-    reply = await image.ask_about(chat, step["prompt"], step["path"], piece=step.get("piece", 1024))
+    if "frame" in step:  # a camera's raw frame in memory: a red-to-black ramp
+        w, h = step["frame"]
+        source = bytearray(w * h * 2)
+        fb = framebuf.FrameBuffer(source, w, h, framebuf.RGB565)
+        for x in range(w):
+            fb.vline(x, 0, h, (x * 31 // (w - 1)) << 11)
+        reply = await image.ask_about(chat, step["prompt"], source, "rgb565", w, h,
+                                      piece=step.get("piece", 1024))
+    else:
+        reply = await image.ask_about(chat, step["prompt"], step["path"],
+                                      piece=step.get("piece", 1024))
     parts = []
     async for piece in reply:
         parts.append(piece)
