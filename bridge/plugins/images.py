@@ -339,8 +339,10 @@ class ImagesPlugin(Plugin):
         if not self.enabled:
             return
         host.subscribe(host.topics.device_filter("upload", per_request=True), self._on_upload)
+        # QoS 0: only the latest picture matters, so the broker need not queue a camera's
+        # pictures for the bridge's session while it is away (the retained one still comes).
         for topic_filter in self._camera_filters():
-            host.subscribe(topic_filter, self._on_camera)
+            host.subscribe(topic_filter, self._on_camera, qos=0)
 
     def _camera_filters(self) -> list[str]:
         """Every filter some device's policy names, except ones reaching the protocol's topics."""
