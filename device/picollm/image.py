@@ -202,7 +202,11 @@ async def generate(chat, prompt, width, height, fmt, sink, piece=PIECE, model=No
         while not rx.ended and rx.error is None:
             if _elapsed(start) > 5000:
                 raise LLMTimeout("timeout", "the picture's end never came")
-            t.poll()
+            try:
+                t.poll()
+            except OSError:
+                await t.reconnect()  # a persistent session: the rest is delivered after
+                continue
             await asyncio.sleep_ms(t.cfg["poll_ms"])
         if rx.error is not None:
             raise rx.error
