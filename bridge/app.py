@@ -54,11 +54,13 @@ async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) ->
 
 def build_plugins(settings: Settings) -> list[Plugin]:
     """The plugins `run_bridge` serves with, in the order they are called."""
-    from bridge.plugins.models import ModelsPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.images import ImagesPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.models import ModelsPlugin  # noqa: PLC0415
     from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415
     from bridge.plugins.usage import UsagePlugin  # noqa: PLC0415
 
-    plugins: list[Plugin] = [PolicyPlugin(settings)]
+    # Pictures: always present, so that with BRIDGE_IMAGES off it refuses picture requests.
+    plugins: list[Plugin] = [PolicyPlugin(settings), ImagesPlugin(settings)]
     if settings.sessions:
         from bridge.plugins.sessions import SessionsPlugin  # noqa: PLC0415
 

@@ -90,6 +90,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_until_signal(main)
 
 
+def _screen_size(text: str) -> str:
+    width, x, height = text.partition("x")
+    if not (x and width.isdigit() and height.isdigit() and 0 < int(width) <= 2048
+            and 0 < int(height) <= 2048):  # fmt: skip
+        raise argparse.ArgumentTypeError("WIDTHxHEIGHT, each 1-2048")
+    return text
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.dev import demo
 
@@ -148,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--voice", nargs="?", const="demo-answer.wav", default=None, metavar="WAV",
         help="also speak the answer; the device writes it to WAV (default demo-answer.wav)",
     )  # fmt: skip
+    demo.add_argument(
+        "--image", nargs="?", const="a lighthouse at dusk, line art", default=None,
+        metavar="PROMPT", help="ask for a picture for a small screen instead, saved as a PNG",
+    )  # fmt: skip
+    demo.add_argument(
+        "--image-format", default="mono1", choices=("rgb565", "rgb565_be", "mono1",
+        "mono1_vlsb", "gray4", "jpeg", "png"), help="the screen's pixel format (default mono1)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--image-size", default="128x64", type=_screen_size, help="WIDTHxHEIGHT (default 128x64)"
+    )
+    demo.add_argument("--image-out", default="demo-image.png", help="where the PNG goes")
     demo.set_defaults(func=cmd_demo)
 
     from bridge.ops import commands

@@ -79,6 +79,21 @@ class Limits(BaseModel):
     listen_seconds: int = Field(default=30, ge=1, le=600)
     listen_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
     listen_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
+    # Pictures (docs/protocol.md "Pictures"): the camera topic filters the device may
+    # name (none by default) and the largest upload it may send (0: BRIDGE_IMAGE_MAX_BYTES).
+    camera_topics: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = Field(default=0, ge=0)
+
+    @field_validator("camera_topics")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        for f in v:
+            levels = f.split("/")
+            bad = not f or len(f) > 256 or "\x00" in f
+            bad = bad or any(("+" in lv or "#" in lv) and len(lv) > 1 for lv in levels)
+            if bad or "#" in levels[:-1]:
+                raise ValueError(f"{f[:80]!r} is not an MQTT topic filter")
+        return v
 
 
 class PolicyConfig(BaseModel):
@@ -197,6 +212,24 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("OPENAI_STT_MODEL", "openai_stt_model")
     )
     voice: bool = True
+    # Pictures (docs/protocol.md "Pictures"): where images are generated (default: the
+    # chat API), with which model and size; limits on every picture the bridge handles.
+    openai_images_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_IMAGES_BASE_URL", "openai_images_base_url")
+    )
+    openai_images_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_IMAGES_API_KEY", "openai_images_api_key")
+    )
+    openai_image_model: str = Field(
+        "gpt-image-1", validation_alias=AliasChoices("OPENAI_IMAGE_MODEL", "openai_image_model")
+    )
+    images: bool = True
+    image_size: str = Field("1024x1024", pattern=r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$")
+    image_max_side: int = Field(768, ge=16, le=4096)
+    image_wait_ms: int = Field(2000, ge=0, le=600_000)
+    image_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    image_max_pixels: int = Field(40_000_000, ge=1024, le=500_000_000)
+    image_upload_timeout: float = Field(30.0, gt=0)
 
     mqtt_url: str = "mqtt://localhost:1883"
     mqtt_ca_file: Path | None = None
@@ -285,6 +318,11 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
+
+    @field_validator("openai_images_base_url")
+    @classmethod
+    def _images_url(cls, v: str | None) -> str | None:
+        return None if v is None or not v.strip() else cls._base_url(v)
 
     @field_validator("mqtt_url")
     @classmethod

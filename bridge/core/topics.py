@@ -77,6 +77,14 @@ class Topics:
         """An utterance for request R, device -> bridge (protocol v2, "Voice")."""
         return self.device(device, "listen", request_id)
 
+    def upload(self, device: str, request_id: str) -> str:
+        """`P/D/upload/R`: a picture the device sends in pieces for request R (v2)."""
+        return self.device(device, "upload", request_id)
+
+    def image(self, device: str, request_id: str) -> str:
+        """`P/D/image/R`: the pieces of the picture generated for request R (v2)."""
+        return self.device(device, "image", request_id)
+
     # --- filters over every device -------------------------------------------------------
 
     def device_filter(self, kind: str, *, per_request: bool = False) -> str:

@@ -7,12 +7,14 @@ keeps the API key out of every message.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -140,6 +142,12 @@ class Upstream:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.url = settings.openai_base_url + "/chat/completions"
+        images_base = settings.openai_images_base_url or settings.openai_base_url
+        self.images_url = images_base + "/images/generations"
+        images_key = settings.openai_images_api_key
+        self._images_key = images_key.get_secret_value() if images_key else key
+        self._redact_images = Redactor(self._images_key if self._images_key != key else "")
+        self._image_timeout = settings.upstream_total_timeout
         if transport is None:
             verify: ssl.SSLContext | bool = True
             if settings.upstream_ca_file is not None:
@@ -208,11 +216,104 @@ class Upstream:
         ]
 
     def redact(self, text: str) -> str:
-        """Remove the API key, whole or any run of `SECRET_RUN` of its characters, from a text.
+        """Remove the API keys (the chat API's and the image API's), whole or any run of
+        `SECRET_RUN` of their characters, from a text.
 
         Call it on the whole text, before any cut.
         """
-        return self._redact(text)
+        return self._redact_images(self._redact(text))
+
+    async def generate_image(self, prompt: str, *, model: str, size: str, max_bytes: int) -> bytes:
+        """`POST /images/generations` for one picture; return its encoded bytes (PNG, JPEG...).
+
+        The API answers with `b64_json` or with a `url`, which is then fetched
+        without the API key. Nothing larger than `max_bytes` is read.
+
+        Raises:
+            UpstreamError: for any failure, with the protocol's codes.
+        """
+        body = {"model": model, "prompt": prompt, "size": size, "n": 1}
+        headers = {"Accept": "application/json"}
+        if self._images_key:
+            headers["Authorization"] = f"Bearer {self._images_key}"
+        timeout = httpx.Timeout(self._image_timeout, connect=self.client.timeout.connect)
+        # base64 is 4/3 of the picture, and the JSON around it is small
+        limit = max_bytes * 4 // 3 + 4096
+        with self._errors():
+            req = self.client.build_request(
+                "POST", self.images_url, json=body, headers=headers, timeout=timeout
+            )
+            resp = await self.client.send(req, stream=True)
+            try:
+                if resp.status_code >= 400:
+                    detail = _error_detail(await self._read_some(resp), self._redact)
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        self.redact(f"image API answered {resp.status_code}: {detail}"),
+                        status=resp.status_code,
+                        retry_after=retry_after_seconds(resp.headers),
+                    )
+                raw = await self._read_some(resp, limit + 1)
+            finally:
+                await resp.aclose()
+            if len(raw) > limit:
+                raise UpstreamError(
+                    p.UPSTREAM_PROTOCOL, f"the image API sent more than {max_bytes} bytes"
+                )
+            item = _image_item(raw)
+            if isinstance(item.get("b64_json"), str):
+                try:
+                    data = base64.b64decode(item["b64_json"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise UpstreamError(
+                        p.UPSTREAM_PROTOCOL, "the image API sent invalid base64"
+                    ) from None
+                if len(data) > max_bytes:
+                    raise UpstreamError(
+                        p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
+                    )
+                return data
+            url = item.get("url")
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no b64_json or url")
+            get = self.client.build_request("GET", url, timeout=timeout)
+            get.headers.pop("Authorization", None)  # the key goes to the API, nowhere else
+            got = await self.client.send(get, stream=True)
+            try:
+                if got.status_code >= 400:
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        f"fetching the generated image answered {got.status_code}",
+                        status=got.status_code,
+                    )
+                data = await self._read_some(got, max_bytes + 1)
+            finally:
+                await got.aclose()
+            if len(data) > max_bytes:
+                raise UpstreamError(
+                    p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
+                )
+            return data
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """httpx's failures as the protocol's upstream error codes (key redacted)."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc)) from None
+        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError) as exc:
+            raise UpstreamError(
+                p.UPSTREAM_UNREACHABLE,
+                self.redact(f"cannot reach the API: {exc or type(exc).__name__}"),
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise UpstreamError(
+                p.UPSTREAM_PROTOCOL,
+                self.redact(f"the API connection broke: {exc or type(exc).__name__}"),
+            ) from None
+        except httpx.DecodingError as exc:
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, f"undecodable reply: {exc}") from None
 
     @asynccontextmanager
     async def stream(
@@ -301,6 +402,18 @@ class Upstream:
                 yield sse.event, sse.data
         except SSEError as exc:
             raise UpstreamError(p.UPSTREAM_PROTOCOL, f"not an event stream: {exc}") from None
+
+
+def _image_item(raw: bytes) -> dict[str, Any]:
+    """The first picture of an `/images/generations` answer."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent malformed JSON") from None
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no picture")
+    return data[0]
 
 
 def _timeout_text(exc: httpx.TimeoutException) -> str:

@@ -110,11 +110,15 @@ class BridgeClient:
         #: `{"seq":…,"tool_call":{…}}`, `{"seq":…,"tool_result":{…}}`
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._pictures: dict[str, _Picture] = {}
         self.link = MqttLink(
             url if isinstance(url, MqttUrl) else MqttUrl.parse(url),
             client_id=f"{device}-{os.urandom(4).hex()}",
             on_message=self._on_message,
-            subscriptions=[(self.topics.res_filter(device), 1)],
+            subscriptions=[
+                (self.topics.res_filter(device), 1),
+                (self.topics.device(device, "image", "+"), 1),
+            ],
             ca_file=ca_file,
             version=version,
         )
@@ -137,6 +141,11 @@ class BridgeClient:
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         rid = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic == self.topics.image(self.device, rid):
+            picture = self._pictures.get(rid)
+            if picture is not None:
+                picture.feed(bytes(msg.payload))
+            return
         queue = self._queues.get(rid)
         if queue is None:
             return
@@ -220,3 +229,73 @@ class BridgeClient:
     async def ask(self, prompt: str | None = None, **fields: Any) -> str:
         """The whole reply text (streamed by the bridge, joined here)."""
         return "".join([piece async for piece in self.stream(prompt, **fields)])
+
+    async def image(
+        self, prompt: str, width: int, height: int, fmt: str, **fields: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        """Ask for a picture for a `width` x `height` screen in `fmt` (docs/protocol.md
+        "Pictures"); return the terminal's `image` and the bytes received in pieces.
+
+        Raises:
+            BridgeError: on an error terminal, or pieces that do not add up.
+        """
+        rid = fields.pop("request_id", None) or p.new_request_id()
+        picture = self._pictures[rid] = _Picture()
+        spec = {"prompt": prompt, "width": width, "height": height, "format": fmt, **fields}
+        try:
+            terminal: dict[str, Any] = {}
+            async with contextlib.aclosing(self.events(request_id=rid, image=spec)) as events:
+                async for msg in events:
+                    if "error" in msg:
+                        raise error_of(msg)
+                    terminal = msg
+            # The pieces travel on their own topic: the end piece may come just after.
+            async with asyncio.timeout(self.idle_timeout):
+                await picture.ended.wait()
+            if picture.error:
+                raise BridgeError("protocol", picture.error)
+            info = terminal.get("image") or {}
+            got, sent = len(picture.data), info.get("bytes")
+            if got != sent:
+                raise BridgeError("protocol", f"got {got} bytes, the bridge sent {sent}")
+            return info, bytes(picture.data)
+        except TimeoutError:
+            raise BridgeError("timeout", "the picture's end piece never came") from None
+        finally:
+            self._pictures.pop(rid, None)
+
+
+class _Picture:
+    """The pieces of one picture on `P/D/image/R`, in order (docs/protocol.md "Pictures")."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.next = 0
+        self.error = ""
+        self.ended = asyncio.Event()
+
+    def feed(self, payload: bytes) -> None:
+        # here, not at the top: the chat client need not load Pillow and numpy
+        from bridge.plugins.imaging import DATA, ERROR, unpack_piece  # noqa: PLC0415
+
+        if self.ended.is_set():
+            return
+        try:
+            seq, kind, _fmt, data = unpack_piece(payload)
+        except ValueError as exc:
+            self.error = str(exc)
+            self.ended.set()
+            return
+        if seq < self.next:
+            return
+        if seq > self.next:
+            self.error = f"piece {self.next} is missing (got {seq})"
+            self.ended.set()
+            return
+        self.next += 1
+        if kind == DATA:
+            self.data += data
+        else:
+            if kind == ERROR:
+                self.error = data.decode("utf-8", "replace")
+            self.ended.set()

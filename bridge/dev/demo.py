@@ -11,6 +11,9 @@ and the device asks to turn the lamp on: the bridge calls the lamp and the
 demo prints the tool call, the lamp's side and the answer.
 With `--voice` the answer is also spoken (protocol v2 "Voice") and the
 simulated device writes what it heard to a WAV file.
+With `--image` the device asks for a picture for its screen instead
+(docs/protocol.md "Pictures"): it receives it in pieces in the screen's
+format, and the demo converts it back and writes it to a PNG file.
 """
 
 from __future__ import annotations
@@ -169,6 +172,10 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:  # noqa: P
             plugins: list[Plugin] = [ListenPlugin(settings), SpeechPlugin(settings)]
             if args.tools:
                 plugins.append(ToolsPlugin(settings))
+            if args.image is not None:
+                from bridge.plugins.images import ImagesPlugin  # noqa: PLC0415
+
+                plugins.append(ImagesPlugin(settings))
             bridge = Bridge(settings, plugins=plugins)
             try:
                 await bridge.start(connect_timeout=10)
@@ -176,7 +183,9 @@ async def demo(args: argparse.Namespace, stop: asyncio.Event) -> int:  # noqa: P
                 url = f"mqtt://{DEVICE}:{users[DEVICE]}@127.0.0.1:{port}"
                 version = 5 if mqtt_version == "5" else 4
                 voice = getattr(args, "voice", None)
-                if args.tools:
+                if args.image is not None:
+                    status = await _picture(url, version, args, stop)
+                elif args.tools:
                     lamp_url = f"mqtt://{LAMP}:{users[LAMP]}@127.0.0.1:{port}"
                     status = await _ask_with_tools(url, lamp_url, version, prompt, stop)
                 elif voice:
@@ -365,6 +374,36 @@ async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, o
             return await unless_stopped(talk(), stop)
     finally:
         await ear.stop()
+
+
+async def _picture(url: str, version: int, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Ask for a picture as a small screen would, then show where its PNG copy is."""
+    width, _, height = args.image_size.partition("x")
+    w, h, fmt = int(width), int(height), args.image_format
+    async with BridgeClient(url, DEVICE, version=version) as client:
+        _say(f"device {DEVICE!r} asks for a {w}x{h} {fmt} picture of: {args.image}")
+
+        async def fetch() -> int:
+            try:
+                info, data = await client.image(args.image, w, h, fmt)
+            except BridgeError as exc:
+                _say(f"error: {exc}")
+                return 1
+            _say(f"received {info['bytes']} bytes in {info['pieces']} pieces ({fmt})")
+            out = await asyncio.to_thread(_save_png, data, w, h, fmt, args.image_out)
+            _say(f"the device's picture, converted back: {out}")
+            return 0
+
+        return await unless_stopped(fetch(), stop)
+
+
+def _save_png(data: bytes, width: int, height: int, fmt: str, path: str) -> Path:
+    """The screen's bytes back as a picture, in a PNG file; its absolute path."""
+    from bridge.plugins import imaging  # noqa: PLC0415
+
+    out = Path(path).resolve()
+    imaging.from_screen(data, width, height, fmt).save(out, "PNG")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,10 +57,22 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   ``echo_keep=K`` echoes only its first and last K characters, joined by
   "…" (a provider showing a shortened key).
 
+* ``noise=1`` (image generation) a picture of random pixels that does not
+  compress; ``url=1`` answer with a URL even without ``response_format``.
+* ``images_max_side=N`` every ``image_url`` part must be an inline JPEG that
+  decodes, with no side longer than N pixels; otherwise 400 (what the
+  bridge's resizing promises).
+
 ``POST /v1/audio/speech`` speaks its ``input`` (espeak-ng, or a tone) and
 ``POST /v1/audio/transcriptions`` reads back what the mock's own speech said
 (:mod:`bridge.dev.mock_audio`); speech takes ``status``,
 ``first_byte_delay_ms``, ``delay_ms``, ``hang`` and ``cut_after``.
+
+Pictures: ``POST /v1/images/generations`` draws :func:`picture` of the
+prompt at the asked ``size`` (default 1024x1024) and answers ``b64_json``,
+or with ``response_format: url`` a URL on the mock itself; ``status`` and
+``fail_times`` directives in the prompt apply. Every inline image of a chat
+request is described in its record (``images``: format, width, height).
 
 Content chunks are the deltas carrying content, refusal or tool-call pieces
 (not the role chunk, not reasoning). Counts past the end of the reply apply
@@ -72,7 +84,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -87,6 +102,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+from PIL import Image, ImageDraw
 
 __all__ = [
     "FILLER_WORDS",
@@ -97,6 +113,8 @@ __all__ = [
     "add_arguments",
     "default_corpus_dir",
     "parse_directives",
+    "picture",
+    "picture_cells",
     "reasoning_tokens",
     "reply_tokens",
     "run",
@@ -129,6 +147,7 @@ _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
     " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
     " echo_auth echo_keep rounds bad_args preamble"
+    " images_max_side noise url"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -374,6 +393,96 @@ def _options(directives: dict[str, str]) -> _Options:
     return _Options(raw=directives, ints=ints)
 
 
+# --------------------------------------------------------------------------- pictures
+
+PICTURE_GRID = 8
+"""The generated picture is a PICTURE_GRID x PICTURE_GRID board of coloured cells."""
+
+PICTURE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0),
+    (255, 255, 255),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+)
+"""Colours every screen format shows exactly (each channel 0 or 255)."""
+
+
+def picture_cells(prompt: str) -> list[list[tuple[int, int, int]]]:
+    """The colour of each cell (row by row) of the picture drawn for ``prompt``.
+
+    Why: a test computes what a device should see instead of trusting the mock.
+    """
+    digest = hashlib.sha256(strip_directives(prompt).encode()).digest()
+    digest += hashlib.sha256(digest).digest()
+    return [
+        [PICTURE_COLOURS[digest[r * PICTURE_GRID + c] % len(PICTURE_COLOURS)]
+         for c in range(PICTURE_GRID)]
+        for r in range(PICTURE_GRID)
+    ]  # fmt: skip
+
+
+def picture(prompt: str, width: int, height: int, noise: bool = False) -> Image.Image:
+    """The deterministic picture of ``prompt``: :func:`picture_cells` over the whole size.
+
+    With ``noise`` every pixel is random (seeded by the prompt), so the picture
+    does not compress: a large one tests that a client streams it.
+    """
+    if noise:
+        seed = hashlib.sha256(strip_directives(prompt).encode()).digest()
+        return Image.frombytes("RGB", (width, height), _noise_bytes(seed, width * height * 3))
+    im = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(im)
+    for r, row in enumerate(picture_cells(prompt)):
+        for c, colour in enumerate(row):
+            box = (
+                c * width // PICTURE_GRID,
+                r * height // PICTURE_GRID,
+                (c + 1) * width // PICTURE_GRID - 1,
+                (r + 1) * height // PICTURE_GRID - 1,
+            )
+            draw.rectangle(box, fill=colour)
+    return im
+
+
+def _noise_bytes(seed: bytes, size: int) -> bytes:
+    out = bytearray()
+    block = seed
+    while len(out) < size:
+        block = hashlib.blake2b(block, digest_size=64).digest()
+        out += block
+    return bytes(out[:size])
+
+
+def describe_image(url: str) -> dict[str, Any]:
+    """Format and size of an inline ``data:`` image (or why it is not one)."""
+    if not url.startswith("data:"):
+        return {"url": url[:200]}
+    head, _, payload = url.partition(",")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return {"format": im.format, "width": im.width, "height": im.height,
+                    "media_type": head[5:].split(";")[0]}  # fmt: skip
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _image_parts(body: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                out.append(describe_image(url if isinstance(url, str) else ""))
+    return out
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -482,6 +591,8 @@ class MockLLM:
         self.corpus_dir = corpus_dir if corpus_dir is not None else default_corpus_dir()
         self.model = model
         self.requests: list[dict[str, Any]] = []
+        self.pictures: dict[str, bytes] = {}
+        self.scheme = "http"
         self.connections = 0
         self.peak_connections = 0
         self.port = 0
@@ -506,6 +617,7 @@ class MockLLM:
             self._on_connection, host, port, ssl=ssl_context, backlog=4096, limit=_READ_SIZE
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self.scheme = "https" if ssl_context is not None else "http"
         return self.port
 
     async def stop(self) -> None:
@@ -692,7 +804,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ routing
 
-    async def _handle(  # noqa: PLR0911, PLR0912  # one branch and return per route, in order
+    async def _handle(  # noqa: PLR0911, PLR0912, PLR0915  # one branch and return per route, in order
         self, request: h11.Request, raw_body: bytes
     ) -> None:
         method = request.method.decode("ascii", "replace").upper()
@@ -728,11 +840,19 @@ class _Connection:
                     405, f"Method {method} not allowed on {path}", "method_not_allowed"
                 )
             return
+        if path.startswith("/mock/images/") and method in ("GET", "HEAD"):
+            png = self.mock.pictures.get(path.rsplit("/", 1)[-1])
+            if png is None:
+                await self._error(404, f"no picture at {path}", "not_found")
+            else:
+                await self._respond(200, png, "image/png")
+            return
         known = {
             "/v1/models": "GET",
             "/v1/chat/completions": "POST",
             "/v1/audio/speech": "POST",
             "/v1/audio/transcriptions": "POST",
+            "/v1/images/generations": "POST",
         }
         if path not in known:
             await self._error(404, f"Invalid URL ({method} {path})", "not_found")
@@ -768,6 +888,9 @@ class _Connection:
             await self._speech(body, headers.get("x-mock"))
             return
         try:
+            if path == "/v1/images/generations":
+                await self._generate(body, headers)
+                return
             await self._chat(body, headers.get("x-mock"), headers.get("authorization", ""))
         except _BadRequestError as exc:
             await self._error(400, str(exc), "bad_request")
@@ -843,12 +966,70 @@ class _Connection:
 
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, body: dict[str, Any], header: str | None, auth: str = "") -> None:
+    async def _generate(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        """``/images/generations``: one deterministic picture of the prompt."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise _BadRequestError("'prompt' must be a non-empty string")
+        size = body.get("size", "auto")
+        m = re.fullmatch(r"([1-9][0-9]{1,3})x([1-9][0-9]{1,3})", size) if size != "auto" else None
+        if size != "auto" and m is None:
+            raise _BadRequestError(f"Invalid value for 'size': {str(size)[:40]!r}")
+        width, height = (int(m.group(1)), int(m.group(2))) if m else (1024, 1024)
+        if body.get("n", 1) != 1:
+            raise _BadRequestError("the mock draws one picture a request (n=1)")
+        form = body.get("response_format", "b64_json")
+        if form not in ("b64_json", "url"):
+            raise _BadRequestError(f"Invalid value for 'response_format': {str(form)[:40]!r}")
+        directives = parse_directives(" ".join(_DIRECTIVE_RE.findall(prompt)))
+        if headers.get("x-mock"):
+            directives.update(parse_directives(headers["x-mock"]))
+        opts = _options(directives)
+        echo = _auth_echo(opts, headers.get("authorization", ""))
+        if opts.get("first_byte_delay_ms"):
+            await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
+        if self.mock.should_fail(opts):
+            status = opts.get("status")
+            error = _status_error(status)
+            if echo is not None:
+                error = _error_json(echo, "invalid_request_error", "invalid_api_key")
+            await self._respond(status, error)
+            return
+        out = io.BytesIO()
+        picture(prompt, width, height, noise=bool(opts.get("noise"))).save(out, "PNG")
+        png = out.getvalue()
+        item: dict[str, Any] = {"revised_prompt": strip_directives(prompt)}
+        if form == "url" or opts.get("url"):
+            name = f"{self.mock.new_id()}.png"
+            self.mock.pictures[name] = png
+            while len(self.mock.pictures) > 16:
+                del self.mock.pictures[next(iter(self.mock.pictures))]
+            host = headers.get("host", f"127.0.0.1:{self.mock.port}")
+            item["url"] = f"{self.mock.scheme}://{host}/mock/images/{name}"
+        else:
+            item["b64_json"] = base64.b64encode(png).decode()
+        result = {"created": int(time.time()), "data": [item]}
+        await self._respond(200, _dumps(result).encode())
+
+    async def _chat(  # noqa: PLR0912  # one branch per reply kind the mock plays
+        self, body: dict[str, Any], header: str | None, auth: str = ""
+    ) -> None:
         conv = _conversation(body)
         directives = parse_directives(conv.directive_text) if conv.directive_text else {}
         if header:
             directives.update(parse_directives(header))
         opts = _options(directives)
+        images = _image_parts(body)
+        if images and self.mock.requests:
+            self.mock.requests[-1]["images"] = images
+        if opts.has("images_max_side"):
+            limit = opts.get("images_max_side")
+            for n, info in enumerate(images, 1):
+                ok = info.get("format") == "JPEG" and info.get("media_type") == "image/jpeg"
+                if not ok or max(info.get("width", 0), info.get("height", 0)) > limit:
+                    raise _BadRequestError(
+                        f"image {n} is not an inline JPEG of at most {limit} px: {info}"
+                    )
         opts.echo = _auth_echo(opts, auth)
 
         if opts.get("first_byte_delay_ms"):

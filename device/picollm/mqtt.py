@@ -27,8 +27,8 @@ class MQTTTransport:
         self.last_out = 0
         self.connects = 0
         self.tools = None  # picollm.tools.ToolBox of a device that offers tools
-        self.tap = None  # voice: a function for the other messages (picollm/voice.py)
-        self.subs = []  # voice: more topic filters to subscribe to
+        self.tap = None  # f(topic, msg) for the other messages (picollm.voice, picollm.image)
+        self.subs = []  # more topic filters to subscribe to (voice, pictures)
         self.heard = 0  # ticks_ms of the last message for `tap`
 
     # -- connection ---------------------------------------------------------
@@ -141,7 +141,7 @@ class MQTTTransport:
     # -- requests -----------------------------------------------------------
 
     def open(self, messages, system, opts):
-        rid = new_id()
+        rid = opts.pop("id", None) or new_id()
         req = {"id": rid}
         if len(messages) == 1:
             req["prompt"] = messages[0]["content"]

@@ -171,6 +171,11 @@ class OpenAI:
         from picollm.openai_audio import Audio
 
         return Audio(self)
+    def images(self):
+        # client.images.generate(...): picollm.image, loaded when first used
+        from picollm.image import Images
+
+        return Images(self)
 
     @staticmethod
     def encode_image(filepath):

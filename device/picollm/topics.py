@@ -50,3 +50,12 @@ class Topics:
 
     def result(self):
         return self.base + b"result"
+    # Pictures (protocol v2, picollm.image)
+    def upload(self, rid):
+        return self.base + b"upload/" + rid.encode()
+
+    def image(self, rid):
+        return self.base + b"image/" + rid.encode()
+
+    def image_filter(self):
+        return self.base + b"image/+"
