@@ -35,3 +35,38 @@ def test_store_bounds_sessions_per_device_and_bytes_overall(tmp_path: Path) -> N
         assert smaller.total <= 5_000
 
     asyncio.run(main())
+
+
+class _BrokenStore:
+    """A store whose disk failed: every call raises."""
+
+    async def get(self, device: str, session: str) -> bytes | None:
+        raise OSError("disk I/O error")
+
+    async def put(self, device: str, session: str, data: bytes, expires_at: float | None) -> None:
+        raise OSError("disk I/O error")
+
+    async def delete(self, device: str, session: str) -> None:
+        raise OSError("disk I/O error")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_broken_store_costs_the_history_not_the_request(tmp_path: Path) -> None:
+    from bridge.core import protocol as p
+    from bridge.core.job import Job
+    from bridge.core.settings import Settings
+    from bridge.plugins.sessions import SessionsPlugin
+
+    async def main() -> None:
+        plugin = SessionsPlugin(Settings(data_dir=tmp_path), store=_BrokenStore())
+        request = p.parse_request(b'{"prompt": "hi", "session": "s", "system": "Be brief."}', 1000)
+        job = Job("kitchen", "r1", "llm/kitchen/res/r1", request, b"")
+        job.body = request.upstream_body("m", True)
+        await plugin.prepare(job)
+        assert job.body["messages"] == [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        ]  # fmt: skip
+
+    asyncio.run(main())

@@ -156,11 +156,14 @@ class SessionsPlugin(Plugin):
         writing = self._writing.get(key)
         if writing is not None:
             await asyncio.wait([writing])  # the previous request's turns come first
-        if request.session_reset:
-            await self.store.delete(*key)
-            stored = None
-        else:
-            stored = Conversation.decode(await self.store.get(*key))
+        stored = None
+        try:
+            if request.session_reset:
+                await self.store.delete(*key)
+            else:
+                stored = Conversation.decode(await self.store.get(*key))
+        except Exception as exc:  # a broken store costs the history, never the request
+            log.error("could not read session device=%s session=%s: %s", key[0], key[1], exc)
         messages: list[dict[str, Any]] = body["messages"]
         n = 0
         while n < len(messages) and messages[n].get("role") in _INSTRUCTIONS:
