@@ -32,6 +32,7 @@ RECENT = 16  # call ids remembered, so a redelivered call is not run twice
 MAX_QUEUE = 8  # calls waiting to run; more are answered "busy"
 DEFAULT_TIMEOUT_MS = 5000
 MAX_ROUNDS = 4  # default max_tool_rounds in direct mode (the bridge's policy in MQTT mode)
+SAID_CHARS = 256  # direct mode: what the model said before its calls, sent back with them
 
 
 class ToolBox:
@@ -231,6 +232,7 @@ class DirectToolReply(Reply):
         self.opts = opts
         self.inner = None
         self.rounds = 0
+        self.said = ""  # what the model says in this round, up to SAID_CHARS, for the history
 
     async def next_piece(self):
         from picollm.direct import DirectReply
@@ -244,6 +246,8 @@ class DirectToolReply(Reply):
             inner = self.inner
             piece = await inner.next_piece()
             if piece is not None:
+                if len(self.said) < SAID_CHARS:
+                    self.said += piece[:SAID_CHARS - len(self.said)]
                 return piece
             self.id, self.model = inner.id, inner.model
             self.finish_reason, self.refusal = inner.finish_reason, inner.refusal
@@ -257,7 +261,8 @@ class DirectToolReply(Reply):
                                "the model still called tools after %d rounds" % limit)
             self.rounds += 1
             self.tool_rounds = self.rounds
-            self.messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+            said, self.said = self.said or None, ""
+            self.messages.append({"role": "assistant", "content": said, "tool_calls": calls})
             for c in calls:
                 fn = c["function"]
                 self._progress({"tool_call": {"id": c["id"], "name": fn["name"],

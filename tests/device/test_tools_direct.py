@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bridge.dev.mock_llm import reply_tokens
+from bridge.dev.mock_llm import PREAMBLE_TEXT, reply_tokens
 from tests.device import vmkit
 from tests.device.test_direct import direct_config
 
@@ -52,7 +52,7 @@ def _tool_contents(request: dict[str, Any]) -> list[str]:
 def test_direct_mode_runs_the_device_s_tools_and_answers_with_their_results(
     tls_mock: Any, certs: dict[str, Path], tmp_path: Path
 ) -> None:
-    prompt = "[mock call=set_led(on:true)+read_temp] lamp on please"
+    prompt = "[mock call=set_led(on:true)+read_temp preamble] lamp on please"
     tls_mock.server.clear_requests()
     _start, recs, pins = run_tool_job(
         tmp_path,
@@ -70,7 +70,11 @@ def test_direct_mode_runs_the_device_s_tools_and_answers_with_their_results(
     assert "use_tools" not in first["body"]
     contents = _tool_contents(second)
     assert [json.loads(c) for c in contents] == [{"on": True}, {"celsius": 27.6}]
-    assert rec["text"] == "".join(reply_tokens(prompt, tool_result="; ".join(contents)))
+    assert rec["text"] == PREAMBLE_TEXT + "".join(
+        reply_tokens(prompt, tool_result="; ".join(contents))
+    )
+    said = [m for m in second["body"]["messages"] if m["role"] == "assistant"]
+    assert said[0]["content"] == PREAMBLE_TEXT
     assert rec["tool_rounds"] == 1
     assert [next(iter(m)) for m in rec["progress"]] == [
         "tool_call", "tool_result", "tool_call", "tool_result"
