@@ -49,6 +49,21 @@ class Client:
             assert ready.wait(5)
         self.client = c
 
+    @classmethod
+    def over(cls, device: Device, filters: tuple[str, ...]) -> Client:
+        """A client riding on a test device's own connection: the broker makes the user
+        name the client id, so a second login as the device would replace it."""
+        self = cls.__new__(cls)
+        self.got, self._cond, self.client = [], threading.Condition(), device.client
+        self._filters = filters
+        for f in filters:
+            device.client.message_callback_add(f, self._on_message)
+            device.client.subscribe(f, qos=1)
+        time.sleep(0.3)  # the SUBACKs (the device's client reports them to no one here)
+        return self
+
+    _filters: tuple[str, ...] = ()
+
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
             self.got.append((msg.topic, bytes(msg.payload)))
@@ -70,8 +85,18 @@ class Client:
                 self._cond.wait(left)
 
     def close(self) -> None:
+        if self.client in _SHARED:
+            for f in self._filters:
+                self.client.message_callback_remove(f)
+                self.client.unsubscribe(f)
+            return
         self.client.disconnect()
         self.client.loop_stop()
+
+
+# The test devices by user name: a client as one of them uses its connection.
+_DEVICES: dict[str, Device] = {}
+_SHARED: list[Any] = []
 
 
 @pytest.fixture
@@ -79,7 +104,8 @@ def clients(broker: Broker) -> Iterator[Callable[..., Client]]:
     made: list[Client] = []
 
     def make(user: str, *filters: str) -> Client:
-        c = Client(broker, user, filters)
+        device = _DEVICES.get(user)
+        c = Client.over(device, filters) if device is not None else Client(broker, user, filters)
         made.append(c)
         return c
 
@@ -115,6 +141,8 @@ def pictures_bridge(
     up to 600 kB; `other` may read no camera."""
     prefix = "pics"
     door, other = Device(broker, "door1", prefix), Device(broker, "other1", prefix)
+    _DEVICES.update({door.id: door, other.id: other})
+    _SHARED.extend([door.client, other.client])
     policy = {
         "devices": {door.id: {"camera_topics": ["frigate/front/+/snapshot"],
                               "max_upload_bytes": 600_000}},
@@ -132,6 +160,8 @@ def pictures_bridge(
     wait_for_status(broker, prefix, "online")
     yield proc, door, other
     proc.stop()
+    _DEVICES.clear()
+    _SHARED.clear()
     door.close()
     other.close()
     assert API_KEY not in proc.logs()

@@ -109,6 +109,9 @@ class BridgeClient:
         #: called with each progress message of a `use_tools` request (protocol v2):
         #: `{"seq":…,"tool_call":{…}}`, `{"seq":…,"tool_result":{…}}`
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        #: called with each audio frame on `P/D/audio/R` (protocol v2, "Voice"): the
+        #: device's one connection hears its speech too (its user name is its client id)
+        self.on_audio: Callable[[str, bytes], None] | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._pictures: dict[str, _Picture] = {}
         self.link = MqttLink(
@@ -118,6 +121,7 @@ class BridgeClient:
             subscriptions=[
                 (self.topics.res_filter(device), 1),
                 (self.topics.device(device, "image", "+"), 1),
+                (self.topics.device(device, "audio", "+"), 1),
             ],
             ca_file=ca_file,
             version=version,
@@ -145,6 +149,10 @@ class BridgeClient:
             picture = self._pictures.get(rid)
             if picture is not None:
                 picture.feed(bytes(msg.payload))
+            return
+        if msg.topic == self.topics.audio(self.device, rid):
+            if self.on_audio is not None:
+                self.on_audio(rid, bytes(msg.payload))
             return
         queue = self._queues.get(rid)
         if queue is None:

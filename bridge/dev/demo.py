@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import run_until_signal, unless_stopped
-from bridge.core.mqtt import MqttLink
 from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
-from bridge.core.settings import MqttUrl, load_settings
+from bridge.core.settings import load_settings
 from bridge.dev.client import BridgeClient, BridgeError
 from bridge.dev.mock_llm import MockLLM
 from bridge.dev.tooldevice import ToolDevice
@@ -319,11 +318,11 @@ class _Heard:
         self.end: dict[str, Any] | None = None
         self.ended = asyncio.Event()
 
-    def on_message(self, msg: Any) -> None:
+    def on_frame(self, _rid: str, payload: bytes) -> None:
         from bridge.plugins import audio  # noqa: PLC0415
 
         try:
-            frame = audio.unpack_frame(bytes(msg.payload))
+            frame = audio.unpack_frame(payload)
         except ValueError:
             return
         if frame.kind == audio.DATA:
@@ -340,40 +339,32 @@ async def _ask_voice(url: str, version: int, prompt: str, stop: asyncio.Event, o
     from bridge.plugins import audio  # noqa: PLC0415
 
     heard = _Heard()
-    ear = MqttLink(MqttUrl.parse(url), client_id=f"{DEVICE}-ear-{os.urandom(3).hex()}",
-                   on_message=heard.on_message, subscriptions=[(f"llm/{DEVICE}/audio/+", 1)],
-                   version=version)  # fmt: skip
-    await ear.start(timeout=10)
-    try:
-        async with asyncio.timeout(10):
-            await ear.subscribed.wait()
-        async with BridgeClient(url, DEVICE, version=version) as client:
-            _say(f"device {DEVICE!r} asks, to hear the answer: {prompt}")
+    async with BridgeClient(url, DEVICE, version=version) as client:
+        client.on_audio = heard.on_frame  # the device's one connection hears it
+        _say(f"device {DEVICE!r} asks, to hear the answer: {prompt}")
 
-            async def talk() -> int:
-                try:
-                    async for piece in client.stream(prompt, speak={"rate": 16000}):
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
-                except BridgeError as exc:
-                    print(file=sys.stdout)
-                    _say(f"error: {exc}")
-                    return 1
-                print(file=sys.stdout, flush=True)
-                async with asyncio.timeout(30):
-                    await heard.ended.wait()
-                if heard.end:
-                    _say(f"speech failed: {heard.end.get('code')}: {heard.end.get('message')}")
-                    return 1
-                wav = audio.wav_bytes(bytes(heard.pcm), heard.rate)
-                await asyncio.to_thread(out.write_bytes, wav)
-                ms = audio.pcm_ms(len(heard.pcm), heard.rate)
-                _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {out}")
-                return 0
+        async def talk() -> int:
+            try:
+                async for piece in client.stream(prompt, speak={"rate": 16000}):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except BridgeError as exc:
+                print(file=sys.stdout)
+                _say(f"error: {exc}")
+                return 1
+            print(file=sys.stdout, flush=True)
+            async with asyncio.timeout(30):
+                await heard.ended.wait()
+            if heard.end:
+                _say(f"speech failed: {heard.end.get('code')}: {heard.end.get('message')}")
+                return 1
+            wav = audio.wav_bytes(bytes(heard.pcm), heard.rate)
+            await asyncio.to_thread(out.write_bytes, wav)
+            ms = audio.pcm_ms(len(heard.pcm), heard.rate)
+            _say(f"spoken answer: {ms / 1000:.1f} s at {heard.rate} Hz written to {out}")
+            return 0
 
-            return await unless_stopped(talk(), stop)
-    finally:
-        await ear.stop()
+        return await unless_stopped(talk(), stop)
 
 
 async def _picture(url: str, version: int, args: argparse.Namespace, stop: asyncio.Event) -> int:

@@ -677,7 +677,7 @@ class MockLLM:
 
     def record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
         """Keep a request for the tests to read (`requests`), the newest `MAX_RECORDED`."""
-        if path.startswith("/mock/"):
+        if path.startswith("/mock/requests"):  # picture fetches (/mock/images/) are kept
             return
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         if len(self.requests) > MAX_RECORDED:
