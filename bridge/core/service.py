@@ -548,6 +548,9 @@ class Bridge:
                 while job.body is not None:
                     await self._round(job, job.body, deadline)
                     job.rounds += 1
+                    # What the chunker holds belongs to this round: it goes out before a
+                    # plugin's next round (tool calls) or its finishing (the last speech).
+                    self._publish_held(job)
                     if not await self._more(job):
                         break
                 for plugin in self._finishers:
