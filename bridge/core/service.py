@@ -30,6 +30,7 @@ from bridge.core.plugin import Handler, Inbound, Plugin, overrides
 from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import Settings
+from bridge.core.shared import Guarded, open_store
 from bridge.core.topics import Topics
 from bridge.core.upstream import Upstream
 
@@ -92,6 +93,34 @@ class Recent:
             if not seen:
                 del self._devices[device]
 
+    def release(self, device: str, key: str, digest: bytes) -> None:
+        """A request was refused after `duplicate`: here nothing was recorded for it yet."""
+
+
+class SharedRecent:
+    """`Recent` for a worker group: one table in the group's store, so a request taken
+    by one worker is a duplicate for all (docs/scaling.md).
+
+    `duplicate` takes the request atomically (a second worker asking at the same
+    moment sees a duplicate); `release` gives it back when it is refused.
+    """
+
+    def __init__(self, store: Guarded, window: float) -> None:
+        self.store = store
+        self.window = window
+
+    def duplicate(self, device: str, key: str, digest: bytes, now: float) -> bool:
+        return not self.store.claim(device, key, digest, time.time(), self.window)
+
+    def remember(self, device: str, key: str, digest: bytes, now: float) -> None:
+        self.store.claim(device, key, digest, time.time(), self.window)
+
+    def forget(self, device: str, key: str) -> None:
+        self.store.forget(device, key)
+
+    def release(self, device: str, key: str, digest: bytes) -> None:
+        self.store.forget(device, key, digest)
+
 
 class Bridge:
     """Serves the protocol between one MQTT broker and one OpenAI-compatible API.
@@ -121,13 +150,21 @@ class Bridge:
         self.upstream = upstream or Upstream(settings)
         self.qos = settings.response_qos
         self.jobs: dict[tuple[str, str], Job] = {}
-        self.recent = Recent(settings.dedup_window)
+        # A worker group (BRIDGE_GROUP) shares its duplicates, limits and leader in a store.
+        self.worker = settings.client_id
+        self.shared: Guarded | None = None
+        self.recent: Recent | SharedRecent = Recent(settings.dedup_window)
+        if settings.group:
+            self.shared = open_store(
+                settings.state_url, settings.data_dir, settings.group, self.worker
+            )
+            self.recent = SharedRecent(self.shared, settings.dedup_window)
         self._slots = asyncio.Semaphore(settings.max_streams)
         self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
         self.router = Router()
-        self.router.add(self.topics.req_filter, self._on_request)
+        self.router.add(self.topics.req_filter, self._on_request, shared=True)
         self.router.add(self.topics.cancel_filter, self._on_cancel)
         self.journal: Journal | None = None
         if settings.journal:
@@ -143,7 +180,7 @@ class Bridge:
             settings.mqtt,
             client_id=settings.client_id,
             on_message=self._on_message,
-            subscriptions=self.router.subscriptions(),
+            subscriptions=self.router.subscriptions(settings.group),
             clean_start=False,
             session_expiry=settings.session_expiry,
             keepalive=settings.mqtt_keepalive,
@@ -174,10 +211,12 @@ class Bridge:
         except ConnectionError as exc:
             log.warning("could not publish %s: %s", topic[:200], exc)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, shared: bool = False
+    ) -> None:
         if not self._attaching:
             raise RuntimeError("plugins subscribe in attach(), before the bridge connects")
-        self.router.add(topic_filter, handler, qos)
+        self.router.add(topic_filter, handler, qos, shared)
 
     def emit(self, job: Job, message: dict[str, Any]) -> None:
         payload = p.progress_message(job.seq, message)
@@ -222,6 +261,8 @@ class Bridge:
         await self.upstream.aclose()
         if self.journal is not None:
             self.journal.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
@@ -232,6 +273,9 @@ class Bridge:
             recovered, journal.pending = journal.pending, []
             message = "the bridge stopped while answering; ask again"
             for gone in recovered:
+                if gone.device is not None and gone.key is not None:
+                    # Its retry (same id and payload) is a new try, whichever worker gets it.
+                    self.recent.forget(gone.device, gone.key)
                 self.link.publish(
                     gone.topic,
                     p.error_message(gone.seq, p.INTERRUPTED, message),
@@ -344,12 +388,18 @@ class Bridge:
             if wrong_topic is not None:
                 raise ProtocolError(p.BAD_REQUEST, wrong_topic, rid)
             key = rid or f"~{digest.hex()}"
-            if (rid is not None or redelivered) and self.recent.duplicate(device, key, digest, now):
+            claimed = rid is not None or redelivered
+            if claimed and self.recent.duplicate(device, key, digest, now):
                 log.info("dropped duplicate delivery device=%s id=%s", device, rid)
                 return None
-            for plugin in self.plugins:
-                plugin.admit(device, req, len(payload))
-            job = self._queue(device, req, digest, reply_to, correlation)
+            try:
+                for plugin in self.plugins:
+                    plugin.admit(device, req, len(payload))
+                job = self._queue(device, req, digest, reply_to, correlation)
+            except ProtocolError:
+                if claimed:
+                    self.recent.release(device, key, digest)
+                raise
             self.recent.remember(device, key, digest, now)
             return job
         except ProtocolError as exc:
@@ -401,7 +451,7 @@ class Bridge:
             raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
         job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
         if self.journal is not None:
-            job.slot = self.journal.add(topic, correlation)
+            job.slot = self.journal.add(topic, correlation, device, req.id or f"~{digest.hex()}")
             if job.slot < 0:
                 raise ProtocolError(
                     p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid

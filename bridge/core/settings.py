@@ -192,6 +192,20 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     broker_dir: Path = Path("broker")
 
+    # Workers (docs/scaling.md): a group of bridges behind one MQTT shared
+    # subscription, with their shared state in Redis (`redis://...`) or, for
+    # workers on one host, SQLite in `data_dir` (empty `state_url`).
+    group: str = ""
+    state_url: str = ""
+    leader_ttl: float = Field(10.0, ge=1.0, le=3600.0)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if v and not _DEVICE_RE.match(v):
+            raise ValueError("must be 1-64 of A-Z a-z 0-9 _ - (it names a shared subscription)")
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
