@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 from bridge.core.shared import Guarded, RedisStore, SqliteStore
 from tests.harness import (
     API_KEY,
+    REPO,
     BridgeProcess,
     Broker,
     Device,
@@ -418,3 +422,60 @@ def test_without_a_group_the_bridge_subscribes_as_before(
         dev.close()
         for p in procs:
             p.stop()
+
+
+def test_workers_flag_runs_a_group_and_restarts_a_killed_worker(
+    group_broker: Broker, mock_llm: Any, tmp_path: Path
+) -> None:
+    """`llm-bridge run --workers 3`: three processes share the requests; one killed with
+    SIGKILL under load is started again under its id, and every request ends served."""
+    prefix = f"w{next(_prefixes)}"
+    e = bridge_env(group_broker, mock_llm.base_url, BRIDGE_CLIENT_ID="bridge",
+                   BRIDGE_TOPIC_PREFIX=prefix, BRIDGE_DATA_DIR=str(tmp_path / "data"),
+                   BRIDGE_STATE="false", BRIDGE_HA_DISCOVERY="false",
+                   BRIDGE_MQTT_URL_2=group_broker.url("bridge-2"),
+                   BRIDGE_MQTT_URL_3=group_broker.url("bridge-3"))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
+    env.update(e, PYTHONPATH=str(REPO))
+    log = (tmp_path / "workers.log").open("wb")
+    cmd = [sys.executable, "-m", "bridge", "run", "--workers", "3", "--group", "wg"]
+    sup = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    dev = Device(group_broker, "workers1", prefix)
+    try:
+        wait_for_status(group_broker, prefix, "online")
+        deadline = time.monotonic() + 20
+        while (tmp_path / "workers.log").read_text().count("connected to") < 3:
+            assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        children = _children(sup.pid)
+        assert len(children) == 3, children
+        rids = [f"w{i}" for i in range(18)]
+        payload = {rid: f"{SLOW} request {rid}" for rid in rids}
+        for rid in rids:
+            _ask(dev, rid, payload[rid])
+        time.sleep(0.4)
+        os.kill(children[1], signal.SIGKILL)
+        for rid in rids:
+            if dev.wait_raw(rid, 20)[-1].get("error", {}).get("code") == "interrupted":
+                with dev._cond:
+                    dev.replies[rid].clear()
+                _ask(dev, rid, payload[rid])
+        for rid in rids:
+            assert dev.wait(rid, 20).terminal.get("done") is True, rid
+        assert len(_children(sup.pid)) == 3, "the killed worker was started again"
+        text = (tmp_path / "workers.log").read_text()
+        assert "exited with -9; starting it again" in text
+        assert "sent 1" in text or "interrupted terminals" in text
+    finally:
+        dev.close()
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(30)
+        log.close()
+    assert not _children(sup.pid)
+    assert API_KEY not in (tmp_path / "workers.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
