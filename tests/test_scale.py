@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bench.procs import worker_acl
 from bridge.core.shared import Guarded, RedisStore, SqliteStore
 from tests.harness import (
     API_KEY,
@@ -40,18 +40,11 @@ _prefixes = itertools.count()
 SLOW = "[mock tokens=40 delay_ms=25]"
 
 
-def _worker_acl(acl: str, users: list[str]) -> str:
-    """broker/acl with the `user bridge` block copied for each further worker user."""
-    m = re.search(r"^user bridge\n(.*?)(?=^# |^user |\Z)", acl, re.S | re.M)
-    assert m, "broker/acl has no `user bridge` block"
-    return acl + "".join(f"\nuser {u}\n{m.group(1)}" for u in users)
-
-
 @pytest.fixture(scope="module")
 def group_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = Broker(tmp_path_factory.mktemp("gbroker"))
     acl = b.dir / "acl"
-    acl.write_text(_worker_acl(acl.read_text(), list(WORKERS[1:])))
+    acl.write_text(worker_acl(acl.read_text(), list(WORKERS[1:])))
     for user in WORKERS[1:]:
         b.add_user(user, f"{user}-pw", reload=False)
     b.start()
