@@ -9,6 +9,7 @@ acknowledged that terminal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -41,6 +42,10 @@ JOURNAL_SLOTS = 4096
 # MQTT v5 properties a request may carry, bounded so that its journal slot holds them.
 MAX_RESPONSE_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
+# Fair start: while a new request is on its way upstream, running streams pause
+# before each piece for at most this long, so that its start is not queued behind
+# their chunks in the event loop (docs/performance.md, "Fair start").
+START_HOLD = 0.005
 
 
 class Recent:
@@ -160,6 +165,10 @@ class Bridge:
             )
             self.recent = SharedRecent(self.shared, settings.dedup_window)
         self._slots = asyncio.Semaphore(settings.max_streams)
+        self._starting = 0  # requests between their slot and their upstream's first reply
+        self._no_starts = asyncio.Event()
+        self._no_starts.set()
+        self._hold_until = 0.0
         self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
@@ -655,12 +664,20 @@ class Bridge:
         """
         stream = job.request.stream
         first = job.seq == 0
+        starting = first and job.rounds == 0
+        if starting:
+            self._begin_start()
         try:
             async with self.upstream.stream(body) as events:
+                if starting:
+                    starting = False
+                    self._end_start()
                 fold.opened = True
                 async for event, data in events:
                     if fold.done:
                         continue  # read to the end of the body, so the connection is reused
+                    if self._starting and not first:
+                        await self._let_starts_go()
                     pieces = fold.feed(event, data)
                     if pieces and first:
                         first = False
@@ -672,10 +689,35 @@ class Bridge:
                 raise
             log.info("stream of device=%s id=%s broke after its finish_reason: complete",
                      job.device, job.rid)  # fmt: skip
+        finally:
+            if starting:
+                self._end_start()
         if not fold.complete:
             raise UpstreamError(
                 p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
             )
+
+    # --- fair start -----------------------------------------------------------------------
+
+    def _begin_start(self) -> None:
+        self._starting += 1
+        self._no_starts.clear()
+        self._hold_until = asyncio.get_running_loop().time() + START_HOLD
+
+    def _end_start(self) -> None:
+        self._starting -= 1
+        if self._starting == 0:
+            self._no_starts.set()
+
+    async def _let_starts_go(self) -> None:
+        """Pause a running stream while requests are being started (at most `START_HOLD`
+        after the latest start began): their upstream calls go out first."""
+        left = self._hold_until - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                await self._no_starts.wait()
 
     # --- where chunks leave ---------------------------------------------------------------
 

@@ -158,7 +158,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "llm"
     response_qos: int = Field(1, ge=0, le=1)
 
-    max_streams: int = Field(64, ge=1, le=100_000)
+    # Streams cost the bridge little (an HTTP connection and a few KB each): a
+    # request that waits for a free one waits a whole reply, so the default is high.
+    max_streams: int = Field(512, ge=1, le=100_000)
     max_queue: int = Field(256, ge=0, le=1_000_000)
     max_request_bytes: int = Field(262_144, ge=256, le=16 * 1024 * 1024)
     dedup_window: float = Field(600.0, ge=0)
