@@ -104,12 +104,12 @@ class Group:
 
     def start(self, i: int) -> BridgeProcess:
         user = WORKERS[i]
+        env = {"BRIDGE_STATE": "false", "BRIDGE_HA_DISCOVERY": "false", **self.env}
         e = bridge_env(
             self.broker, self.base_url,
             BRIDGE_MQTT_URL=self.broker.url(user), BRIDGE_CLIENT_ID=user,
             BRIDGE_TOPIC_PREFIX=self.prefix, BRIDGE_GROUP="g",
-            BRIDGE_DATA_DIR=str(self.dir / "data"), BRIDGE_STATE="false",
-            BRIDGE_HA_DISCOVERY="false", **self.env,
+            BRIDGE_DATA_DIR=str(self.dir / "data"), **env,
         )  # fmt: skip
         proc = BridgeProcess(self.dir / user, e).start()
         self.procs[i] = proc
@@ -187,6 +187,11 @@ def _store_contract(a: Any, b: Any) -> None:
     a.add_tokens("d1", 100, now)
     b.add_tokens("d1", 50, now)
     assert a.tokens("d1", time.strftime("%Y-%m-%d", time.gmtime(now))) == 150
+
+    a.add_counts({"requests": 2, "errors": 1})
+    b.add_counts({"requests": 1, "errors": 0})
+    assert {k: v for k, v in b.counts().items() if k in ("requests", "errors")} == {
+        "requests": 3, "errors": 1}  # fmt: skip
 
     assert a.lead("w1", 5, now)
     assert not b.lead("w2", 5, now), "one leader at a time"
@@ -472,3 +477,59 @@ def test_workers_flag_runs_a_group_and_restarts_a_killed_worker(
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _retained(broker: Broker, topic: str, timeout: float = 2.0) -> bytes | None:
+    """The retained message on `topic` now (None when there is none)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[bytes] = []
+    c = paho.Client(CallbackAPIVersion.VERSION2)
+    c.username_pw_set("integrations", broker.users["integrations"])
+    c.on_message = lambda _c, _u, m: got.append(m.payload) if m.retain else None
+    c.on_connect = lambda cl, *_a: cl.subscribe(topic, qos=1)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    deadline = time.monotonic() + timeout
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.loop_stop()
+    c.disconnect()
+    return got[-1] if got else None
+
+
+def test_the_leader_publishes_stats_once_and_a_peer_takes_over_when_it_dies(
+    group: Callable[..., Group], group_broker: Broker
+) -> None:
+    g = group(2, BRIDGE_STATE="true", BRIDGE_LEADER_TTL="1.5")
+    dev = Device(group_broker, "lead1", g.prefix)
+    try:
+        leaders = [i for i, p in g.procs.items() if "now leads group" in p.logs()]
+        assert len(leaders) == 1, [p.logs()[-500:] for p in g.procs.values()]
+        for i in range(6):
+            dev.ask({"id": f"a{i}", "messages": [{"role": "user", "content": "hi"}]})
+        time.sleep(1.5)  # stats are coalesced for up to a second
+        stats = json.loads(_retained(group_broker, f"{g.prefix}/bridge/stats") or b"{}")
+        assert stats.get("requests") == 6, stats  # the group's count, whoever served them
+
+        g.procs[leaders[0]].kill()  # its last will says offline
+        other = 1 - leaders[0]
+        deadline = time.monotonic() + 10
+        while "now leads group" not in g.procs[other].logs():
+            assert time.monotonic() < deadline, g.procs[other].logs()[-1500:]
+            time.sleep(0.1)
+        wait_for_status(group_broker, g.prefix, "online", timeout=5)
+        # Mosquitto keeps assigning requests to the dead worker's session: its
+        # replacement (the supervisor's restart) gets them; it does not lead.
+        before = len(g.procs[leaders[0]].logs())
+        g.start(leaders[0])
+        g.wait_subscribed(leaders[0])
+        for i in range(3):
+            dev.ask({"id": f"b{i}", "messages": [{"role": "user", "content": "hi"}]})
+        time.sleep(1.5)
+        stats = json.loads(_retained(group_broker, f"{g.prefix}/bridge/stats") or b"{}")
+        assert stats.get("requests") == 9, stats
+        assert "now leads group" not in g.procs[leaders[0]].logs()[before:]
+    finally:
+        dev.close()

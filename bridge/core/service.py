@@ -175,6 +175,13 @@ class Bridge:
         self.router = Router()
         self.router.add(self.topics.req_filter, self._on_request, shared=True)
         self.router.add(self.topics.cancel_filter, self._on_cancel)
+        # A group's leader publishes the bridge-wide retained messages; it watches the
+        # status, which a worker's last will may have set to `offline`.
+        self._leading = not settings.group
+        self._status_seen: bytes | None = None
+        self._leader: asyncio.Task[None] | None = None
+        if settings.group:
+            self.router.add(self.topics.status, self._on_status)
         self.journal: Journal | None = None
         if settings.journal:
             self.journal = Journal(
@@ -211,6 +218,10 @@ class Bridge:
     def connected(self) -> bool:
         return self.link.connected.is_set()
 
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
     async def subscribed(self) -> None:
         await self.link.subscribed.wait()
 
@@ -243,7 +254,36 @@ class Bridge:
 
     async def start(self, connect_timeout: float | None = None) -> None:
         """Connect to the broker and start serving."""
+        if self.shared is not None:
+            self._campaign()
+            self._leader = asyncio.create_task(self._lead(), name="leader")
         await self.link.start(timeout=connect_timeout)
+
+    def _campaign(self) -> None:
+        """Take or renew the group's leader lease; say when it changes hands."""
+        assert self.shared is not None
+        leading = self.shared.lead(self.worker, self.settings.leader_ttl, time.time())
+        if leading != self._leading:
+            self._leading = leading
+            change = "now leads" if leading else "no longer leads"
+            log.warning("worker %s %s group %s", self.worker, change, self.settings.group)
+        if leading and self.connected and self._status_seen not in (None, b"online"):
+            # A worker that died (its last will) or stopped said `offline` for the group.
+            self.link.publish(self.topics.status, b"online", qos=1, retain=True)
+            self._status_seen = b"online"
+
+    async def _lead(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.leader_ttl / 3)
+            try:
+                self._campaign()
+            except Exception:
+                log.exception("leader election failed")
+
+    def _on_status(self, msg: Inbound) -> None:
+        self._status_seen = msg.payload
+        if self._leading and self._accepting and msg.payload == b"offline":
+            self._campaign()
 
     async def stop(self) -> None:
         """Stop cleanly: finish what runs (within the grace), then say `offline`.
@@ -253,6 +293,11 @@ class Bridge:
         the next start.
         """
         self._accepting = False
+        if self._leader is not None:
+            self._leader.cancel()
+            if self.shared is not None and self._leading:
+                self.shared.resign(self.worker)
+                self._leading = False
         running = [j.task for j in self.jobs.values() if j.task is not None]
         if running:
             _done, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)

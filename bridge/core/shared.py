@@ -71,6 +71,12 @@ class Store(Protocol):
 
     def tokens(self, device: str, day: str) -> int: ...
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        """Add to the group's counters (`P/bridge/stats`: requests, errors, tokens...)."""
+        ...
+
+    def counts(self) -> dict[str, int]: ...
+
     def lead(self, worker: str, ttl: float, now: float) -> bool:
         """Become or stay the group's leader for `ttl` seconds; False when another leads."""
         ...
@@ -107,6 +113,7 @@ class SqliteStore:
                 PRIMARY KEY (device, day));
             CREATE TABLE IF NOT EXISTS leader (
                 name TEXT PRIMARY KEY, worker TEXT NOT NULL, until REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             """
         )
         self._claims = 0
@@ -198,6 +205,20 @@ class SqliteStore:
                 "SELECT tokens FROM usage WHERE device = ? AND day = ?", (device, day)
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        with self._tx():
+            for name, value in counts.items():
+                self.db.execute(
+                    "INSERT INTO counts VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    (name, value),
+                )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self.db.execute("SELECT name, value FROM counts").fetchall()
+        return {str(n): int(v) for n, v in rows}
 
     def lead(self, worker: str, ttl: float, now: float) -> bool:
         with self._tx():
@@ -361,6 +382,16 @@ class RedisStore:
         v = self.r.hget(self._k("usage", day, device), "tokens")
         return int(v) if v is not None else 0
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        pipe = self.r.pipeline()
+        for name, value in counts.items():
+            pipe.hincrby(self._k("counts"), name, value)
+        pipe.execute()
+
+    def counts(self) -> dict[str, int]:
+        raw: Any = self.r.hgetall(self._k("counts"))
+        return {bytes(k).decode(): int(v) for k, v in raw.items()}
+
     def lead(self, worker: str, ttl: float, now: float) -> bool:
         ms = max(int(ttl * 1000), 1)
         return bool(self._lead(keys=[self._k("leader")], args=[worker, ms]))
@@ -487,6 +518,13 @@ class Guarded:
     def tokens(self, device: str, day: str) -> int:
         n: int = self._do("tokens", 0, device, day)
         return n
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        self._do("add_counts", None, counts)
+
+    def counts(self) -> dict[str, int]:
+        got: dict[str, int] = self._do("counts", {})
+        return got
 
     def lead(self, worker: str, ttl: float, now: float) -> bool:
         # Without the store no worker can know it alone leads: none does.
