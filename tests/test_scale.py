@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -533,3 +534,43 @@ def test_the_leader_publishes_stats_once_and_a_peer_takes_over_when_it_dies(
         assert "now leads group" not in g.procs[leaders[0]].logs()[before:]
     finally:
         dev.close()
+
+
+def test_replicas_with_one_environment_take_worker_slots(
+    group_broker: Broker, mock_llm: Any, tmp_path: Path
+) -> None:
+    """`--scale bridge=N`: identical replicas become bridge, bridge-2 (each its own broker
+    user); a replica that restarts takes its own slot back."""
+    prefix = f"r{next(_prefixes)}"
+    procs = []
+    for owner in ("host-a", "host-b"):
+        e = bridge_env(group_broker, mock_llm.base_url, BRIDGE_CLIENT_ID="bridge",
+                       BRIDGE_TOPIC_PREFIX=prefix, BRIDGE_GROUP="rg", BRIDGE_WORKER_SLOTS="3",
+                       BRIDGE_DATA_DIR=str(tmp_path / "data"), BRIDGE_STATE="false",
+                       BRIDGE_HA_DISCOVERY="false", LLM_BRIDGE_SLOT_OWNER=owner,
+                       BRIDGE_MQTT_URL_2=group_broker.url("bridge-2"),
+                       BRIDGE_MQTT_URL_3=group_broker.url("bridge-3"))  # fmt: skip
+        procs.append(BridgeProcess(tmp_path / owner, e).start())
+        deadline = time.monotonic() + 15
+        while "connected to" not in procs[-1].logs():
+            assert time.monotonic() < deadline, procs[-1].logs()[-1000:]
+            time.sleep(0.05)
+    dev = Device(group_broker, "slots1", prefix)
+    try:
+        slots = [re.findall(r"worker slot (\d+) of 3", p.logs()) for p in procs]
+        assert slots == [["1"], ["2"]], slots
+        time.sleep(0.3)
+        for i in range(6):
+            assert dev.ask({"id": f"s{i}", "messages": [{"role": "user", "content": "hi"}]})
+        assert all("model=mock-1" in p.logs() for p in procs), "both replicas served"
+        procs[0].kill()
+        procs[0] = BridgeProcess(tmp_path / "host-a", procs[0].env).start()
+        deadline = time.monotonic() + 15
+        while len(re.findall(r"worker slot (\d+) of 3", procs[0].logs())) < 2:
+            assert time.monotonic() < deadline, procs[0].logs()[-1000:]
+            time.sleep(0.05)
+        assert re.findall(r"worker slot (\d+) of 3", procs[0].logs())[-1] == "1"
+    finally:
+        dev.close()
+        for p in procs:
+            p.stop()

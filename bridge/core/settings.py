@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     group: str = ""
     state_url: str = ""
     leader_ttl: float = Field(10.0, ge=1.0, le=3600.0)
+    # Replicas of one container (`docker compose up --scale bridge=N`) share one
+    # environment: each takes a free worker slot i of this many and becomes
+    # `<client id>-i` with the broker user `<user>-i` (slot 1: the names as given).
+    worker_slots: int = Field(0, ge=0, le=1000)
 
     @field_validator("group")
     @classmethod

@@ -83,6 +83,11 @@ class Store(Protocol):
 
     def resign(self, worker: str) -> None: ...
 
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        """Hold worker slot 1..`slots` for `ttl` seconds: the one `owner` held, else the
+        lowest free one; 0 when all are held (replicas of one container image)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -231,6 +236,21 @@ class SqliteStore:
     def resign(self, worker: str) -> None:
         with self._lock:
             self.db.execute("DELETE FROM leader WHERE name = 'l' AND worker = ?", (worker,))
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        with self._tx():
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS slots (i INTEGER PRIMARY KEY, owner TEXT, until REAL)"
+            )
+            rows = {int(i): (o, float(u)) for i, o, u in self.db.execute("SELECT * FROM slots")}
+            mine = [i for i, (o, _u) in rows.items() if o == owner and i <= slots]
+            free = [i for i in range(1, slots + 1) if i not in rows or rows[i][1] <= now]
+            slot = mine[0] if mine else (free[0] if free else 0)
+            if slot:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO slots VALUES (?, ?, ?)", (slot, owner, now + ttl)
+                )
+            return slot
 
     def close(self) -> None:
         with self._lock:
@@ -399,6 +419,16 @@ class RedisStore:
     def resign(self, worker: str) -> None:
         self._forget_if(keys=[self._k("leader")], args=[worker])
 
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        for i in range(1, slots + 1):  # the one held first: a restarted replica gets it back
+            if self.r.get(self._k("slot", str(i))) == owner.encode():
+                self._lead(keys=[self._k("slot", str(i))], args=[owner, int(ttl * 1000)])
+                return i
+        for i in range(1, slots + 1):
+            if self._lead(keys=[self._k("slot", str(i))], args=[owner, int(ttl * 1000)]):
+                return i
+        return 0
+
     def close(self) -> None:
         self.r.close()
 
@@ -532,6 +562,10 @@ class Guarded:
 
     def resign(self, worker: str) -> None:
         self._do("resign", None, worker)
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        n: int = self._do("take_slot", 0, owner, slots, ttl, now)
+        return n
 
     def close(self) -> None:
         try:
