@@ -261,9 +261,9 @@ def render(run: dict[str, Any]) -> str:
             f"{'-' if oc is None else f'{oc:.0%}':>13} {'-' if bc is None else f'{bc:.0%}':>17}"
         )
     lines.append("")
-    lines.append(f"{'target':<56} {'case':<21} {'measured':>10}  result")
+    lines.append(f"{'target':<64} {'case':<21} {'measured':>10}  result")
     for t in run["targets"]:
-        lines.append(f"{t['target']:<56} {t['case']:<21} {t['shown']:>10}  {t['result']}")
+        lines.append(f"{t['target']:<64} {t['case']:<21} {t['shown']:>10}  {t['result']}")
     bad = [
         f"{case_name(res['case'])} {system}"
         for res in run["results"]

@@ -574,3 +574,38 @@ def test_replicas_with_one_environment_take_worker_slots(
         dev.close()
         for p in procs:
             p.stop()
+
+
+def test_mosquitto_announces_a_receive_maximum_it_does_not_enforce_for_qos1(
+    group_broker: Broker,
+) -> None:
+    """What the stock window means for the bridge (docs/performance.md, "Stock broker"):
+    Mosquitto 2.0 announces max_inflight_messages (20) as its Receive Maximum, but takes
+    any number of unacknowledged QoS 1 publishes from a client and acknowledges them all."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    props: list[Any] = []
+    acks: list[int] = []
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bridge-3", protocol=paho.MQTTv5)
+    c.username_pw_set("bridge-3", group_broker.users["bridge-3"])
+    c.max_inflight_messages_set(0)  # as the bridge: no client-side window
+    c.on_connect = lambda _c, _u, _f, _rc, p: props.append(p)
+    c.on_publish = lambda *_a: acks.append(1)
+    c.connect("127.0.0.1", group_broker.port)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + 5
+        while not props:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert props[0].ReceiveMaximum == 20
+        for _ in range(500):
+            c.publish("llm/bridge/window-probe", b"x", qos=1)
+        while len(acks) < 500:
+            assert time.monotonic() < deadline + 5, len(acks)
+            time.sleep(0.02)
+        assert c.is_connected()
+    finally:
+        c.loop_stop()
+        c.disconnect()
