@@ -43,8 +43,10 @@ from bench.procs import (
     python_proc,
     wait_port,
 )
+from bridge.core.settings import Settings
 
 PREFIX = "llm"
+DEFAULT_MAX_STREAMS: int = Settings.model_fields["max_streams"].default
 API_KEY = "sk-bench-" + secrets.token_hex(8)
 FULL_CASES = "1:200:0,100:200:0,500:200:0,1:200:20,100:200:20,500:200:20"
 QUICK_CASES = "1:50:0,50:50:0,50:50:20"
@@ -318,11 +320,13 @@ class Bench:
                 {
                     # A fresh session per case: an old one would queue later cases' requests.
                     "BRIDGE_SESSION_EXPIRY": "0",
-                    "BRIDGE_MAX_STREAMS": str(max(case["streams"], 64)),
                     "BRIDGE_MAX_QUEUE": "100000",
                     "BRIDGE_LOG_LEVEL": "INFO",
                 }
             )
+            # The default stream limit, as a user runs it, unless the case needs more.
+            if case["streams"] > DEFAULT_MAX_STREAMS:
+                env["BRIDGE_MAX_STREAMS"] = str(case["streams"])
             if workers > 1:
                 env["BRIDGE_CLIENT_ID"] = "bridge"
                 env["BRIDGE_DATA_DIR"] = str(self.dir / f"data-{self.seq}")
