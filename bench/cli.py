@@ -704,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_as_interrupt():
             bench.start_shared()
+            # The ceiling on the tuned broker: on a stock one the subscriber, 1000
+            # messages behind, loses QoS 1 messages (max_queued_messages) and never ends.
+            home = "tuned" if "tuned" in args.broker else args.broker[0]
+            bench.use(home)
             ceiling_runs: list[Callable[[], None]] = []
             if "ceiling" in systems:
                 first = (args.ceiling_runs + 1) // 2
@@ -729,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"err {r['errors']}"
                             )
                 run["results"].append(res)
-            bench.use(args.broker[0])
+            bench.use(home)
             for more in ceiling_runs:
                 more()
     except KeyboardInterrupt:
