@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -42,10 +43,11 @@ JOURNAL_SLOTS = 4096
 # MQTT v5 properties a request may carry, bounded so that its journal slot holds them.
 MAX_RESPONSE_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
-# Fair start: while a new request is on its way upstream, running streams pause
-# before each piece for at most this long, so that its start is not queued behind
-# their chunks in the event loop (docs/performance.md, "Fair start").
-START_HOLD = 0.005
+# Fair start: until a new request is written to the API's connection, running
+# streams pause before each piece, for at most this long after the latest start
+# began, so that its start is not queued behind their chunks in the event loop
+# (docs/performance.md, "Fair start"). Waiting for the API's answer is not held.
+START_HOLD = 0.02
 
 
 class Recent:
@@ -710,13 +712,11 @@ class Bridge:
         stream = job.request.stream
         first = job.seq == 0
         starting = first and job.rounds == 0
+        sent: Callable[[], None] | None = None
         if starting:
-            self._begin_start()
+            sent = self._begin_start()
         try:
-            async with self.upstream.stream(body) as events:
-                if starting:
-                    starting = False
-                    self._end_start()
+            async with self.upstream.stream(body, sent=sent) as events:
                 fold.opened = True
                 async for event, data in events:
                     if fold.done:
@@ -735,8 +735,8 @@ class Bridge:
             log.info("stream of device=%s id=%s broke after its finish_reason: complete",
                      job.device, job.rid)  # fmt: skip
         finally:
-            if starting:
-                self._end_start()
+            if sent is not None:
+                sent()
         if not fold.complete:
             raise UpstreamError(
                 p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
@@ -744,15 +744,23 @@ class Bridge:
 
     # --- fair start -----------------------------------------------------------------------
 
-    def _begin_start(self) -> None:
+    def _begin_start(self) -> Callable[[], None]:
+        """Count a request as starting; the returned function ends that (once)."""
         self._starting += 1
         self._no_starts.clear()
         self._hold_until = asyncio.get_running_loop().time() + START_HOLD
+        done = False
 
-    def _end_start(self) -> None:
-        self._starting -= 1
-        if self._starting == 0:
-            self._no_starts.set()
+        def end() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._starting -= 1
+            if self._starting == 0:
+                self._no_starts.set()
+
+        return end
 
     async def _let_starts_go(self) -> None:
         """Pause a running stream while requests are being started (at most `START_HOLD`

@@ -11,7 +11,7 @@ import email.utils
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -114,17 +114,30 @@ class Upstream:
         return text.replace(self._secret, "***") if self._secret else text
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+    async def stream(
+        self, body: dict[str, Any], *, sent: Callable[[], None] | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """Open the stream; yield an iterator of (event, data) pairs.
 
         Leaving the context closes the HTTP response at once, which is how a
-        cancel stops the generation upstream.
+        cancel stops the generation upstream. `sent` is called once the whole
+        request is written to the connection (before the API answers).
 
         Raises:
             UpstreamError: for any failure, opening or reading.
         """
+        extensions: dict[str, Any] | None = None
+        if sent is not None:
+
+            async def trace(name: str, _info: dict[str, Any]) -> None:
+                if name.endswith("send_request_body.complete"):
+                    sent()
+
+            extensions = {"trace": trace}
         try:
-            async with self.client.stream("POST", self.url, json=body) as resp:
+            async with self.client.stream(
+                "POST", self.url, json=body, extensions=extensions
+            ) as resp:
                 if resp.status_code >= 400:
                     detail = _error_detail(await self._read_some(resp))
                     raise UpstreamError(
