@@ -43,8 +43,10 @@ from bench.procs import (
     python_proc,
     wait_port,
 )
+from bridge.core.settings import Settings
 
 PREFIX = "llm"
+DEFAULT_MAX_STREAMS: int = Settings.model_fields["max_streams"].default
 API_KEY = "sk-bench-" + secrets.token_hex(8)
 FULL_CASES = "1:200:0,100:200:0,500:200:0,1:200:20,100:200:20,500:200:20"
 QUICK_CASES = "1:50:0,50:50:0,50:50:20"
@@ -233,9 +235,18 @@ class Bench:
         self.procs: list[Proc] = []
         max_devices = max(self._devices(c) for c in self.cases)
         users = {"bridge": secrets.token_urlsafe(12), "integrations": secrets.token_urlsafe(12)}
+        # Workers 2..N log in as bridge-2... with the first's password (`--workers`).
+        users.update({f"bridge-{i}": users["bridge"] for i in range(2, max(args.workers) + 1)})
         self.device_ids = [f"bdev{i}" for i in range(max_devices)]
         users.update({d: secrets.token_urlsafe(12) for d in self.device_ids})
-        self.broker = Broker(self.dir / "broker", users, PREFIX)
+        # One Mosquitto per `--broker` choice, all running through the whole run; the
+        # ceiling is measured on the first.
+        self.brokers = {
+            name: Broker(self.dir / f"broker-{name}", users, PREFIX, stock=name == "stock")
+            for name in args.broker
+        }
+        self.broker = next(iter(self.brokers.values()))
+        self.broker_usages: dict[str, Usage] = {}
         self.mock_port = 0
         self.broker_usage: Usage | None = None
         self.mock_usage: Usage | None = None
@@ -260,17 +271,20 @@ class Bench:
             with contextlib.suppress(Exception):
                 proc.stop()
         self.procs.clear()
-        self.broker.stop()
+        for broker in self.brokers.values():
+            broker.stop()
         if not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             log(f"logs kept in {self.dir}")
 
     def start_shared(self) -> None:
-        self.broker.start(mosquitto_binary())
-        assert self.broker.proc is not None
-        self.broker_usage = Usage(self.broker.proc.pid)
-        log(f"mosquitto on {HOST}:{self.broker.port} with {len(self.broker.users)} users")
+        for name, broker in self.brokers.items():
+            broker.start(mosquitto_binary())
+            assert broker.proc is not None
+            self.broker_usages[name] = Usage(broker.proc.pid)
+            log(f"mosquitto ({name}) on {HOST}:{broker.port} with {len(broker.users)} users")
+        self.broker_usage = next(iter(self.broker_usages.values()))
         self.mock_port = free_port()
         self.mock = self._start(
             python_proc(
@@ -285,7 +299,12 @@ class Bench:
 
     # --- systems -------------------------------------------------------------------------
 
-    def _system_env(self, system: str, case: dict[str, int]) -> dict[str, str]:
+    def use(self, broker: str) -> None:
+        """Run the next cases on this `--broker` choice."""
+        self.broker = self.brokers[broker]
+        self.broker_usage = self.broker_usages[broker]
+
+    def _system_env(self, system: str, case: dict[str, int], workers: int = 1) -> dict[str, str]:
         self.seq += 1
         env = {
             "OPENAI_BASE_URL": f"http://{HOST}:{self.mock_port}/v1",
@@ -301,19 +320,26 @@ class Bench:
                 {
                     # A fresh session per case: an old one would queue later cases' requests.
                     "BRIDGE_SESSION_EXPIRY": "0",
-                    "BRIDGE_MAX_STREAMS": str(max(case["streams"], 64)),
                     "BRIDGE_MAX_QUEUE": "100000",
                     "BRIDGE_LOG_LEVEL": "INFO",
                 }
             )
+            # The default stream limit, as a user runs it, unless the case needs more.
+            if case["streams"] > DEFAULT_MAX_STREAMS:
+                env["BRIDGE_MAX_STREAMS"] = str(case["streams"])
+            if workers > 1:
+                env["BRIDGE_CLIENT_ID"] = "bridge"
+                env["BRIDGE_DATA_DIR"] = str(self.dir / f"data-{self.seq}")
             for item in self.args.bridge_env:
                 key, _, value = item.partition("=")
                 env[key] = value
         return env
 
-    def _system(self, system: str, case: dict[str, int], log_path: Path) -> Proc:
-        env = self._system_env(system, case)
+    def _system(self, system: str, case: dict[str, int], log_path: Path, workers: int = 1) -> Proc:
+        env = self._system_env(system, case, workers)
         module = ["bridge", "run"] if system == "ours" else ["bench.baseline"]
+        if workers > 1:
+            module += ["--workers", str(workers), "--group", f"bench{self.seq}"]
         return self._start(python_proc(system, module, log_path, env=env))
 
     # --- one case on one system ----------------------------------------------------------
@@ -337,16 +363,20 @@ class Bench:
                 return
         log(f"machine still busy ({busy:.2f} core) after {limit:g} s; going on")
 
-    def run_case(self, case: dict[str, int], system: str) -> dict[str, Any]:
+    def run_case(  # noqa: PLR0915  # one case, measured step by step
+        self, case: dict[str, int], system: str, workers: int = 1
+    ) -> dict[str, Any]:
         assert self.broker_usage and self.mock_usage
         self.wait_quiet()
         name = f"{system}-c{case['streams']}-t{case['tokens']}-d{case['delay_ms']}-{self.seq}"
         work = self.dir / name
         work.mkdir()
         clear_status(self.broker)
-        sut = self._system(system, case, work / f"{system}.log")
+        sut = self._system(system, case, work / f"{system}.log", workers)
         try:
             wait_online(self.broker, sut)
+            if workers > 1:
+                time.sleep(3)  # the other workers subscribe too
             requests = requests_for(case, self.args.min_requests)
             expected_chunks = requests * case["tokens"]
             timeout = self.args.case_timeout or 30 + expected_chunks / 1000
@@ -414,6 +444,8 @@ class Bench:
             "load_max_proc_pct": round(100 * max(u.cpu_s for u in gen_usage) / wall, 1),
             "load_procs": len(gens),
             "devices": self._devices(case),
+            "workers": workers,
+            "broker": "stock" if self.broker.stock else "tuned",
         }
         result = report.summarize(raw, usage)
         if raw["failure"]:
@@ -617,6 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
         " figures of such a run are disturbed by py-spy)",
     )
     ap.add_argument("--profile-systems", default="ours", help="systems to profile (default ours)")
+    ap.add_argument(
+        "--broker",
+        default="tuned",
+        help="Mosquitto with the project's broker/ config (tuned), without its tuning lines "
+        "(stock: Mosquitto's defaults), or both in one run: stock,tuned (default tuned)",
+    )
+    ap.add_argument(
+        "--workers",
+        default="1",
+        help="run our bridge as this many worker processes of one group; several: 1,2 (default 1)",
+    )
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="save PNG charts (matplotlib) in DIR")
     return ap
 
 
@@ -635,8 +679,15 @@ def _signals_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915  # the bench run, in order
     args = build_parser().parse_args(argv)
+    args.broker = [b.strip() for b in args.broker.split(",") if b.strip()]
+    if not args.broker or set(args.broker) - {"stock", "tuned"}:
+        raise SystemExit("--broker takes stock, tuned or stock,tuned")
+    try:
+        args.workers = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        raise SystemExit("--workers takes counts like 1 or 1,2") from None
     if args.min_requests is None:
         args.min_requests = 10 if args.quick else 20
     if args.ceiling_count is None:
@@ -655,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_as_interrupt():
             bench.start_shared()
+            # The ceiling on the tuned broker: on a stock one the subscriber, 1000
+            # messages behind, loses QoS 1 messages (max_queued_messages) and never ends.
+            home = "tuned" if "tuned" in args.broker else args.broker[0]
+            bench.use(home)
             ceiling_runs: list[Callable[[], None]] = []
             if "ceiling" in systems:
                 first = (args.ceiling_runs + 1) // 2
@@ -664,16 +719,23 @@ def main(argv: list[str] | None = None) -> int:
                     ceiling_runs.append(lambda: _more_ceiling(bench, run, rest))
             for case in bench.cases:
                 res: dict[str, Any] = {"case": case}
-                for system in (s for s in SYSTEMS if s in systems):
-                    log(f"{report.case_name(case)}: {system}")
-                    res[system] = bench.run_case(case, system)
-                    r = res[system]
-                    log(
-                        f"  {r['chunks_per_s']:.0f} chunks/s, TTFC p50 {r['ttfc_p50_ms']} ms, "
-                        f"+lat p99 {r['latency_p99_ms']} ms, lost/rep/ooo "
-                        f"{r['lost']}/{r['repeated']}/{r['out_of_order']}, err {r['errors']}"
-                    )
+                for broker in args.broker:
+                    bench.use(broker)
+                    for system in (s for s in SYSTEMS if s in systems):
+                        for workers in args.workers if system == "ours" else [1]:
+                            label = report.label(system, broker, workers, args.broker)
+                            log(f"{report.case_name(case)}: {label}")
+                            res[label] = bench.run_case(case, system, workers)
+                            r = res[label]
+                            log(
+                                f"  {r['chunks_per_s']:.0f} chunks/s, TTFC p50 "
+                                f"{r['ttfc_p50_ms']} ms, p99 {r['ttfc_p99_ms']} ms, +lat p99 "
+                                f"{r['latency_p99_ms']} ms, lost/rep/ooo "
+                                f"{r['lost']}/{r['repeated']}/{r['out_of_order']}, "
+                                f"err {r['errors']}"
+                            )
                 run["results"].append(res)
+            bench.use(home)
             for more in ceiling_runs:
                 more()
     except KeyboardInterrupt:
@@ -689,6 +751,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n({run['seconds']:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
+    if args.plot:
+        from bench import plot
+
+        for path in plot.save(run, args.plot):
+            print(f"chart: {path}")
     for path in bench.profiles:
         if path.exists():
             print("\n" + profile.summarize(path))

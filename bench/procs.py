@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import getpass
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -131,15 +132,38 @@ def python_proc(name: str, module_args: list[str], log_path: Path, **kw: object)
     return Proc(name, [sys.executable, "-m", *module_args], log_path, **kw)  # type: ignore[arg-type]
 
 
-class Broker:
-    """Mosquitto with the project's broker/ config (rendered), its ACL and our users."""
+#: The lines of broker/mosquitto.conf that tune Mosquitto for the bridge; `--broker stock`
+#: leaves them out, so Mosquitto runs with its defaults there (20 messages in flight per
+#: client, 1000 queued, Nagle's algorithm on), as most users' brokers do.
+TUNING = ("max_queued_messages", "max_queued_bytes", "max_inflight_messages",
+          "max_inflight_bytes", "set_tcp_nodelay")  # fmt: skip
 
-    def __init__(self, workdir: Path, users: dict[str, str], prefix: str = "llm") -> None:
+
+def worker_acl(acl: str, users: list[str]) -> str:
+    """An ACL with the `user bridge` block copied for each further bridge worker user."""
+    m = re.search(r"^user bridge\n(.*?)(?=^user |\Z)", acl, re.S | re.M)
+    if m is None:
+        raise ValueError("the ACL has no `user bridge` block")
+    rules = "".join(x + "\n" for x in m.group(1).splitlines() if x.startswith("topic "))
+    return acl + "".join(f"\nuser {u}\n{rules}" for u in users)
+
+
+class Broker:
+    """Mosquitto with the project's broker/ config (rendered), its ACL and our users.
+
+    `stock`: without the project's tuning lines (`TUNING`).
+    """
+
+    def __init__(
+        self, workdir: Path, users: dict[str, str], prefix: str = "llm", *, stock: bool = False
+    ) -> None:
         self.dir = workdir
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.users = users
-        (self.dir / "acl").write_text(acl_text(prefix))
+        self.stock = stock
+        workers = sorted(u for u in users if re.fullmatch(r"bridge-\d+", u))
+        (self.dir / "acl").write_text(worker_acl(acl_text(prefix), workers))
         passwd = self.dir / "passwd"
         passwd.write_text("".join(password_line(u, pw) for u, pw in users.items()))
         passwd.chmod(0o600)
@@ -150,6 +174,8 @@ class Broker:
             log_file=self.dir / "mosquitto.log",
             run_as=getpass.getuser() if os.geteuid() == 0 else None,
         )
+        if stock:
+            conf = "".join(line + "\n" for line in conf.splitlines() if not line.startswith(TUNING))
         (self.dir / "mosquitto.conf").write_text(conf)
         self.proc: Proc | None = None
 

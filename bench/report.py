@@ -64,15 +64,36 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
 
+def label(system: str, broker: str, workers: int, brokers: list[str]) -> str:
+    """A system's name in the table: `ours`, `ours-w2` (2 workers), `/stock` on stock Mosquitto
+    when the run has both brokers (or only stock)."""
+    name = system if workers == 1 else f"{system}-w{workers}"
+    return f"{name}/stock" if broker == "stock" else name
+
+
+def systems_of(res: dict[str, Any]) -> list[str]:
+    """The labels measured for one case, in the order they ran."""
+    return [k for k in res if k != "case"]
+
+
 def case_name(case: dict[str, Any]) -> str:
     return f"C={case['streams']} {case['tokens']}tok {case['delay_ms']}ms"
 
 
 HEADER = (
-    f"{'case':<21} {'system':<9} {'req':>5} {'chunks/s':>9} {'TTFC p50/p99 ms':>16} "
-    f"{'+lat p50/p99 ms':>16} {'CPU s':>6} {'RSS MB':>7} {'lost/rep/ooo':>12} {'err':>4} "
-    f"{'load%':>5} {'other':>5}"
+    f"{'case':<21} {'system':<14} {'req':>5} {'chunks/s':>9} {'TTFC p50/p99 ms':>16} "
+    f"{'+lat p50/p99 ms':>16} {'CPU s':>6} {'us/chunk':>8} {'ms/req':>6} {'RSS MB':>7} "
+    f"{'lost/rep/ooo':>12} {'err':>4} {'load%':>5} {'other':>5}"
 )
+
+
+def cpu_per_chunk_us(r: dict[str, Any]) -> float | None:
+    """The system's CPU time per chunk delivered, in microseconds (all its processes)."""
+    return r["cpu_s"] * 1e6 / r["chunks"] if r.get("chunks") else None
+
+
+def cpu_per_request_ms(r: dict[str, Any]) -> float | None:
+    return r["cpu_s"] * 1e3 / r["finished"] if r.get("finished") else None
 
 
 def row(case: dict[str, Any], system: str, r: dict[str, Any]) -> str:
@@ -81,8 +102,9 @@ def row(case: dict[str, Any], system: str, r: dict[str, Any]) -> str:
     integrity = f"{r['lost']}/{r['repeated']}/{r['out_of_order']}"
     err = r["errors"] + r["unfinished"]
     return (
-        f"{case_name(case):<21} {system:<9} {r['requests']:>5} {r['chunks_per_s']:>9.0f} "
-        f"{ttfc:>16} {lat:>16} {r['cpu_s']:>6.1f} {r['peak_rss_kb'] / KB:>7.1f} "
+        f"{case_name(case):<21} {system:<14} {r['requests']:>5} {r['chunks_per_s']:>9.0f} "
+        f"{ttfc:>16} {lat:>16} {r['cpu_s']:>6.1f} {_f(cpu_per_chunk_us(r)):>8} "
+        f"{_f(cpu_per_request_ms(r), 2):>6} {r['peak_rss_kb'] / KB:>7.1f} "
         f"{integrity:>12} {err:>4} {r['load_cpu_pct']:>5.0f} {r['other_cpu_per_s']:>5.2f}"
     )
 
@@ -164,6 +186,38 @@ def targets(results: list[dict[str, Any]], ceiling: float | None) -> list[dict[s
         "{:.1f} KB",
         lambda v: v < 50,
     )
+    stock = big and big.get("ours/stock")
+    add(
+        "stock broker chunks/s >= 90% of tuned (C=500, 0 ms)",
+        big,
+        _ratio(stock and stock["chunks_per_s"], ours and ours["chunks_per_s"]),
+        "{:.0%}",
+        lambda v: v >= 0.9,
+    )
+    lat_stock = lat and lat.get("ours/stock")
+    add(
+        "stock broker: TTFC p99 < 100 ms (C=100, 20 ms)",
+        lat,
+        lat_stock and lat_stock["ttfc_p99_ms"],
+        "{:.1f} ms",
+        lambda v: v < 100,
+    )
+    base_stock = lat and lat.get("baseline/stock")
+    add(
+        "stock broker: TTFC p99 below the naive bridge's (C=100, 20 ms)",
+        lat,
+        _ratio(lat_stock and lat_stock["ttfc_p99_ms"], base_stock and base_stock["ttfc_p99_ms"]),
+        "{:.2f}x",
+        lambda v: v < 1,
+    )
+    two = big and big.get("ours-w2")
+    add(
+        "2 workers / 1 worker chunks/s (C=500, 0 ms; 2 cores shared)",
+        big,
+        _ratio(two and two["chunks_per_s"], ours and ours["chunks_per_s"]),
+        "{:.2f}x",
+        lambda v: v > 1,
+    )
     return out
 
 
@@ -179,9 +233,8 @@ def render(run: dict[str, Any]) -> str:
     lines.append(HEADER)
     lines.append("-" * len(HEADER))
     for res in run["results"]:
-        for system in ("ours", "baseline"):
-            if res.get(system):
-                lines.append(row(res["case"], system, res[system]))
+        for system in systems_of(res):
+            lines.append(row(res["case"], system, res[system]))
     ceil = run.get("ceiling")
     if ceil:
         runs = ", ".join(
@@ -208,13 +261,13 @@ def render(run: dict[str, Any]) -> str:
             f"{'-' if oc is None else f'{oc:.0%}':>13} {'-' if bc is None else f'{bc:.0%}':>17}"
         )
     lines.append("")
-    lines.append(f"{'target':<56} {'case':<21} {'measured':>10}  result")
+    lines.append(f"{'target':<64} {'case':<21} {'measured':>10}  result")
     for t in run["targets"]:
-        lines.append(f"{t['target']:<56} {t['case']:<21} {t['shown']:>10}  {t['result']}")
+        lines.append(f"{t['target']:<64} {t['case']:<21} {t['shown']:>10}  {t['result']}")
     bad = [
         f"{case_name(res['case'])} {system}"
         for res in run["results"]
-        for system in ("ours", "baseline")
+        for system in systems_of(res)
         if res.get(system)
         and (
             res[system]["lost"]
@@ -233,7 +286,7 @@ def render(run: dict[str, Any]) -> str:
     hot = [
         f"{case_name(res['case'])} {system} ({res[system]['load_cpu_pct']:.0f}%)"
         for res in run["results"]
-        for system in ("ours", "baseline")
+        for system in systems_of(res)
         if res.get(system) and res[system]["load_max_proc_pct"] >= 90
     ]
     if hot:
@@ -245,7 +298,7 @@ def render(run: dict[str, Any]) -> str:
     merged = [
         f"{case_name(res['case'])} {system}"
         for res in run["results"]
-        for system in ("ours", "baseline")
+        for system in systems_of(res)
         if res.get(system) and res[system]["chunks"] != res[system]["tokens"]
     ]
     if merged:
@@ -256,7 +309,7 @@ def render(run: dict[str, Any]) -> str:
     noisy = [
         f"{case_name(res['case'])} {system} ({res[system]['other_cpu_per_s']:.2f})"
         for res in run["results"]
-        for system in ("ours", "baseline")
+        for system in systems_of(res)
         if res.get(system) and res[system]["other_cpu_per_s"] >= 0.2
     ]
     if noisy:

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -105,8 +107,58 @@ def build_plugins(settings: Settings) -> list[Plugin]:
     return plugins
 
 
+async def take_worker_slot(settings: Settings, stop: asyncio.Event) -> tuple[Settings, Any]:
+    """For `BRIDGE_WORKER_SLOTS`: wait for a free worker slot; this worker's settings with
+    its slot's client id and broker user, and a task that keeps the slot's lease.
+
+    The owner is the host name, which a container keeps across restarts: a replica
+    that restarts takes its own slot back (its session and journal with it).
+    """
+    import socket  # noqa: PLC0415
+
+    from bridge.core.shared import open_store  # noqa: PLC0415
+    from bridge.workers import worker_name, worker_url  # noqa: PLC0415
+
+    # A container's host name; processes that share one host name tell themselves
+    # apart with LLM_BRIDGE_SLOT_OWNER.
+    owner = os.environ.get("LLM_BRIDGE_SLOT_OWNER") or socket.gethostname()
+    base = settings.client_id
+    store = open_store(settings.state_url, settings.data_dir, f"{settings.group}-slots", owner)
+    ttl = 3 * settings.leader_ttl
+    while not stop.is_set():
+        slot = store.take_slot(owner, settings.worker_slots, ttl, time.time())
+        if slot:
+            break
+        log.warning("all %d worker slots are taken; waiting for one", settings.worker_slots)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.leader_ttl)
+    else:
+        return settings, None
+    env = dict(os.environ)
+    mine = settings.model_copy(
+        update={
+            "client_id": worker_name(base, slot),
+            "mqtt_url": worker_url(settings.mqtt_url, slot, env),
+        }
+    )
+    log.info("worker slot %d of %d: client id %s", slot, settings.worker_slots, mine.client_id)
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(settings.leader_ttl)
+            if store.take_slot(owner, settings.worker_slots, ttl, time.time()) != slot:
+                log.error("lost worker slot %d (the shared store forgot it)", slot)
+
+    return mine, asyncio.create_task(keep(), name="worker-slot")
+
+
 async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     """Run a bridge until `stop` is set (the CLI's `run`)."""
+    slot_task = None
+    if settings.group and settings.worker_slots:
+        settings, slot_task = await take_worker_slot(settings, stop)
+        if slot_task is None:
+            return
     bridge = Bridge(settings, plugins=build_plugins(settings))
     await bridge.start()
     # The modules loaded at start are never garbage: keep the collector off them,
@@ -125,3 +177,5 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         with contextlib.suppress(Exception):
             await bridge.stop()
+        if slot_task is not None:
+            slot_task.cancel()

@@ -18,8 +18,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bridge.app import run_bridge
     from bridge.logs import setup_logging
 
-    settings = load_settings(args.config)
+    overrides: dict[str, Any] = {"group": args.group} if args.group else {}
+    settings = load_settings(args.config, **overrides)
     setup_logging(settings.log_level, settings.log_format)
+    if args.workers > 1:
+        from bridge.workers import supervise
+
+        argv = ["--config", str(args.config)] if args.config else []
+        return supervise(
+            args.workers, settings.group or "bridge", settings.client_id, settings.mqtt_url, argv
+        )
 
     async def main(stop: asyncio.Event) -> None:
         await run_bridge(settings, stop)
@@ -113,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the bridge (configured by environment, .env, --config)")
     run.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    run.add_argument(
+        "--group", help="join this worker group (BRIDGE_GROUP): requests are shared out"
+    )
+    run.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="run N worker processes of the group (default group `bridge`); worker i>1 "
+        "logs in as USER-i with the same password, or with BRIDGE_MQTT_URL_<i>",
+    )  # fmt: skip
     run.set_defaults(func=cmd_run)
 
     from bridge.dev import mock_llm

@@ -42,6 +42,19 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   fi
 fi
 
+# Redis for the worker-group tests (tests/test_scale.py: shared state in Redis).
+have_redis() { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; }
+if ! have_redis; then
+  echo "== installing Redis (apt-get)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "redis-server is missing and this user cannot run apt-get: install the" >&2
+    echo "'redis-server' package (Debian/Ubuntu: sudo apt-get install redis-server)." >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 # (again when a venv made before python3-venv was installed has no pip)
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then

@@ -77,13 +77,16 @@ def dockerfile() -> dict[str, list[str]]:
 
 
 def test_services_profiles_and_dependencies() -> None:
-    assert set(SERVICES) == {"mosquitto", "bridge", "mock-llm"}
+    assert set(SERVICES) == {"mosquitto", "bridge", "mock-llm", "redis"}
     assert SERVICES["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert SERVICES["bridge"]["build"] == "." and (REPO / "Dockerfile").is_file()
     assert SERVICES["mock-llm"]["image"] == SERVICES["bridge"]["image"]
     assert SERVICES["mock-llm"]["profiles"] == ["mock-llm"]
     assert "profiles" not in SERVICES["mosquitto"] and "profiles" not in SERVICES["bridge"]
-    assert SERVICES["bridge"]["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}
+    assert SERVICES["bridge"]["depends_on"] == {
+        "mosquitto": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy", "required": False},
+    }
     for name in ("mosquitto", "bridge"):
         assert SERVICES[name]["restart"] == "unless-stopped"
         assert SERVICES[name]["user"] == "${LOCAL_UID:-1000}:${LOCAL_GID:-1000}"
@@ -509,3 +512,25 @@ def test_configuration_doc_lists_every_setting_with_its_default() -> None:
     policy = text.split("| field | meaning | refusal |", 1)[1].split("\n\n", 1)[0]
     fields = [line.split("|")[1].strip().strip("`") for line in policy.strip().splitlines()[1:]]
     assert fields == list(Limits.model_fields)
+
+
+def test_scale_profile_runs_replicas_of_the_bridge_with_redis() -> None:
+    """`docker compose --profile scale up --scale bridge=3`: replicas need no fixed name
+    or host port, find Redis by its service name, and take worker slots (docs/scaling.md)."""
+    bridge, redis = SERVICES["bridge"], SERVICES["redis"]
+    assert "container_name" not in bridge and "ports" not in bridge
+    assert redis["profiles"] == ["scale"] and redis["image"].startswith("redis:7")
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert volumes("redis")["/data"][0] == "./data/redis"
+    example = (REPO / ".env.example").read_text()
+    lines = dict(re.findall(r"^# (BRIDGE_[A-Z_]+)=(\S+)$", example, re.M))
+    settings = load_settings(
+        None,
+        group=lines["BRIDGE_GROUP"],
+        state_url=lines["BRIDGE_STATE_URL"],
+        worker_slots=int(lines["BRIDGE_WORKER_SLOTS"]),
+    )
+    assert settings.state_url.startswith("redis://redis:6379")
+    assert settings.worker_slots >= 3 and settings.group
+    doc = (REPO / "docs" / "scaling.md").read_text()
+    assert "docker compose --profile scale up -d --scale bridge=3" in doc

@@ -42,6 +42,8 @@ class Interrupted:
     topic: str
     seq: int
     correlation: bytes | None
+    device: str | None = None  #: the asking device (journals of older versions lack it)
+    key: str | None = None  #: its duplicate-detection key, freed so that its retry is served
 
 
 class Journal:
@@ -73,18 +75,24 @@ class Journal:
             try:
                 blob = json.loads(self._mm[off + _HEADER.size : off + _HEADER.size + length])
                 corr = bytes.fromhex(blob["c"]) if blob.get("c") else None
-                found.append(Interrupted(i, blob["t"], seq, corr))
+                found.append(Interrupted(i, blob["t"], seq, corr, blob.get("d"), blob.get("k")))
             except (ValueError, KeyError, TypeError):
                 log.warning("unreadable journal slot %d skipped", i)
                 self._mm[off] = 0
         return found
 
-    def add(self, topic: str, correlation: bytes | None) -> int:
+    def add(
+        self, topic: str, correlation: bytes | None, device: str | None = None,
+        key: str | None = None,
+    ) -> int:  # fmt: skip
         """Take a slot for a new request; -1 when none is free or it does not fit.
 
         The bridge refuses such a request rather than serve it unprotected.
+        `device` and `key` (its duplicate-detection key) are kept when they fit.
         """
-        blob = _blob(topic, correlation)
+        blob = _blob(topic, correlation, device, key)
+        if len(blob) > SLOT - _HEADER.size:
+            blob = _blob(topic, correlation)
         if not self._free or len(blob) > SLOT - _HEADER.size:
             return -1
         slot = self._free.pop()
@@ -109,7 +117,11 @@ class Journal:
         self._mm.close()
 
 
-def _blob(topic: str, correlation: bytes | None) -> bytes:
-    return json.dumps(
-        {"t": topic, "c": correlation.hex() if correlation else None}, ensure_ascii=False
-    ).encode()
+def _blob(
+    topic: str, correlation: bytes | None, device: str | None = None, key: str | None = None
+) -> bytes:
+    data = {"t": topic, "c": correlation.hex() if correlation else None}
+    if device is not None:
+        data["d"] = device
+        data["k"] = key
+    return json.dumps(data, ensure_ascii=False).encode()

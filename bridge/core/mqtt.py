@@ -193,6 +193,7 @@ class MqttLink:
         self._pending = 0
         self._acks: dict[int, Callable[[], None]] = {}
         self._unwritten_since: float | None = None
+        self._acked = False  # an acknowledgement was queued while reading
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._sock: socket.socket | None = None
@@ -363,6 +364,7 @@ class MqttLink:
 
     def _read(self) -> None:
         c = self.client
+        self._acked = False
         while True:
             rc = c.loop_read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -371,7 +373,13 @@ class MqttLink:
                 return
             sock = self._sock
             if not (c.buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
-                return
+                break
+        if self._acked:
+            # The broker sends a client at most its window (Mosquitto's
+            # max_inflight_messages, 20 by default) of unacknowledged messages:
+            # the acknowledgements leave now, not after the loop's next busy
+            # iteration, so the next requests come at once.
+            self.flush()
 
     def _write(self) -> None:
         c = self.client
@@ -464,6 +472,7 @@ class MqttLink:
         """Acknowledge a QoS 1 message (with `manual_ack`): the broker may forget it."""
         if msg.qos > 0 and self.connected.is_set():
             self.client.ack(msg.mid, msg.qos)
+            self._acked = True
 
     # --- publishing -----------------------------------------------------------------------
 

@@ -73,8 +73,21 @@ class Host(Protocol):
         seconds after which the broker drops it if undelivered (MQTT v5 only)."""
         ...
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Route messages matching `topic_filter` to `handler` (from `attach` only)."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, shared: bool = False
+    ) -> None:
+        """Route messages matching `topic_filter` to `handler` (from `attach` only).
+
+        `shared`: in a worker group (`BRIDGE_GROUP`) one worker gets each message (for
+        topics that start a request); otherwise every worker does, and each ignores what
+        belongs to a request it does not hold (`job()` is None).
+        """
+        ...
+
+    @property
+    def leading(self) -> bool:
+        """Whether this bridge publishes the group-wide retained messages (stats,
+        discovery): always alone, one worker at a time in a group."""
         ...
 
     def submit(self, device: str, payload: bytes) -> Job | None:

@@ -21,6 +21,7 @@ class Route:
     topic_filter: str
     handler: Handler
     qos: int
+    shared: bool = False  #: one worker of a group gets each message (requests)
 
 
 class Router:
@@ -29,14 +30,19 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def add(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        self.routes.append(Route(topic_filter, handler, qos))
+    def add(self, topic_filter: str, handler: Handler, qos: int = 1, shared: bool = False) -> None:
+        self.routes.append(Route(topic_filter, handler, qos, shared))
 
-    def subscriptions(self) -> list[tuple[str, int]]:
-        """(filter, qos) for the broker, each filter once."""
+    def subscriptions(self, group: str = "") -> list[tuple[str, int]]:
+        """(filter, qos) for the broker, each filter once.
+
+        In a worker group the shared routes are subscribed as `$share/<group>/<filter>`
+        (each message reaches one worker); the others reach every worker.
+        """
         seen: dict[str, int] = {}
         for r in self.routes:
-            seen[r.topic_filter] = max(seen.get(r.topic_filter, 0), r.qos)
+            name = f"$share/{group}/{r.topic_filter}" if group and r.shared else r.topic_filter
+            seen[name] = max(seen.get(name, 0), r.qos)
         return list(seen.items())
 
     def route(self, msg: Inbound) -> bool:

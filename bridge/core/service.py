@@ -9,11 +9,13 @@ acknowledged that terminal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -30,6 +32,7 @@ from bridge.core.plugin import Handler, Inbound, Plugin, overrides
 from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import Settings
+from bridge.core.shared import Guarded, open_store
 from bridge.core.topics import Topics
 from bridge.core.upstream import DETAIL_CHARS, Upstream
 
@@ -40,6 +43,11 @@ JOURNAL_SLOTS = 4096
 # MQTT v5 properties a request may carry, bounded so that its journal slot holds them.
 MAX_RESPONSE_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
+# Fair start: until a new request is written to the API's connection, running
+# streams pause before each piece, for at most this long after the latest start
+# began, so that its start is not queued behind their chunks in the event loop
+# (docs/performance.md, "Fair start"). Waiting for the API's answer is not held.
+START_HOLD = 0.02
 
 
 class Recent:
@@ -92,6 +100,34 @@ class Recent:
             if not seen:
                 del self._devices[device]
 
+    def release(self, device: str, key: str, digest: bytes) -> None:
+        """A request was refused after `duplicate`: here nothing was recorded for it yet."""
+
+
+class SharedRecent:
+    """`Recent` for a worker group: one table in the group's store, so a request taken
+    by one worker is a duplicate for all (docs/scaling.md).
+
+    `duplicate` takes the request atomically (a second worker asking at the same
+    moment sees a duplicate); `release` gives it back when it is refused.
+    """
+
+    def __init__(self, store: Guarded, window: float) -> None:
+        self.store = store
+        self.window = window
+
+    def duplicate(self, device: str, key: str, digest: bytes, now: float) -> bool:
+        return not self.store.claim(device, key, digest, time.time(), self.window)
+
+    def remember(self, device: str, key: str, digest: bytes, now: float) -> None:
+        self.store.claim(device, key, digest, time.time(), self.window)
+
+    def forget(self, device: str, key: str) -> None:
+        self.store.forget(device, key)
+
+    def release(self, device: str, key: str, digest: bytes) -> None:
+        self.store.forget(device, key, digest)
+
 
 class Bridge:
     """Serves the protocol between one MQTT broker and one OpenAI-compatible API.
@@ -121,14 +157,33 @@ class Bridge:
         self.upstream = upstream or Upstream(settings)
         self.qos = settings.response_qos
         self.jobs: dict[tuple[str, str], Job] = {}
-        self.recent = Recent(settings.dedup_window)
+        # A worker group (BRIDGE_GROUP) shares its duplicates, limits and leader in a store.
+        self.worker = settings.client_id
+        self.shared: Guarded | None = None
+        self.recent: Recent | SharedRecent = Recent(settings.dedup_window)
+        if settings.group:
+            self.shared = open_store(
+                settings.state_url, settings.data_dir, settings.group, self.worker
+            )
+            self.recent = SharedRecent(self.shared, settings.dedup_window)
         self._slots = asyncio.Semaphore(settings.max_streams)
+        self._starting = 0  # requests between their slot and their upstream's first reply
+        self._no_starts = asyncio.Event()
+        self._no_starts.set()
+        self._hold_until = 0.0
         self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
         self.router = Router()
-        self.router.add(self.topics.req_filter, self._on_request)
+        self.router.add(self.topics.req_filter, self._on_request, shared=True)
         self.router.add(self.topics.cancel_filter, self._on_cancel)
+        # A group's leader publishes the bridge-wide retained messages; it watches the
+        # status, which a worker's last will may have set to `offline`.
+        self._leading = not settings.group
+        self._status_seen: bytes | None = None
+        self._leader: asyncio.Task[None] | None = None
+        if settings.group:
+            self.router.add(self.topics.status, self._on_status)
         self.journal: Journal | None = None
         if settings.journal:
             self.journal = Journal(
@@ -143,7 +198,7 @@ class Bridge:
             settings.mqtt,
             client_id=settings.client_id,
             on_message=self._on_message,
-            subscriptions=self.router.subscriptions(),
+            subscriptions=self.router.subscriptions(settings.group),
             clean_start=False,
             session_expiry=settings.session_expiry,
             keepalive=settings.mqtt_keepalive,
@@ -164,6 +219,10 @@ class Bridge:
     @property
     def connected(self) -> bool:
         return self.link.connected.is_set()
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
 
     async def subscribed(self) -> None:
         await self.link.subscribed.wait()
@@ -186,10 +245,12 @@ class Bridge:
         except ConnectionError as exc:
             log.warning("could not publish %s: %s", topic[:200], exc)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, shared: bool = False
+    ) -> None:
         if not self._attaching:
             raise RuntimeError("plugins subscribe in attach(), before the bridge connects")
-        self.router.add(topic_filter, handler, qos)
+        self.router.add(topic_filter, handler, qos, shared)
 
     def emit(self, job: Job, message: dict[str, Any]) -> None:
         payload = p.progress_message(job.seq, message)
@@ -207,7 +268,36 @@ class Bridge:
 
     async def start(self, connect_timeout: float | None = None) -> None:
         """Connect to the broker and start serving."""
+        if self.shared is not None:
+            self._campaign()
+            self._leader = asyncio.create_task(self._lead(), name="leader")
         await self.link.start(timeout=connect_timeout)
+
+    def _campaign(self) -> None:
+        """Take or renew the group's leader lease; say when it changes hands."""
+        assert self.shared is not None
+        leading = self.shared.lead(self.worker, self.settings.leader_ttl, time.time())
+        if leading != self._leading:
+            self._leading = leading
+            change = "now leads" if leading else "no longer leads"
+            log.warning("worker %s %s group %s", self.worker, change, self.settings.group)
+        if leading and self.connected and self._status_seen not in (None, b"online"):
+            # A worker that died (its last will) or stopped said `offline` for the group.
+            self.link.publish(self.topics.status, b"online", qos=1, retain=True)
+            self._status_seen = b"online"
+
+    async def _lead(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.leader_ttl / 3)
+            try:
+                self._campaign()
+            except Exception:
+                log.exception("leader election failed")
+
+    def _on_status(self, msg: Inbound) -> None:
+        self._status_seen = msg.payload
+        if self._leading and self._accepting and msg.payload == b"offline":
+            self._campaign()
 
     async def stop(self) -> None:
         """Stop cleanly: finish what runs (within the grace), then say `offline`.
@@ -217,6 +307,11 @@ class Bridge:
         the next start.
         """
         self._accepting = False
+        if self._leader is not None:
+            self._leader.cancel()
+            if self.shared is not None and self._leading:
+                self.shared.resign(self.worker)
+                self._leading = False
         running = [j.task for j in self.jobs.values() if j.task is not None]
         if running:
             _done, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
@@ -234,6 +329,8 @@ class Bridge:
         await self.upstream.aclose()
         if self.journal is not None:
             self.journal.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
@@ -244,6 +341,9 @@ class Bridge:
             recovered, journal.pending = journal.pending, []
             message = "the bridge stopped while answering; ask again"
             for gone in recovered:
+                if gone.device is not None and gone.key is not None:
+                    # Its retry (same id and payload) is a new try, whichever worker gets it.
+                    self.recent.forget(gone.device, gone.key)
                 self.link.publish(
                     gone.topic,
                     p.error_message(gone.seq, p.INTERRUPTED, message),
@@ -356,12 +456,18 @@ class Bridge:
             if wrong_topic is not None:
                 raise ProtocolError(p.BAD_REQUEST, wrong_topic, rid)
             key = rid or f"~{digest.hex()}"
-            if (rid is not None or redelivered) and self.recent.duplicate(device, key, digest, now):
+            claimed = rid is not None or redelivered
+            if claimed and self.recent.duplicate(device, key, digest, now):
                 log.info("dropped duplicate delivery device=%s id=%s", device, rid)
                 return None
-            for plugin in self.plugins:
-                plugin.admit(device, req, len(payload))
-            job = self._queue(device, req, digest, reply_to, correlation)
+            try:
+                for plugin in self.plugins:
+                    plugin.admit(device, req, len(payload))
+                job = self._queue(device, req, digest, reply_to, correlation)
+            except ProtocolError:
+                if claimed:
+                    self.recent.release(device, key, digest)
+                raise
             self.recent.remember(device, key, digest, now)
             return job
         except ProtocolError as exc:
@@ -418,7 +524,7 @@ class Bridge:
             raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
         job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
         if self.journal is not None:
-            job.slot = self.journal.add(topic, correlation)
+            job.slot = self.journal.add(topic, correlation, device, req.id or f"~{digest.hex()}")
             if job.slot < 0:
                 raise ProtocolError(
                     p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid
@@ -626,12 +732,18 @@ class Bridge:
         """
         stream = job.request.stream
         first = job.seq == 0
+        starting = first and job.rounds == 0
+        sent: Callable[[], None] | None = None
+        if starting:
+            sent = self._begin_start()
         try:
-            async with self.upstream.stream(body, f"{job.device}-{job.rid}") as events:
+            async with self.upstream.stream(body, f"{job.device}-{job.rid}", sent=sent) as events:
                 fold.opened = True
                 async for event, data in events:
                     if fold.done:
                         continue  # read to the end of the body, so the connection is reused
+                    if self._starting and not first:
+                        await self._let_starts_go()
                     pieces = fold.feed(event, data)
                     if pieces and first:
                         first = False
@@ -643,10 +755,43 @@ class Bridge:
                 raise
             log.info("stream of device=%s id=%s broke after its finish_reason: complete",
                      job.device, job.rid)  # fmt: skip
+        finally:
+            if sent is not None:
+                sent()
         if not fold.complete:
             raise UpstreamError(
                 p.UPSTREAM_PROTOCOL, "the API stream ended before the reply was complete"
             )
+
+    # --- fair start -----------------------------------------------------------------------
+
+    def _begin_start(self) -> Callable[[], None]:
+        """Count a request as starting; the returned function ends that (once)."""
+        self._starting += 1
+        self._no_starts.clear()
+        self._hold_until = asyncio.get_running_loop().time() + START_HOLD
+        done = False
+
+        def end() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._starting -= 1
+            if self._starting == 0:
+                self._no_starts.set()
+
+        return end
+
+    async def _let_starts_go(self) -> None:
+        """Pause a running stream while requests are being started (at most `START_HOLD`
+        after the latest start began): their upstream calls go out first."""
+        left = self._hold_until - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                await self._no_starts.wait()
 
     # --- where chunks leave ---------------------------------------------------------------
 

@@ -246,7 +246,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "llm"
     response_qos: int = Field(1, ge=0, le=1)
 
-    max_streams: int = Field(64, ge=1, le=100_000)
+    # Streams cost the bridge little (an HTTP connection and a few KB each): a
+    # request that waits for a free one waits a whole reply, so the default is high.
+    max_streams: int = Field(512, ge=1, le=100_000)
     max_queue: int = Field(256, ge=0, le=1_000_000)
     max_request_bytes: int = Field(262_144, ge=256, le=16 * 1024 * 1024)
     dedup_window: float = Field(600.0, ge=0)
@@ -295,6 +297,24 @@ class Settings(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     data_dir: Path = Path("data")
     broker_dir: Path = Path("broker")
+
+    # Workers (docs/scaling.md): a group of bridges behind one MQTT shared
+    # subscription, with their shared state in Redis (`redis://...`) or, for
+    # workers on one host, SQLite in `data_dir` (empty `state_url`).
+    group: str = ""
+    state_url: str = ""
+    leader_ttl: float = Field(10.0, ge=1.0, le=3600.0)
+    # Replicas of one container (`docker compose up --scale bridge=N`) share one
+    # environment: each takes a free worker slot i of this many and becomes
+    # `<client id>-i` with the broker user `<user>-i` (slot 1: the names as given).
+    worker_slots: int = Field(0, ge=0, le=1000)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if v and not _DEVICE_RE.match(v):
+            raise ValueError("must be 1-64 of A-Z a-z 0-9 _ - (it names a shared subscription)")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

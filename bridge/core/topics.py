@@ -91,6 +91,12 @@ class Topics:
         """`P/+/kind` (or `P/+/kind/+`): one kind of topic of every device."""
         return f"{self.prefix}/+/{kind}/+" if per_request else f"{self.prefix}/+/{kind}"
 
+    @staticmethod
+    def shared(topic_filter: str, group: str) -> str:
+        """`$share/<group>/<filter>`: each message to one member of the group (MQTT v5 and
+        Mosquitto, EMQX, HiveMQ, VerneMQ with 3.1.1 too)."""
+        return f"$share/{group}/{topic_filter}"
+
     def parse(self, topic: str) -> tuple[str, str, str | None] | None:
         """Split `P/D/kind` or `P/D/kind/R` into (D, kind, R or None); None when not ours."""
         parts = topic.split("/")

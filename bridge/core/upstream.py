@@ -13,7 +13,7 @@ import email.utils
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -317,16 +317,20 @@ class Upstream:
 
     @asynccontextmanager
     async def stream(
-        self, body: dict[str, Any], capture_id: str | None = None
+        self,
+        body: dict[str, Any],
+        capture_id: str | None = None,
+        *,
+        sent: Callable[[], None] | None = None,
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """`_open`, recorded in the capture folder under `capture_id` when capture is on."""
         if self.capture is None or capture_id is None:
-            async with self._open(body) as events:
+            async with self._open(body, sent=sent) as events:
                 yield events
             return
         exchange = self.capture.start(capture_id, self.url, body)
         try:
-            async with self._open(body, exchange) as events:
+            async with self._open(body, exchange, sent=sent) as events:
                 yield events
         except BaseException as exc:
             exchange.finish(exc)
@@ -335,18 +339,33 @@ class Upstream:
 
     @asynccontextmanager
     async def _open(
-        self, body: dict[str, Any], exchange: Exchange | None = None
+        self,
+        body: dict[str, Any],
+        exchange: Exchange | None = None,
+        *,
+        sent: Callable[[], None] | None = None,
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """Open the stream; yield an iterator of (event, data) pairs.
 
         Leaving the context closes the HTTP response at once, which is how a
-        cancel stops the generation upstream.
+        cancel stops the generation upstream. `sent` is called once the whole
+        request is written to the connection (before the API answers).
 
         Raises:
             UpstreamError: for any failure, opening or reading.
         """
+        extensions: dict[str, Any] | None = None
+        if sent is not None:
+
+            async def trace(name: str, _info: dict[str, Any]) -> None:
+                if name.endswith("send_request_body.complete"):
+                    sent()
+
+            extensions = {"trace": trace}
         try:
-            async with self.client.stream("POST", self.url, json=body) as resp:
+            async with self.client.stream(
+                "POST", self.url, json=body, extensions=extensions
+            ) as resp:
                 if exchange is not None:
                     exchange.opened(resp)
                 if resp.status_code >= 400:

@@ -210,14 +210,19 @@ class HomeAssistantPlugin(Plugin):
         self.host = host
         host.subscribe(self.birth_topic, self._on_birth, qos=0)
         host.subscribe(f"{self.ha_prefix}/device/{self.node}/+/config", self._on_config, qos=0)
-        host.subscribe(host.topics.device_filter("ask"), self._on_ask, qos=1)
+        # A question is a request: in a worker group one worker takes it.
+        host.subscribe(host.topics.device_filter("ask"), self._on_ask, qos=1, shared=True)
 
     def connected(self) -> None:
         if self._settle is None or self._settle.done():
             self._settle = asyncio.get_running_loop().create_task(self._after_settle())
 
+    def _leading(self) -> bool:
+        """In a worker group only the leader publishes discovery in bulk (docs/scaling.md)."""
+        return bool(getattr(self.host, "leading", True))
+
     def _on_birth(self, msg: Inbound) -> None:
-        if msg.payload.strip().lower() == b"online" and self.ready:
+        if msg.payload.strip().lower() == b"online" and self.ready and self._leading():
             log.info("Home Assistant is online: publishing discovery again")
             self.publish_all()
 
@@ -258,14 +263,15 @@ class HomeAssistantPlugin(Plugin):
         """Publish discovery for every known device; remove the configs of unknown ones."""
         devices = set(self.configured) | set(self.state.devices)
         devices = {d for d in devices if p.valid_device_id(d)}
-        stale = self.retained_configs - devices
+        stale = self.retained_configs - devices if self._leading() else set()
         for device in sorted(stale):
             log.info("removing Home Assistant discovery of unknown device %s", device)
             self._publish(self.config_topic(device), b"")
             self.retained_configs.discard(device)
         self.known = devices
         self.ready = True
-        self.publish_all()
+        if self._leading():
+            self.publish_all()
 
     def publish_all(self) -> None:
         self._publish(self.bridge_config_topic, self.bridge_config())

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge.core.errors import ProtocolError
 from bridge.core.plugin import Plugin
@@ -133,9 +134,22 @@ class PolicyPlugin(Plugin):
         self.counters = counters
         self.streams: Counter[str] = Counter()
         self._host: Host | None = None
+        # In a worker group: the group's store counts streams and requests of
+        # every worker (bridge/core/shared.py); None for a bridge alone.
+        self.shared: Any = None
+        self.worker = settings.client_id
+        self._pending: tuple[str, str, str] | None = None
 
     def attach(self, host: Host) -> None:
         self._host = host
+        shared = getattr(host, "shared", None)
+        if shared is not None:
+            self.shared = shared
+            # A worker that starts under this id replaces one that died: its streams ended.
+            shared.drop_worker(self.worker)
+            if self.counters is not None:
+                self.counters.close()
+                self.counters = shared
 
     def _running(self, device: str, rid: str | None) -> bool:
         return (
@@ -156,7 +170,19 @@ class PolicyPlugin(Plugin):
             )
         # A request reusing the id of one still running replaces it (or is its
         # duplicate delivery): it does not add a stream.
-        if (
+        if lim.max_streams and self.shared is not None:
+            token = uuid.uuid4().hex
+            key = request.id or token
+            running = self.shared.open_stream(device, key, token, self.worker, lim.max_streams)
+            if running >= 0:
+                raise ProtocolError(
+                    TOO_MANY_STREAMS,
+                    f"this device already has {running} requests running or "
+                    f"waiting (at most {lim.max_streams}); wait for one to finish",
+                )
+            # submit() runs admit -> started (or refused) in one go: this is that request's.
+            self._pending = (device, key, token)
+        elif (
             lim.max_streams
             and self.streams[device] >= lim.max_streams
             and not self._running(device, request.id)
@@ -190,12 +216,23 @@ class PolicyPlugin(Plugin):
             if request.max_tokens is not None or request.max_completion_tokens is None:
                 request.max_tokens = min(request.max_tokens or lim.max_tokens, lim.max_tokens)
 
+    def refused(self, device: str, error: ProtocolError) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and self.shared is not None:
+            self.shared.close_stream(*pending)
+
     def started(self, job: Job) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == job.device:
+            job.data["policy"] = pending
         self.streams[job.device] += 1
         if self.counters is not None:
             self.counters.add_request(job.device, self.clock())
 
     def finished(self, job: Job) -> None:
+        opened = job.data.get("policy")
+        if opened is not None and self.shared is not None:
+            self.shared.close_stream(*opened)
         self.streams[job.device] -= 1
         if self.streams[job.device] <= 0:
             del self.streams[job.device]

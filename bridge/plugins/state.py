@@ -200,11 +200,15 @@ class StatePlugin(Plugin):
         self._day_timer: asyncio.TimerHandle | None = None
         self._restoring: asyncio.Task[None] | None = None
         self._applied = False
+        self._last_stats: dict[str, Any] | None = None
 
     # --- plugin ---------------------------------------------------------------------------
 
     def attach(self, host: Host) -> None:
         self.host = host
+        # In a worker group the counters are the group's, kept in its store, and the
+        # leader publishes them (docs/scaling.md).
+        self.shared: Any = getattr(host, "shared", None)
         host.subscribe(host.topics.stats, self._on_stats, qos=0)
         host.subscribe(host.topics.device_filter("state"), self._on_state, qos=0)
 
@@ -224,6 +228,8 @@ class StatePlugin(Plugin):
 
     def started(self, job: Job) -> None:
         self.stats.requests += 1
+        if self.shared is not None:
+            self.shared.add_counts({"requests": 1})
         dev = self._device(job.device)
         dev.active[job.rid] = False
         dev.request_id = job.rid
@@ -283,6 +289,11 @@ class StatePlugin(Plugin):
         tokens = job.tokens_used
         self.stats.tokens_total += tokens
         self.stats.tokens_today += tokens
+        if self.shared is not None:
+            error = 0 if outcome == "done" and fold is not None else 1
+            self.shared.add_counts(
+                {"errors": error, "tokens_total": tokens, f"tokens:{self.stats.day}": tokens}
+            )
         self._changed(job.device, dev, force=True)
         event["time"] = now
         self._publish(self.topics.event(job.device), event, retain=False)
@@ -346,12 +357,18 @@ class StatePlugin(Plugin):
         self.stats.roll()
         active = sum(len(d.active) for d in self.devices.values())
         extra = {} if self.usage is None else {"usage_stats": self.usage.overall.payload()}
+        st = self.stats
+        requests, errors, today, total = st.requests, st.errors, st.tokens_today, st.tokens_total
+        if self.shared is not None:
+            c = self.shared.counts()
+            requests, errors = c.get("requests", 0), c.get("errors", 0)
+            today, total = c.get(f"tokens:{st.day}", 0), c.get("tokens_total", 0)
         return {
             **extra,
-            "requests": self.stats.requests,
-            "errors": self.stats.errors,
-            "tokens_today": self.stats.tokens_today,
-            "tokens_total": self.stats.tokens_total,
+            "requests": requests,
+            "errors": errors,
+            "tokens_today": today,
+            "tokens_total": total,
             "day": self.stats.day,
             "active": active,
             "devices": len(self.devices),
@@ -374,8 +391,21 @@ class StatePlugin(Plugin):
     def _publish_stats(self) -> None:
         self._stats_timer = None
         self._stats_due = time.monotonic() + STATS_INTERVAL
-        if self.stats.restored and self.host is not None and self.host.connected:
-            self._publish(self.topics.stats, self.stats_payload(), retain=True)
+        if (
+            self.stats.restored
+            and self.host is not None
+            and self.host.connected
+            and getattr(self.host, "leading", True)
+        ):
+            payload = self.stats_payload()
+            same = {k: v for k, v in payload.items() if k != "time"}
+            if self.shared is None or same != self._last_stats:
+                self._publish(self.topics.stats, payload, retain=True)
+                self._last_stats = same
+        if self.shared is not None and self.host is not None and self.host.accepting:
+            # In a group the other workers' requests change the counters too: the
+            # leader reads them every interval (and publishes them when they changed).
+            self._publish_stats_soon()
 
     def _arm_day_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         """At local midnight `tokens_today` starts again from 0: publish it then."""
@@ -414,7 +444,8 @@ class StatePlugin(Plugin):
         dev = self._device(device)
         dev.load(data)
         dev.published = False
-        if dev.status in (THINKING, STREAMING) and not dev.active:
+        # In a group another worker may be serving it now: its own journal answers it.
+        if dev.status in (THINKING, STREAMING) and not dev.active and self.shared is None:
             log.info("state: %s was %s when the bridge stopped; now error", device, dev.status)
             dev.error = {
                 "code": p.INTERRUPTED,
@@ -426,6 +457,8 @@ class StatePlugin(Plugin):
         """The retained counters of the previous run: continue from them (once)."""
         if not msg.retain or not msg.payload or self.stats.restored or self._applied:
             return
+        if self.shared is not None:
+            return  # a group's counters live in its store
         try:
             data = json.loads(msg.payload)
         except ValueError:

@@ -1,0 +1,586 @@
+"""State the workers of one group share: duplicates, streams per device, counters, a leader.
+
+Several bridge processes (`BRIDGE_GROUP`) serve one prefix; each request goes
+to one of them (an MQTT shared subscription). What must hold across all of
+them lives here: a request seen by one worker is a duplicate for every other,
+a device's `max_streams` and daily budget count every worker's requests, and
+one worker (the leader) publishes the bridge-wide retained messages.
+
+Two backends: SQLite in `BRIDGE_DATA_DIR` (workers on one host) and Redis
+(`BRIDGE_STATE_URL=redis://...`, workers anywhere). Every operation is one
+atomic step of the store (a transaction, a Lua script), so two workers
+deciding at the same moment cannot both win.
+
+When the store fails (Redis restarted, unreachable), `Guarded` answers from
+this worker's own memory and says so once in the log: the bridge keeps
+serving, with limits counted per worker until the store is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("bridge.core.shared")
+
+SHARED_FILE = "shared.sqlite3"
+_RATE_WINDOW = 60.0
+
+
+def utc_day(now: float) -> str:
+    """The UTC date a daily budget is counted in, `YYYY-MM-DD`."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+class Store(Protocol):
+    """What the workers of a group share. Times are wall-clock seconds (`time.time()`)."""
+
+    def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        """Take request `key` of `device` with payload `digest`: False when a worker
+        already took the same payload within `window` seconds (a duplicate)."""
+        ...
+
+    def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
+        """The request ended with an error (or was refused): asking again is a new request.
+        With `digest`, only a claim of that same payload is dropped."""
+        ...
+
+    def open_stream(self, device: str, key: str, token: str, worker: str, limit: int) -> int:
+        """Count a running request of `device`: -1 when counted, else the number running
+        (at least `limit`). A `key` already running replaces it without adding one."""
+        ...
+
+    def close_stream(self, device: str, key: str, token: str) -> None:
+        """The request of `token` ended (a request that replaced it keeps its count)."""
+        ...
+
+    def drop_worker(self, worker: str) -> None:
+        """Forget the streams of `worker` (its replacement calls this when it starts)."""
+        ...
+
+    def requests_since(self, device: str, since: float) -> list[float]: ...
+
+    def add_request(self, device: str, now: float) -> None: ...
+
+    def add_tokens(self, device: str, tokens: int, now: float) -> None: ...
+
+    def tokens(self, device: str, day: str) -> int: ...
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        """Add to the group's counters (`P/bridge/stats`: requests, errors, tokens...)."""
+        ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def lead(self, worker: str, ttl: float, now: float) -> bool:
+        """Become or stay the group's leader for `ttl` seconds; False when another leads."""
+        ...
+
+    def resign(self, worker: str) -> None: ...
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        """Hold worker slot 1..`slots` for `ttl` seconds: the one `owner` held, else the
+        lowest free one; 0 when all are held (replicas of one container image)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The shared state in one SQLite file: for workers on one host (same `BRIDGE_DATA_DIR`)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS recent (
+                device TEXT NOT NULL, key TEXT NOT NULL, digest BLOB NOT NULL, at REAL NOT NULL,
+                PRIMARY KEY (device, key));
+            CREATE INDEX IF NOT EXISTS recent_by_time ON recent (at);
+            CREATE TABLE IF NOT EXISTS streams (
+                device TEXT NOT NULL, key TEXT NOT NULL, token TEXT NOT NULL,
+                worker TEXT NOT NULL, PRIMARY KEY (device, key));
+            CREATE TABLE IF NOT EXISTS requests (device TEXT NOT NULL, at REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS requests_by_device ON requests (device, at);
+            CREATE TABLE IF NOT EXISTS usage (
+                device TEXT NOT NULL, day TEXT NOT NULL,
+                requests INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (device, day));
+            CREATE TABLE IF NOT EXISTS leader (
+                name TEXT PRIMARY KEY, worker TEXT NOT NULL, until REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            """
+        )
+        self._claims = 0
+
+    def _tx(self) -> Any:
+        """BEGIN IMMEDIATE: the write lock is taken first, so read-then-write is atomic."""
+        return _Immediate(self.db, self._lock)
+
+    def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        with self._tx():
+            row = self.db.execute(
+                "SELECT digest, at FROM recent WHERE device = ? AND key = ?", (device, key)
+            ).fetchone()
+            if row is not None and bytes(row[0]) == digest and now - float(row[1]) < window:
+                return False
+            self.db.execute(
+                "INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", (device, key, digest, now)
+            )
+            self._claims += 1
+            if self._claims % 1000 == 0:  # bounded: what left the window goes
+                self.db.execute("DELETE FROM recent WHERE at < ?", (now - window,))
+            return True
+
+    def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
+        with self._lock:
+            if digest is None:
+                self.db.execute("DELETE FROM recent WHERE device = ? AND key = ?", (device, key))
+            else:
+                self.db.execute(
+                    "DELETE FROM recent WHERE device = ? AND key = ? AND digest = ?",
+                    (device, key, digest),
+                )
+
+    def open_stream(self, device: str, key: str, token: str, worker: str, limit: int) -> int:
+        with self._tx():
+            found = self.db.execute(
+                "SELECT 1 FROM streams WHERE device = ? AND key = ?", (device, key)
+            ).fetchone()
+            if found is None and limit:
+                (running,) = self.db.execute(
+                    "SELECT COUNT(*) FROM streams WHERE device = ?", (device,)
+                ).fetchone()
+                if running >= limit:
+                    return int(running)
+            self.db.execute(
+                "INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?)", (device, key, token, worker)
+            )
+            return -1
+
+    def close_stream(self, device: str, key: str, token: str) -> None:
+        with self._lock:
+            self.db.execute(
+                "DELETE FROM streams WHERE device = ? AND key = ? AND token = ?",
+                (device, key, token),
+            )
+
+    def drop_worker(self, worker: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM streams WHERE worker = ?", (worker,))
+
+    def requests_since(self, device: str, since: float) -> list[float]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT at FROM requests WHERE device = ? AND at > ? ORDER BY at", (device, since)
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
+    def add_request(self, device: str, now: float) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO requests VALUES (?, ?)", (device, now))
+            self.db.execute("DELETE FROM requests WHERE at < ?", (now - _RATE_WINDOW,))
+            self.db.execute(
+                "INSERT INTO usage (device, day, requests) VALUES (?, ?, 1) "
+                "ON CONFLICT (device, day) DO UPDATE SET requests = requests + 1",
+                (device, utc_day(now)),
+            )
+
+    def add_tokens(self, device: str, tokens: int, now: float) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO usage (device, day, tokens) VALUES (?, ?, ?) "
+                "ON CONFLICT (device, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+                (device, utc_day(now), tokens),
+            )
+
+    def tokens(self, device: str, day: str) -> int:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT tokens FROM usage WHERE device = ? AND day = ?", (device, day)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        with self._tx():
+            for name, value in counts.items():
+                self.db.execute(
+                    "INSERT INTO counts VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    (name, value),
+                )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self.db.execute("SELECT name, value FROM counts").fetchall()
+        return {str(n): int(v) for n, v in rows}
+
+    def lead(self, worker: str, ttl: float, now: float) -> bool:
+        with self._tx():
+            row = self.db.execute("SELECT worker, until FROM leader WHERE name = 'l'").fetchone()
+            if row is not None and row[0] != worker and float(row[1]) > now:
+                return False
+            self.db.execute("INSERT OR REPLACE INTO leader VALUES ('l', ?, ?)", (worker, now + ttl))
+            return True
+
+    def resign(self, worker: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM leader WHERE name = 'l' AND worker = ?", (worker,))
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        with self._tx():
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS slots (i INTEGER PRIMARY KEY, owner TEXT, until REAL)"
+            )
+            rows = {int(i): (o, float(u)) for i, o, u in self.db.execute("SELECT * FROM slots")}
+            mine = [i for i, (o, _u) in rows.items() if o == owner and i <= slots]
+            free = [i for i in range(1, slots + 1) if i not in rows or rows[i][1] <= now]
+            slot = mine[0] if mine else (free[0] if free else 0)
+            if slot:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO slots VALUES (?, ?, ?)", (slot, owner, now + ttl)
+                )
+            return slot
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+
+class _Immediate:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.db = db
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        finally:
+            self.lock.release()
+
+
+# Lua scripts: each runs atomically in Redis.
+_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_FORGET_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_OPEN = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and tonumber(ARGV[4]) > 0 then
+  local n = redis.call('HLEN', KEYS[1])
+  if n >= tonumber(ARGV[4]) then return n end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('SADD', KEYS[2], KEYS[1] .. '\\n' .. ARGV[1])
+return -1
+"""
+_CLOSE = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '|' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], KEYS[1] .. '\\n' .. ARGV[1])
+end
+return 0
+"""
+_DROP = """
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local i = string.find(m, '\\n', 1, true)
+  local h, f = string.sub(m, 1, i - 1), string.sub(m, i + 1)
+  local v = redis.call('HGET', h, f)
+  if v and string.sub(v, -string.len(ARGV[1]) - 1) == '|' .. ARGV[1] then
+    redis.call('HDEL', h, f)
+  end
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+_LEAD = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class RedisStore:
+    """The shared state in Redis (`BRIDGE_STATE_URL=redis://host:6379/0`): workers anywhere.
+
+    Keys start with `llm-bridge:<group>:`; duplicate records expire with the
+    window, rate records after a minute, daily usage after two days.
+    """
+
+    def __init__(self, url: str, namespace: str, timeout: float = 0.5) -> None:
+        import redis  # noqa: PLC0415 (only workers that use Redis need the client)
+
+        self.r = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=5
+        )
+        self.ns = f"llm-bridge:{namespace}:"
+        self._claim = self.r.register_script(_CLAIM)
+        self._forget_if = self.r.register_script(_FORGET_IF)
+        self._open = self.r.register_script(_OPEN)
+        self._close = self.r.register_script(_CLOSE)
+        self._drop = self.r.register_script(_DROP)
+        self._lead = self.r.register_script(_LEAD)
+
+    def _k(self, *parts: str) -> str:
+        return self.ns + ":".join(parts)
+
+    def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        ms = max(int(window * 1000), 1)
+        return bool(self._claim(keys=[self._k("recent", device, key)], args=[digest, ms]))
+
+    def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
+        k = self._k("recent", device, key)
+        if digest is None:
+            self.r.delete(k)
+        else:
+            self._forget_if(keys=[k], args=[digest])
+
+    def open_stream(self, device: str, key: str, token: str, worker: str, limit: int) -> int:
+        keys = [self._k("streams", device), self._k("worker", worker)]
+        return int(self._open(keys=keys, args=[key, token, worker, limit]))
+
+    def close_stream(self, device: str, key: str, token: str) -> None:
+        # The worker's index entry is dropped with the field; the worker is read from it.
+        h = self._k("streams", device)
+        value = self.r.hget(h, key)
+        if value is None:
+            return
+        worker = bytes(value).decode().rpartition("|")[2]  # type: ignore[arg-type]
+        self._close(keys=[h, self._k("worker", worker)], args=[key, token])
+
+    def drop_worker(self, worker: str) -> None:
+        self._drop(keys=[self._k("worker", worker)], args=[worker])
+
+    def requests_since(self, device: str, since: float) -> list[float]:
+        k = self._k("requests", device)
+        rows: Any = self.r.zrangebyscore(k, f"({since}", "+inf", withscores=True)
+        return [float(score) for _member, score in rows]
+
+    def add_request(self, device: str, now: float) -> None:
+        k = self._k("requests", device)
+        day = self._k("usage", utc_day(now), device)
+        pipe = self.r.pipeline()
+        pipe.zadd(k, {f"{now}:{time.perf_counter_ns()}": now})
+        pipe.zremrangebyscore(k, "-inf", now - _RATE_WINDOW)
+        pipe.expire(k, int(_RATE_WINDOW) + 1)
+        pipe.hincrby(day, "requests", 1)
+        pipe.expire(day, 2 * 86400)
+        pipe.execute()
+
+    def add_tokens(self, device: str, tokens: int, now: float) -> None:
+        day = self._k("usage", utc_day(now), device)
+        pipe = self.r.pipeline()
+        pipe.hincrby(day, "tokens", tokens)
+        pipe.expire(day, 2 * 86400)
+        pipe.execute()
+
+    def tokens(self, device: str, day: str) -> int:
+        v = self.r.hget(self._k("usage", day, device), "tokens")
+        return int(v) if v is not None else 0
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        pipe = self.r.pipeline()
+        for name, value in counts.items():
+            pipe.hincrby(self._k("counts"), name, value)
+        pipe.execute()
+
+    def counts(self) -> dict[str, int]:
+        raw: Any = self.r.hgetall(self._k("counts"))
+        return {bytes(k).decode(): int(v) for k, v in raw.items()}
+
+    def lead(self, worker: str, ttl: float, now: float) -> bool:
+        ms = max(int(ttl * 1000), 1)
+        return bool(self._lead(keys=[self._k("leader")], args=[worker, ms]))
+
+    def resign(self, worker: str) -> None:
+        self._forget_if(keys=[self._k("leader")], args=[worker])
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        for i in range(1, slots + 1):  # the one held first: a restarted replica gets it back
+            if self.r.get(self._k("slot", str(i))) == owner.encode():
+                self._lead(keys=[self._k("slot", str(i))], args=[owner, int(ttl * 1000)])
+                return i
+        for i in range(1, slots + 1):
+            if self._lead(keys=[self._k("slot", str(i))], args=[owner, int(ttl * 1000)]):
+                return i
+        return 0
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class LocalStore:
+    """This worker's own memory: what `Guarded` answers from while the shared store is away.
+
+    Bounded like the core's duplicate table (entries expire with the window,
+    at most `total` kept).
+    """
+
+    def __init__(self, total: int = 20_000) -> None:
+        self.total = total
+        self.recent: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        self.streams: dict[tuple[str, str], str] = {}
+        self.per_device: Counter[str] = Counter()
+
+    def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        entry = self.recent.get((device, key))
+        if entry is not None and entry[0] == digest and now - entry[1] < window:
+            return False
+        self.recent[(device, key)] = (digest, now)
+        self.recent.move_to_end((device, key))
+        while len(self.recent) > self.total:
+            self.recent.popitem(last=False)
+        return True
+
+    def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
+        entry = self.recent.get((device, key))
+        if entry is not None and (digest is None or entry[0] == digest):
+            del self.recent[(device, key)]
+
+    def open_stream(self, device: str, key: str, token: str, worker: str, limit: int) -> int:
+        if (device, key) not in self.streams:
+            if limit and self.per_device[device] >= limit:
+                return self.per_device[device]
+            self.per_device[device] += 1
+        self.streams[(device, key)] = token
+        return -1
+
+    def close_stream(self, device: str, key: str, token: str) -> None:
+        if self.streams.get((device, key)) == token:
+            del self.streams[(device, key)]
+            self.per_device[device] -= 1
+            if self.per_device[device] <= 0:
+                del self.per_device[device]
+
+
+class Guarded:
+    """A shared store that never raises: while it fails, this worker's memory answers.
+
+    The first failure is logged as an error (limits now count per worker,
+    duplicates are only caught within this worker); the first success after
+    it as recovered. The counters of the rate and budget are not counted
+    while the store is away (a device gets more, never less, than its limits).
+    """
+
+    def __init__(self, store: Store, worker: str) -> None:
+        self.store = store
+        self.worker = worker
+        self.local = LocalStore()
+        self.degraded = False
+        self.failures = 0
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        if not self.degraded:
+            self.degraded = True
+            log.error(
+                "shared state store unavailable (%s): duplicates and limits are counted by "
+                "this worker alone until it is back", type(exc).__name__,
+            )  # fmt: skip
+
+    def _ok(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.warning("shared state store is back")
+
+    def _do(self, name: str, fallback: Any, *args: Any) -> Any:
+        try:
+            result = getattr(self.store, name)(*args)
+        except Exception as exc:  # redis.ConnectionError, TimeoutError, sqlite3.Error...
+            self._failed(exc)
+            return fallback(*args) if callable(fallback) else fallback
+        self._ok()
+        return result
+
+    def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        local = self.local.claim(device, key, digest, now, window)
+        return bool(self._do("claim", lambda *_: local, device, key, digest, now, window))
+
+    def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
+        self.local.forget(device, key, digest)
+        self._do("forget", None, device, key, digest)
+
+    def open_stream(self, device: str, key: str, token: str, worker: str, limit: int) -> int:
+        n: int = self._do("open_stream", self.local.open_stream, device, key, token, worker, limit)
+        return n
+
+    def close_stream(self, device: str, key: str, token: str) -> None:
+        self.local.close_stream(device, key, token)
+        self._do("close_stream", None, device, key, token)
+
+    def drop_worker(self, worker: str) -> None:
+        self._do("drop_worker", None, worker)
+
+    def requests_since(self, device: str, since: float) -> list[float]:
+        got: list[float] = self._do("requests_since", [], device, since)
+        return got
+
+    def add_request(self, device: str, now: float) -> None:
+        self._do("add_request", None, device, now)
+
+    def add_tokens(self, device: str, tokens: int, now: float) -> None:
+        self._do("add_tokens", None, device, tokens, now)
+
+    def tokens(self, device: str, day: str) -> int:
+        n: int = self._do("tokens", 0, device, day)
+        return n
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        self._do("add_counts", None, counts)
+
+    def counts(self) -> dict[str, int]:
+        got: dict[str, int] = self._do("counts", {})
+        return got
+
+    def lead(self, worker: str, ttl: float, now: float) -> bool:
+        # Without the store no worker can know it alone leads: none does.
+        return bool(self._do("lead", False, worker, ttl, now))
+
+    def resign(self, worker: str) -> None:
+        self._do("resign", None, worker)
+
+    def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
+        n: int = self._do("take_slot", 0, owner, slots, ttl, now)
+        return n
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        except Exception:
+            log.debug("closing the shared store failed", exc_info=True)
+
+
+def open_store(state_url: str, data_dir: Path, namespace: str, worker: str) -> Guarded:
+    """The group's store: Redis when `state_url` is `redis://...`, else SQLite in `data_dir`."""
+    store: Store
+    if state_url.startswith(("redis://", "rediss://", "unix://")):
+        store = RedisStore(state_url, namespace)
+    elif state_url.startswith("sqlite:///"):
+        store = SqliteStore(Path(state_url.removeprefix("sqlite://")))
+    else:
+        store = SqliteStore(data_dir / f"{namespace}-{SHARED_FILE}")
+    return Guarded(store, worker)
