@@ -1,4 +1,4 @@
-"""examples/emqx (bridge workers on an EMQX cluster) and docs/scaling.md, checked by parsing.
+"""docs/scaling/emqx (bridge workers on an EMQX cluster) and docs/scaling.md, checked by parsing.
 
 No Docker engine or EMQX runs here: the compose file, EMQX's access rules and
 users are held against each other, against broker/acl and against the
@@ -16,7 +16,7 @@ import yaml
 from bridge.core.settings import MqttUrl, load_settings
 from tests.harness import REPO
 
-EMQX = REPO / "examples" / "emqx"
+EMQX = REPO / "docs" / "scaling" / "emqx"
 
 
 def _compose() -> dict[str, Any]:
@@ -109,9 +109,9 @@ def test_emqx_acl_grants_what_broker_acl_grants() -> None:
 
 def test_scaling_doc_names_what_exists() -> None:
     doc = (REPO / "docs" / "scaling.md").read_text()
-    for path in re.findall(r"`((?:examples|bridge|tests|broker|docs)/[\w./-]+)`", doc):
+    for path in re.findall(r"`((?:bridge|tests|broker|docs)/[\w./-]+)`", doc):
         assert (REPO / path).exists(), path
-    assert "examples/emqx/compose.yaml" in doc
+    assert "docs/scaling/emqx/compose.yaml" in doc
     for name in re.findall(r"`(BRIDGE_[A-Z_]+)", doc):
         if name.endswith("_"):
             continue
