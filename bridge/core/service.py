@@ -808,12 +808,7 @@ class Bridge:
         first = job.seq == 0
         for kind, text in pieces:
             if kind == DELTA:
-                self._send(job, p.delta_message(job.seq, text))
-                for plugin in self._text_plugins:
-                    try:
-                        plugin.text(job, text)
-                    except Exception:
-                        log.exception("plugin %s.text failed", type(plugin).__name__)
+                self._send_text(job, text)
             else:
                 self._send(job, p.refusal_message(job.seq, text))
         if first and pieces:
@@ -864,12 +859,16 @@ class Bridge:
         if self.journal is not None:
             self.journal.set_seq(job.slot, job.seq + len(held))
         for text in held:
-            self._send(job, p.delta_message(job.seq, text))
-            for plugin in self._text_plugins:
-                try:
-                    plugin.text(job, text)
-                except Exception:
-                    log.exception("plugin %s.text failed", type(plugin).__name__)
+            self._send_text(job, text)
+
+    def _send_text(self, job: Job, text: str) -> None:
+        """Publish a piece of reply text and hand it to the plugins that follow the text."""
+        self._send(job, p.delta_message(job.seq, text))
+        for plugin in self._text_plugins:
+            try:
+                plugin.text(job, text)
+            except Exception:
+                log.exception("plugin %s.text failed", type(plugin).__name__)
 
     def _publish_terminal(
         self, topic: str, payload: bytes, props: Properties | None = None, slot: int = -1

@@ -362,7 +362,7 @@ class Upstream:
                     sent()
 
             extensions = {"trace": trace}
-        try:
+        with self._errors():
             async with self.client.stream(
                 "POST", self.url, json=body, extensions=extensions
             ) as resp:
@@ -377,20 +377,6 @@ class Upstream:
                         retry_after=retry_after_seconds(resp.headers),
                     )
                 yield self._events(resp)
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc)) from None
-        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError) as exc:
-            raise UpstreamError(
-                p.UPSTREAM_UNREACHABLE,
-                self.redact(f"cannot reach the API: {exc or type(exc).__name__}"),
-            ) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise UpstreamError(
-                p.UPSTREAM_PROTOCOL,
-                self.redact(f"the API connection broke: {exc or type(exc).__name__}"),
-            ) from None
-        except httpx.DecodingError as exc:
-            raise UpstreamError(p.UPSTREAM_PROTOCOL, f"undecodable reply: {exc}") from None
 
     async def _read_some(self, resp: httpx.Response, limit: int = 8192) -> bytes:
         buf = bytearray()
