@@ -48,9 +48,9 @@ MAX_CORRELATION_BYTES = 256
 # start, so that its start is not queued behind their chunks in the event loop
 # (docs/performance.md, "Fair start"). Waiting for the API's answer is not held,
 # and a new window opens only START_GAP after the last one closed: a flood of new
-# requests holds running streams a quarter of the time at most, never starves them.
-START_HOLD = 0.01
-START_GAP = 0.03
+# requests holds running streams a tenth of the time at most, never starves them.
+START_HOLD = 0.005
+START_GAP = 0.045
 
 
 class Recent:
