@@ -211,3 +211,21 @@ def test_home_assistant_ask_box_keeps_a_session_per_device(
     finally:
         for dev in ha:
             dev.close()
+
+
+def test_llm_bridge_chat_continues_a_session(
+    bridge: BridgeProcess, broker: Any, mock_llm: Any
+) -> None:
+    """`llm-bridge chat --session S` asks within S; `--new-session` starts it afresh."""
+    from tests.test_cli import llm_bridge
+
+    broker.add_user("clisess")
+    url = broker.url("clisess")
+    base = ("--device", "clisess", "--mqtt-url", url, "--session", "talk")
+    for prompt, extra in (("cli first", ()), ("cli second", ()), ("cli fresh", ("--new-session",))):
+        done = llm_bridge("chat", prompt, *base, *extra)
+        assert done.returncode == 0 and done.stdout.strip() == _said(prompt), done.stderr
+    assert [m["content"] for m in _sent(mock_llm, "cli second")] == [
+        "cli first", _said("cli first"), "cli second",
+    ]  # fmt: skip
+    assert [m["content"] for m in _sent(mock_llm, "cli fresh")] == ["cli fresh"]
