@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,195 @@ def test_sentence_rule_sends_whole_sentences(deltas: list[str]) -> None:
 
 def test_no_rule_passes_through() -> None:
     assert Chunker().feed("abc") == ["abc"]
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("sentences", [False, True])
+@pytest.mark.parametrize("max_ms", [0, 500])
+def test_size_rule_sends_a_piece_the_moment_it_is_full(sentences: bool, max_ms: int) -> None:
+    """protocol.md: "a chunk is sent as soon as it is full", whatever other rule is set."""
+    c = Chunker(max_bytes=9, sentences=sentences, max_ms=max_ms)
+    assert c.feed("You") == []
+    assert c.feed(" said:") == ["You said:"]  # exactly 9 bytes
+    assert not c.holding
+    assert c.feed("abcdefgh") == []
+    assert c.feed("é") == ["abcdefgh"]  # the next character does not fit: full at 8
+    assert c.flush() == ["é"]
+
+
+def test_sentence_rule_sends_a_sentence_when_its_end_comes() -> None:
+    c = Chunker(sentences=True)
+    assert c.feed("It is 3.") == []  # "3.14" or a sentence end: the next character says
+    assert c.feed("14 today.") == []
+    assert c.feed(" Next") == ["It is 3.14 today. "]
+    assert c.feed(" one?\n") == ["Next one?\n"]
+    assert c.feed("好。") == ["好。"]  # a CJK terminator needs no space
+    assert c.feed("a\nb") == ["a\n"]  # a line break ends one too
+    assert c.flush() == ["b"]
+
+
+def test_sentence_end_split_over_deltas_with_closing_quotes() -> None:
+    c = Chunker(sentences=True)
+    assert c.feed('He said "Stop') == []
+    assert c.feed(".") == []
+    assert c.feed('"') == []
+    assert c.feed(")") == []
+    assert c.feed("  And") == ['He said "Stop.")  ']
+    assert c.feed("…") == []
+    assert c.feed("x") == []  # "…x": not an end
+    assert c.feed(" y… ") == ["And…x y… "]
+    assert not c.holding
+
+
+def test_size_rule_cuts_a_long_sentence_at_n_bytes() -> None:
+    c = Chunker(max_bytes=8, sentences=True)
+    assert c.feed("abcdefghij") == ["abcdefgh"]
+    assert c.feed(". k") == ["ij. "]
+    assert c.feed("lmnopqrstuvwxyz. A") == ["klmnopqr", "stuvwxyz", ". "]
+    assert c.flush() == ["A"]
+
+
+def test_time_rule_holds_text_for_chunk_ms() -> None:
+    clock = FakeClock()
+    c = Chunker(max_ms=100, clock=clock)
+    assert c.due_in() is None
+    assert c.feed("a") == []
+    assert c.due_in() == pytest.approx(0.1)
+    clock.now += 0.06
+    assert c.feed("b") == []
+    assert c.due_in() == pytest.approx(0.04)  # counted from the oldest text held
+    clock.now += 0.04
+    assert c.due_in() == pytest.approx(0.0)
+    assert c.flush() == ["ab"]
+    assert c.due_in() is None
+    clock.now += 5
+    assert c.feed("c") == []
+    assert c.due_in() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("rules", "first", "second", "sent"),
+    [
+        ({"sentences": True}, "Hi.", " there", ["Hi. "]),
+        ({"max_bytes": 8}, "abcd", "efghij", ["abcdefgh"]),
+        ({"max_bytes": 8, "sentences": True}, "ab.", " cdefghijkl", ["ab. ", "cdefghij"]),
+    ],
+)
+def test_time_rule_counts_from_the_text_still_held(
+    rules: dict[str, int], first: str, second: str, sent: list[str]
+) -> None:
+    """Text sent by another rule takes its age with it: what is left is as old as its delta."""
+    clock = FakeClock()
+    c = Chunker(max_ms=100, clock=clock, **rules)
+    assert c.feed(first) == []
+    clock.now += 0.06
+    assert c.feed(second) == sent
+    assert c.holding
+    assert c.due_in() == pytest.approx(0.1)  # not 0.04: that text left already
+
+
+_TRICKY = [".", "!", "?", "…", '"', ")", "]", " ", "  ", "\n", "。", "\uff01", "é", "😀",
+           "ab", " cd", "3.14", "x. y", '.") z']  # fmt: skip
+_END_AT = re.compile(r"(?:[.!?\u2026][\"')\]]*\s|[\u3002\uff01\uff1f]|\n)\s*$")
+_END_IN = re.compile(r"[.!?\u2026][\"')\]]*\s|[\u3002\uff01\uff1f]|\n")
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(_TRICKY), st.booleans()), min_size=1, max_size=60),
+    st.sampled_from([0, 8, 9, 13]),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=400, deadline=None)
+def test_every_rule_combination(
+    deltas: list[tuple[str, bool]], size: int, sentences: bool, timed: bool
+) -> None:
+    """Nothing lost or reordered; a piece leaves only when full or at a sentence end (or
+    when its time is up), and then at once: after each delta no full piece and no whole
+    sentence end is held."""
+    c = Chunker(max_bytes=size, sentences=sentences, max_ms=100 if timed else 0)
+    sent = ""
+    held = ""
+    for d, time_is_up in deltas:
+        if timed and time_is_up:  # what the caller's timer does
+            flushed = c.flush()
+            assert "".join(flushed) == held
+            sent += held
+            held = ""
+        pieces = c.feed(d)
+        held += d
+        for piece in pieces:
+            assert held.startswith(piece)
+            held = held[len(piece) :]
+            sent += piece
+            if size:
+                assert len(piece.encode()) <= size
+            full = size and len(piece.encode()) > size - 4
+            if size or sentences or timed:
+                assert full or (sentences and _END_AT.search(sent)), (sent, piece)
+        assert c.holding == bool(held)
+        if not (size or sentences or timed):
+            assert not held
+        if size:
+            assert len(held.encode()) < size
+        if sentences:
+            assert not _END_IN.search(held), (sent, held)
+    rest = c.flush()
+    assert "".join(rest) == held
+    assert sent + held == "".join(d for d, _ in deltas)
+    assert all(len(piece.encode()) <= size for piece in rest) if size else len(rest) <= 1
+
+
+def _half_times(deltas: list[str], rules: dict[str, int]) -> tuple[float, float]:
+    """CPU seconds for feeding the first and the second half of `deltas` (best of 5)."""
+    half = len(deltas) // 2
+    best = [float("inf"), float("inf")]
+    for _ in range(5):
+        c = Chunker(**rules)
+        for i, part in enumerate((deltas[:half], deltas[half:])):
+            t = time.process_time()
+            for d in part:
+                c.feed(d)
+            best[i] = min(best[i], time.process_time() - t)
+        c.flush()
+    return best[0], best[1]
+
+
+_RULES = [{"sentences": 1}, {"sentences": 1, "max_bytes": 65536}, {"max_bytes": 65536},
+          {"max_ms": 10000}, {"sentences": 1, "max_ms": 10000}]  # fmt: skip
+
+
+@pytest.mark.parametrize("rules", _RULES)
+@pytest.mark.parametrize("kind", ["words", "dots"])
+def test_feeding_is_linear_in_the_reply(rules: dict[str, int], kind: str) -> None:
+    """The second half of a long reply with no sentence end costs what the first did.
+
+    Before, every delta re-joined and re-scanned all the held text: the second
+    half cost ~3x the first (and 12,000 tokens ~10 s of the event loop).
+    """
+    n = 8000
+    deltas = reply_tokens("hi", n) if kind == "words" else ["."] * n
+    first, second = _half_times(deltas, rules)
+    assert second < 2 * first + 0.005, (first, second)
+
+
+def test_a_long_run_of_terminators_is_scanned_in_linear_time() -> None:
+    """200,000 dots in one delta (no space: no sentence end) must not make the regex backtrack."""
+    c = Chunker(sentences=True)
+    t = time.process_time()
+    assert c.feed("." * 200_000) == []
+    assert c.feed(")" * 200_000) == []
+    assert time.process_time() - t < 0.5
+    assert c.feed(" x") == ["." * 200_000 + ")" * 200_000 + " "]
 
 
 def test_journal_survives_the_process(tmp_path: Path) -> None:
@@ -169,3 +359,61 @@ def test_journal_answers_requests_of_a_killed_bridge(
         assert seqs == sorted(set(seqs)), seqs  # increasing, no repeat
         assert msgs[-1]["error"]["code"] == "interrupted"
         assert sum(1 for m in msgs if "error" in m or "done" in m) == 1
+
+
+def test_a_reply_with_no_sentence_end_does_not_delay_another_device(
+    start_bridge: Callable[..., BridgeProcess], make_device: Callable[..., Device]
+) -> None:
+    """Streams are independent: 40,000 words without a sentence end for one device
+    (chunk_sentences holds them all) leave another device's short request fast.
+
+    Before, each delta re-scanned all the held text on the event loop: the
+    short request waited for seconds (10 s behind 12,000 tokens)."""
+    proc = start_bridge()
+    slow, quick = make_device(prefix=proc.prefix), make_device(prefix=proc.prefix)
+    slow.send({"id": "long", "prompt": "hi [mock tokens=40000]", "chunk_sentences": True})
+    deadline = time.monotonic() + 10
+    while not slow.messages("long"):  # "You said: hi. ": the rest is one endless sentence
+        assert time.monotonic() < deadline, "no first sentence"
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    reply = quick.ask({"id": "short", "prompt": "quick [mock tokens=5]"}, timeout=1.5)
+    took = time.monotonic() - t0
+    still_streaming = not any("done" in m for m in slow.messages("long"))
+    assert reply.text == _whole("quick", 5)
+    long = slow.wait("long", timeout=30)
+    assert long.text == _whole("hi", 40000)
+    assert [m["delta"] for m in long.messages[:-1]] == ["You said: hi. ", long.text[14:]]
+    assert still_streaming, "the long reply ended before the short one: nothing was measured"
+    assert took < 1.5, took
+
+
+def test_chunk_bytes_piece_leaves_when_full_with_chunk_ms(
+    bridge: BridgeProcess, device: Device
+) -> None:
+    """ "You" + " said:" is exactly 9 bytes: sent then, not when the next token
+    overfills it (400 ms later) nor when chunk_ms (5 s) ends."""
+    t0 = time.monotonic()
+    device.send({"id": "full", "prompt": "ab [mock tokens=3 delay_ms=400]", "chunk_bytes": 9,
+                 "chunk_ms": 5000})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not device.messages("full"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first = time.monotonic()
+    reply = device.wait("full")
+    end = time.monotonic()
+    assert [m.get("delta") for m in reply.messages] == ["You said:", " ab.", None]
+    assert end - first > 0.2, (first - t0, end - t0)
+
+
+def test_chunk_ms_counts_from_the_text_still_held(bridge: BridgeProcess, device: Device) -> None:
+    """Tokens every 400 ms, chunk_ms 1400, whole sentences: the first sentence leaves at its
+    end (token 4, " alpha", ~1.6 s); "alpha" is held from then, so the reply's end (~2.4 s)
+    comes before its 1400 ms are up (~3.0 s). Before, the timer started with "You" (~0.4 s)
+    fired at ~1.8 s and sent "alpha" alone. (Margins of 600 ms either way.)"""
+    ask = {"id": "aged", "prompt": "ab [mock tokens=6 delay_ms=400]", "chunk_sentences": True,
+           "chunk_ms": 1400}  # fmt: skip
+    reply = device.ask(ask)
+    deltas = [m["delta"] for m in reply.messages[:-1]]
+    assert deltas == ["You said: ab. ", "alpha bravo charlie"]

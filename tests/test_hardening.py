@@ -309,6 +309,8 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_new_device_ids_cost_bounded_memory(
     own_broker: Broker, mock_llm: Any, tmp_path: Path
 ) -> None:
@@ -327,14 +329,14 @@ def test_new_device_ids_cost_bounded_memory(
             for i in range(start, start + count):
                 w.client.publish(f"llm/m{i}/ask", f"hi {i} [mock tokens=2]", qos=0)
             want = start + count
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300
             while len([m for m in w.msgs if m.topic.endswith("/event")]) < want:
-                assert time.monotonic() < deadline, "the bridge did not answer them all"
+                assert time.monotonic() < deadline, f"answered {len(w.msgs)} of {want}"
                 time.sleep(0.1)
 
-        ask(0, 1500)  # warm-up: allocator arenas, caches, the first evictions
+        ask(0, 1200)  # warm-up: allocator arenas, caches, the first evictions
         before = rss_kb(proc.proc.pid)
-        ask(1500, 5000)
+        ask(1200, 5000)
         grown = rss_kb(proc.proc.pid) - before
         print(f"RSS growth over 5,000 new device ids: {grown} KB")
         assert grown < 8 * 1024, f"RSS grew {grown} KB"

@@ -233,6 +233,22 @@ def test_auth_models_health_and_errors() -> None:
         assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
 
 
+def test_echo_auth_puts_the_authorization_header_in_the_error() -> None:
+    """A careless upstream echoing the key, whole or shortened, in its error bodies and events."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with running_mock(api_key=KEY) as m, httpx.Client(base_url=m.base_url, headers=auth) as c:
+        r = c.post("/chat/completions", json=body("[mock status=401 echo_auth=5] hi"))
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == f"xxxxxIncorrect API key provided: Bearer {KEY}"
+        r = c.post("/chat/completions", json=body("[mock status=400 echo_auth echo_keep=8] hi"))
+        message = r.json()["error"]["message"]
+        assert message == "xIncorrect API key provided: Bearer s\u2026test-123"
+        stream = body("[mock tokens=3 error_event_at=1 echo_auth=0] hi", stream=True)
+        events = sse_events(c.post("/chat/completions", json=stream).text)
+        error = json.loads(events[-1]["data"])["error"]
+        assert error["message"] == f"Incorrect API key provided: Bearer {KEY}"
+
+
 def test_status_retry_after_and_fail_times(mock: MockHandle, client: httpx.Client) -> None:
     r = client.post("/chat/completions", json=body("[mock status=429 retry_after=2] hi"))
     assert r.status_code == 429

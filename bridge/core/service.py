@@ -31,7 +31,7 @@ from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import Settings
 from bridge.core.topics import Topics
-from bridge.core.upstream import Upstream
+from bridge.core.upstream import DETAIL_CHARS, Upstream
 
 log = logging.getLogger("bridge")
 
@@ -569,7 +569,8 @@ class Bridge:
                 continue
             except ProtocolError as exc:  # an error the API sent inside the stream
                 _estimate(job, body, fold)
-                raise ProtocolError(exc.code, self.upstream.redact(exc.message)) from None
+                text = self.upstream.redact(exc.message)[:DETAIL_CHARS]  # redacted, then cut
+                raise ProtocolError(exc.code, text) from None
             except asyncio.CancelledError:
                 _estimate(job, body, fold)
                 raise
@@ -684,6 +685,10 @@ class Bridge:
         """The time rule: publish what was held for `chunk_ms`."""
         job.timer = None
         if job.task is not None and not job.task.done():
+            wait = job.chunker.due_in() if job.chunker is not None else None
+            if wait is not None and wait > 0.001:  # what is held now came after the timer began
+                job.timer = asyncio.get_running_loop().call_later(wait, self._flush_held, job)
+                return
             self._publish_held(job)
 
     def _publish_held(self, job: Job) -> None:

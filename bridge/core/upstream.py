@@ -24,6 +24,11 @@ from bridge.core.errors import UpstreamError
 from bridge.core.netio import AsyncioTransport
 from bridge.core.settings import Settings
 
+SECRET_RUN = 8
+"""No run of this many consecutive characters of the API key may leave the bridge."""
+DETAIL_CHARS = 300
+"""How much of an upstream error's text a device gets (a Pico has little memory)."""
+
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
     """Read `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
@@ -47,15 +52,67 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_detail(body: bytes) -> str:
+class Redactor:
+    """Removes a secret, and every run of `SECRET_RUN` or more of its characters, from a text.
+
+    An upstream may echo the key whole, shortened ("sk-abc…xyz") or cut
+    anywhere, so matching only the whole key is not enough; and a text must
+    be redacted before it is cut, or the cut leaves a part that no longer
+    matches. Each run of the key's characters becomes "***".
+    """
+
+    __slots__ = ("_grams", "_secret")
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self._grams = frozenset(
+            secret[i : i + SECRET_RUN] for i in range(len(secret) - SECRET_RUN + 1)
+        )
+
+    def __call__(self, text: str) -> str:
+        if not self._secret:
+            return text
+        text = text.replace(self._secret, "***")
+        while True:  # again: a "***" between two runs could join them into a new one
+            spans = sorted(
+                (i, i + SECRET_RUN) for gram in self._grams for i in _occurrences(text, gram)
+            )
+            if not spans:
+                return text
+            out: list[str] = []
+            pos = 0
+            end = -1
+            for start, stop in spans:
+                if start > end:  # a run apart from the previous one
+                    if end >= 0:
+                        out.append("***")
+                    out.append(text[pos:start])
+                pos = end = max(end, stop)
+            out.append("***")
+            out.append(text[pos:])
+            text = "".join(out)
+
+
+def _occurrences(text: str, part: str) -> list[int]:
+    """Every index where `part` starts in `text`, overlapping ones too."""
+    found = []
+    i = text.find(part)
+    while i >= 0:
+        found.append(i)
+        i = text.find(part, i + 1)
+    return found
+
+
+def _error_detail(body: bytes, redact: Redactor) -> str:
+    """The message of an error body, redacted and then cut to `DETAIL_CHARS`."""
     try:
         obj = json.loads(body)
     except ValueError:
-        return body[:200].decode("utf-8", "replace").strip()
+        return redact(body.decode("utf-8", "replace")).strip()[:DETAIL_CHARS]
     err = obj.get("error", obj) if isinstance(obj, dict) else obj
     if isinstance(err, dict):
-        return str(err.get("message") or err.get("detail") or err)[:300]
-    return str(err)[:300]
+        err = err.get("message") or err.get("detail") or err
+    return redact(str(err))[:DETAIL_CHARS]
 
 
 def _as_chunk(obj: dict[str, Any]) -> str:
@@ -78,7 +135,7 @@ class Upstream:
         self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-        self._secret = key
+        self._redact = Redactor(key)
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -151,8 +208,11 @@ class Upstream:
         ]
 
     def redact(self, text: str) -> str:
-        """Remove the API key from a text that may echo it."""
-        return text.replace(self._secret, "***") if self._secret else text
+        """Remove the API key, whole or any run of `SECRET_RUN` of its characters, from a text.
+
+        Call it on the whole text, before any cut.
+        """
+        return self._redact(text)
 
     @asynccontextmanager
     async def stream(
@@ -189,7 +249,7 @@ class Upstream:
                 if exchange is not None:
                     exchange.opened(resp)
                 if resp.status_code >= 400:
-                    detail = _error_detail(await self._read_some(resp))
+                    detail = _error_detail(await self._read_some(resp), self._redact)
                     raise UpstreamError(
                         p.UPSTREAM_STATUS,
                         self.redact(f"upstream answered {resp.status_code}: {detail}"),

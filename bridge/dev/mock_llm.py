@@ -40,6 +40,11 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
+* ``echo_auth=P`` with ``status`` or an error event: the error's message
+  echoes the request's ``Authorization`` header after P characters of
+  padding (to put the key across any cut), as a careless upstream might;
+  ``echo_keep=K`` echoes only its first and last K characters, joined by
+  "…" (a provider showing a shortened key).
 
 Content chunks are the deltas carrying content, refusal or tool-call pieces
 (not the role chunk, not reasoning). Counts past the end of the reply apply
@@ -103,6 +108,7 @@ _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
     " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
+    " echo_auth echo_keep"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -272,6 +278,7 @@ class _Options:
 
     raw: dict[str, str]
     ints: dict[str, int]
+    echo: str | None = None  # the error message that ``echo_auth`` asks for
 
     def get(self, key: str, default: int = 0) -> int:
         return self.ints.get(key, default)
@@ -362,6 +369,16 @@ class _Stream:
 _MOCK_ERROR = _dumps(
     {"error": {"message": "mock error", "type": "server_error", "code": "mock_error"}}
 )
+
+
+def _auth_echo(opts: _Options, auth: str) -> str | None:
+    """The error message ``echo_auth``/``echo_keep`` ask for, or None."""
+    if "echo_auth" not in opts.ints:
+        return None
+    keep = opts.get("echo_keep")
+    if keep and 2 * keep < len(auth):
+        auth = f"{auth[:keep]}\u2026{auth[-keep:]}"
+    return f"{'x' * opts.get('echo_auth')}Incorrect API key provided: {auth}"
 
 
 class MockLLM:
@@ -663,18 +680,19 @@ class _Connection:
             await self._error(400, "We could not parse the JSON body of your request.", "bad_json")
             return
         try:
-            await self._chat(body, headers.get("x-mock"))
+            await self._chat(body, headers.get("x-mock"), headers.get("authorization", ""))
         except _BadRequestError as exc:
             await self._error(400, str(exc), "bad_request")
 
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, body: dict[str, Any], header: str | None) -> None:
+    async def _chat(self, body: dict[str, Any], header: str | None, auth: str = "") -> None:
         conv = _conversation(body)
         directives = parse_directives(conv.directive_text) if conv.directive_text else {}
         if header:
             directives.update(parse_directives(header))
         opts = _options(directives)
+        opts.echo = _auth_echo(opts, auth)
 
         if opts.get("first_byte_delay_ms"):
             await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
@@ -682,7 +700,11 @@ class _Connection:
         if "retry_after" in opts.raw:
             extra.append(("retry-after", opts.raw["retry_after"]))
         if self.mock._should_fail(opts):
-            await self._respond(opts.get("status"), _status_error(opts.get("status")), extra=extra)
+            status = opts.get("status")
+            error = _status_error(status)
+            if opts.echo is not None:
+                error = _error_json(opts.echo, "invalid_request_error", "invalid_api_key")
+            await self._respond(status, error, extra=extra)
             return
         stream = bool(body.get("stream", False))
         if "corpus" in opts.raw:
@@ -820,10 +842,12 @@ class _Connection:
                 plan.events.extend(content[: opts.get(key)])
                 if key == "cut_after":
                     plan.cut = True
-                elif key == "error_event_at":
-                    plan.events.append(_Event(f"data: {_MOCK_ERROR}\n\n".encode()))
                 else:
-                    plan.events.append(_Event(f"event: error\ndata: {_MOCK_ERROR}\n\n".encode()))
+                    error = _MOCK_ERROR
+                    if opts.echo is not None:
+                        error = _error_json(opts.echo, "server_error", "mock_error").decode()
+                    frame = "data" if key == "error_event_at" else "event: error\ndata"
+                    plan.events.append(_Event(f"{frame}: {error}\n\n".encode()))
                 return self._keepalive(plan, opts)
 
         plan.events.extend(content)
