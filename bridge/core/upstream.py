@@ -191,7 +191,7 @@ class Upstream:
                 p.UPSTREAM_UNREACHABLE, self.redact(f"cannot list the models: {exc}")
             ) from None
         if resp.status_code >= 400:
-            detail = self.redact(_error_detail(resp.content[:8192]))
+            detail = _error_detail(resp.content[:8192], self._redact)
             raise UpstreamError(
                 p.UPSTREAM_STATUS, f"upstream answered {resp.status_code}: {detail}",
                 status=resp.status_code,
