@@ -54,11 +54,13 @@ async def unless_stopped(work: Coroutine[Any, Any, int], stop: asyncio.Event) ->
 
 def build_plugins(settings: Settings) -> list[Plugin]:
     """The plugins `run_bridge` serves with, in the order they are called."""
-    from bridge.plugins.models import ModelsPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.images import ImagesPlugin  # noqa: PLC0415 (plugins load only when enabled)
+    from bridge.plugins.models import ModelsPlugin  # noqa: PLC0415
     from bridge.plugins.policy import PolicyPlugin  # noqa: PLC0415
     from bridge.plugins.usage import UsagePlugin  # noqa: PLC0415
 
-    plugins: list[Plugin] = [PolicyPlugin(settings)]
+    # Pictures: always present, so that with BRIDGE_IMAGES off it refuses picture requests.
+    plugins: list[Plugin] = [PolicyPlugin(settings), ImagesPlugin(settings)]
     if settings.sessions:
         from bridge.plugins.sessions import SessionsPlugin  # noqa: PLC0415
 
@@ -85,6 +87,21 @@ def build_plugins(settings: Settings) -> list[Plugin]:
             # Before the state plugin: a new device's discovery precedes its first state.
             plugins.append(HomeAssistantPlugin(settings, state))
         plugins.append(state)
+    from bridge.plugins.tools import ToolsPlugin  # noqa: PLC0415
+
+    # Always on: it only acts on `use_tools` requests and on the tools topics.
+    plugins.append(ToolsPlugin(settings))
+    if settings.voice:
+        from bridge.plugins.listen import ListenPlugin  # noqa: PLC0415
+        from bridge.plugins.speech import SpeechPlugin  # noqa: PLC0415
+
+        # Listen first: its prepare() sets the prompt before anything else reads it.
+        plugins[1:1] = [ListenPlugin(settings)]
+        plugins.append(SpeechPlugin(settings))
+    else:
+        from bridge.plugins.speech import VoiceOffPlugin  # noqa: PLC0415
+
+        plugins.append(VoiceOffPlugin())
     return plugins
 
 

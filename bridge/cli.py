@@ -33,6 +33,16 @@ def cmd_mock_llm(args: argparse.Namespace) -> int:
     return mock_llm.run(args)
 
 
+def _print_progress(msg: dict[str, Any]) -> None:
+    """A tool call or result of a `--use-tools` request, on stderr."""
+    if "tool_call" in msg:
+        c = msg["tool_call"]
+        print(f"[tool call {c.get('device')}/{c.get('name')}]", file=sys.stderr, flush=True)
+    elif "tool_result" in msg:
+        ok = msg["tool_result"].get("ok")
+        print(f"[tool result: {'ok' if ok else 'error'}]", file=sys.stderr, flush=True)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from bridge.dev.client import BridgeClient, BridgeError
 
@@ -47,6 +57,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         fields["session"] = args.session
         if args.new_session:
             fields["session_reset"] = True
+    if args.use_tools:
+        fields["use_tools"] = True
 
     async def main(stop: asyncio.Event) -> int:
         client = BridgeClient(
@@ -58,6 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (TimeoutError, OSError) as exc:
             print(f"llm-bridge chat: {exc}", file=sys.stderr)
             return 1
+        client.on_progress = _print_progress
 
         async def ask() -> int:
             try:
@@ -79,6 +92,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             await client.close()
 
     return run_until_signal(main)
+
+
+def _screen_size(text: str) -> str:
+    width, x, height = text.partition("x")
+    if not (x and width.isdigit() and height.isdigit() and 0 < int(width) <= 2048
+            and 0 < int(height) <= 2048):  # fmt: skip
+        raise argparse.ArgumentTypeError("WIDTHxHEIGHT, each 1-2048")
+    return text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -122,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--session", help="continue this conversation kept by the bridge (protocol v2)"
     )
     chat.add_argument("--new-session", action="store_true", help="with --session: start it afresh")
+    chat.add_argument(
+        "--use-tools", action="store_true",
+        help="let the model use the device's own and granted tools (protocol v2)",
+    )  # fmt: skip
     chat.add_argument("--timeout", type=float, default=60.0, help="seconds without a message")
     chat.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
     chat.set_defaults(func=cmd_chat)
@@ -130,13 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Why is the sky blue?")
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the answer")
+    demo.add_argument(
+        "--tools",
+        action="store_true",
+        help="a simulated lamp offers tools, and the device asks to turn it on",
+    )
+    demo.add_argument(
+        "--voice", nargs="?", const="demo-answer.wav", default=None, metavar="WAV",
+        help="also speak the answer; the device writes it to WAV (default demo-answer.wav)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--image", nargs="?", const="a lighthouse at dusk, line art", default=None,
+        metavar="PROMPT", help="ask for a picture for a small screen instead, saved as a PNG",
+    )  # fmt: skip
+    demo.add_argument(
+        "--image-format", default="mono1", choices=("rgb565", "rgb565_be", "mono1",
+        "mono1_vlsb", "gray4", "jpeg", "png"), help="the screen's pixel format (default mono1)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--image-size", default="128x64", type=_screen_size, help="WIDTHxHEIGHT (default 128x64)"
+    )
+    demo.add_argument("--image-out", default="demo-image.png", help="where the PNG goes")
     demo.set_defaults(func=cmd_demo)
 
-    from bridge.ops import provision
+    from bridge.ops import commands
 
     device = sub.add_parser("device", help="add, remove and list devices (their broker users)")
     device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
-    provision.add_device_commands(device_sub)
+    commands.add_device_commands(device_sub)
     try:
         deploy: Any = importlib.import_module("bridge.ops.deploy")
     except ModuleNotFoundError as exc:
@@ -148,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         dep.set_defaults(func=deploy.run_deploy)
 
     broker = sub.add_parser("broker", help="the broker: users, reload, TLS certificates, health")
-    provision.add_broker_commands(
+    commands.add_broker_commands(
         broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     )
     return parser

@@ -13,7 +13,7 @@ if [ ! -r "$conf_dir/certs/server.crt" ] || [ ! -r "$conf_dir/certs/server.key" 
     drop="8883"
 fi
 # A listener block runs from its `listener PORT` line to the next one (as in
-# bridge/brokerconf.py): keep every line except those of the dropped blocks.
+# bridge/ops/brokerconf.py): keep every line except those of the dropped blocks.
 awk -v drop=" $drop " '
     BEGIN { keep = 1 }
     /^[ \t]*listener[ \t]+[0-9]+/ { keep = index(drop, " " $2 " ") == 0 }

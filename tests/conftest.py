@@ -22,6 +22,27 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_client_takeover(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that logged in twice as one user on the shared broker.
+
+    The broker makes every client id its user name, so a second connection of
+    a user replaces the first (whose paho then reconnects, without its
+    subscriptions): such a test would pass or fail by timing. Tests that take
+    over a connection on purpose run a broker of their own.
+    """
+    brokers = [
+        request.getfixturevalue(name)
+        for name in ("broker", "own_broker")
+        if name in request.fixturenames
+    ]
+    before = [len(b.takeovers()) for b in brokers]
+    yield
+    for b, n in zip(brokers, before, strict=True):
+        new = b.takeovers()[n:]
+        assert not new, f"two connections of one broker user replaced each other: {new[:3]}"
+
+
 @pytest.fixture(scope="session")
 def mock_llm() -> Iterator[object]:
     with running_mock(api_key=API_KEY) as handle:
@@ -124,7 +145,7 @@ def own_bridge_fixture(own_broker: Broker, mock_llm: Any, tmp_path: Path) -> Ite
         proc.stop()
         assert API_KEY not in proc.logs()
         logs = proc.logs()
-        # No hook of ours failed (the service logs "hook X.y failed" with the traceback).
+        # No plugin of ours failed (the core logs "plugin X.y failed" with the traceback).
         for mine in ("StatePlugin", "HomeAssistantPlugin", "state.py", "homeassistant.py"):
             assert mine not in logs, logs[-3000:]
 

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.ops.brokerconf import acl_text, render_config
+from bridge.ops.brokerconf import acl_text, extra_user_kind, render_config
 from bridge.ops.passwords import password_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,10 +68,21 @@ class Broker:
         self.prefix = prefix
         self.users: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
-        (self.dir / "acl").write_text(acl_text(acl_prefix))
+        self.acl_prefix = acl_prefix
+        self._write_acl()
         self.add_user("bridge", "bridge-pw", reload=False)
         self.add_user("integrations", "integrations-pw", reload=False)
         self.add_user("automation", "automation-pw", reload=False)
+        self.add_user("healthcheck", "healthcheck-pw", reload=False)
+
+    def _write_acl(self) -> None:
+        """broker/acl, with a block for each further service user (`bridge-NAME`, ...) of
+        the password file (as `llm-bridge broker user add` writes it)."""
+        path = self.dir / "passwd"
+        lines = path.read_text().splitlines() if path.exists() else []
+        names = [x.partition(":")[0] for x in lines]
+        extra = [u for u in names if extra_user_kind(u)]
+        (self.dir / "acl").write_text(acl_text(self.acl_prefix, users=extra))
 
     @property
     def log_file(self) -> Path:
@@ -117,10 +128,18 @@ class Broker:
         """Add a broker user (a device's user name is its id) and make Mosquitto read it."""
         password = password or f"pw-{name}"
         self.users[name] = password
-        lines = "".join(password_line(u, pw) for u, pw in self.users.items())
         path = self.dir / "passwd"
+        # Users that `llm-bridge device add` (a test of the CLI) wrote are kept.
+        kept = [
+            line + "\n"
+            for line in (path.read_text().splitlines() if path.exists() else [])
+            if line.partition(":")[0] not in self.users
+        ]
+        lines = "".join(kept) + "".join(password_line(u, pw) for u, pw in self.users.items())
         path.write_text(lines)
         path.chmod(0o600)
+        if extra_user_kind(name):
+            self._write_acl()
         if reload and self.proc is not None:
             self.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 5
@@ -131,6 +150,8 @@ class Broker:
         return password
 
     def can_connect(self, user: str, password: str | None = None) -> bool:
+        # Careful: the broker makes the client id the user name, so this replaces
+        # (and wipes the clean session of) any connection `user` has.
         c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         c.username_pw_set(user, self.users.get(user) if password is None else password)
         result: list[int] = []
@@ -144,6 +165,13 @@ class Broker:
             c.loop(0.05)
         c.disconnect()
         return result == [0]
+
+    def takeovers(self) -> list[str]:
+        """Log lines of a client replaced by a new connection with its client id."""
+        if not self.log_file.exists():
+            return []
+        text = self.log_file.read_text(errors="replace")
+        return [line for line in text.splitlines() if "already connected" in line]
 
 
 class BridgeProcess:
@@ -245,9 +273,9 @@ class Device:
     ) -> None:
         """`persistent`: a session the broker keeps (clean session off, fixed client id)
         and a quick reconnect, so that the device rides out a broker restart; it
-        counts its connections in `connects`. `user`: log in as another user (e.g.
-        `integrations`) to watch the device's replies without sharing its user name,
-        which a broker with `use_username_as_clientid` makes its client id."""
+        counts its connections in `connects`. `user`: watch the device's replies as
+        another user (e.g. `integrations-watch`) while the device itself is connected:
+        a second login as the device would replace the device's connection."""
         self.id = device_id
         self.prefix = prefix
         user = user or device_id
@@ -259,7 +287,7 @@ class Device:
         self._cond = threading.Condition()
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"t-{device_id}-{os.getpid()}",
+            client_id=device_id,  # as the device library does (the broker makes it so anyway)
             clean_session=not persistent,
         )
         if persistent:
@@ -354,11 +382,14 @@ class Device:
 
 
 def wait_for_status(broker: Broker, prefix: str, expected: str, timeout: float = 15.0) -> None:
-    """Wait until the retained `P/bridge/status` says `expected`."""
+    """Wait until the retained `P/bridge/status` says `expected`.
+
+    As the `healthcheck` user (every user may read the status), so that it
+    replaces no connection a test holds as `integrations`."""
     got: list[bytes] = []
     ev = threading.Event()
     c = paho.Client(CallbackAPIVersion.VERSION2)
-    c.username_pw_set("integrations", broker.users["integrations"])
+    c.username_pw_set("healthcheck", broker.users["healthcheck"])
 
     def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         got.append(msg.payload)
@@ -377,14 +408,34 @@ def wait_for_status(broker: Broker, prefix: str, expected: str, timeout: float =
         c.disconnect()
 
 
+def bridge_user(client_id: str) -> str:
+    """The bridge worker user for a test bridge's client id (`bridge-NAME`).
+
+    The broker makes the client id the user name, so each bridge a test runs
+    needs its own user (with the bridge's rules): bridges sharing one would
+    replace each other's connection. The same client id gives the same user,
+    so a restarted bridge finds its session again.
+    """
+    return client_id if extra_user_kind(client_id) == "bridge" else f"bridge-{client_id}"
+
+
 def bridge_env(broker: Broker, base_url: str, **extra: str | int | float) -> dict[str, str]:
+    """A bridge's environment; it logs in as `bridge_user(BRIDGE_CLIENT_ID)` unless
+    `BRIDGE_MQTT_URL` is given."""
+    client_id = str(extra.get("BRIDGE_CLIENT_ID") or f"bridge-{free_port()}")
+    url = extra.get("BRIDGE_MQTT_URL")
+    if url is None:
+        user = bridge_user(client_id)
+        if user not in broker.users:
+            broker.add_user(user)
+        url = broker.url(user)
     env = {
         "OPENAI_BASE_URL": base_url,
         "OPENAI_API_KEY": API_KEY,
         "OPENAI_MODEL": "mock-1",
-        "BRIDGE_MQTT_URL": broker.url("bridge"),
+        "BRIDGE_MQTT_URL": str(url),
         "BRIDGE_TOPIC_PREFIX": broker.prefix,
-        "BRIDGE_CLIENT_ID": f"bridge-{free_port()}",
+        "BRIDGE_CLIENT_ID": client_id,
         "BRIDGE_UPSTREAM_READ_TIMEOUT": "2",
         "BRIDGE_UPSTREAM_RETRY_BASE": "0.05",
         "BRIDGE_LOG_LEVEL": "DEBUG",
@@ -479,8 +530,10 @@ class Watcher:
 
 
 def retained(broker: Broker, topic: str, timeout: float = 1.0) -> bytes | None:
-    """The retained message on `topic` as a new subscriber gets it (None when there is none)."""
-    w = Watcher(broker, [topic])
+    """The retained message on `topic` as a new subscriber gets it (None when there is none).
+
+    As `integrations`: a second `automation` login would replace a test's Watcher."""
+    w = Watcher(broker, [topic], user="integrations")
     try:
         return w.wait_for(lambda m: m.retain, timeout).payload
     except TimeoutError:

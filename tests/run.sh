@@ -31,6 +31,17 @@ if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import ensurepip' >/dev/nul
   apt_install "Python's venv module" python3-venv
 fi
 
+# espeak-ng: the mock API's real speech (docs/protocol.md "Voice"); without it the mock
+# speaks a plain tone and the voice tests still run.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="none"; fi
+  if [ "$SUDO" != none ]; then
+    echo "== installing espeak-ng (apt-get)"
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null) \
+      || echo "could not install espeak-ng: the mock speaks a tone instead" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 # (again when a venv made before python3-venv was installed has no pip)
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then

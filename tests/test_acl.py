@@ -62,12 +62,11 @@ class Listener:
 def test_device_cannot_read_another_devices_replies(
     broker: Broker, bridge: BridgeProcess, make_device
 ) -> None:
-    alice: Device = make_device()
     bob: Device = make_device()
+    alice = "alice-spy"  # one connection only: a second one as alice would replace it
+    broker.add_user(alice)
     spy = Listener(
-        broker,
-        alice.id,
-        [f"llm/{bob.id}/res/+", f"llm/{bob.id}/res/#", "llm/+/res/+", "llm/#"],
+        broker, alice, [f"llm/{bob.id}/res/+", f"llm/{bob.id}/res/#", "llm/+/res/+", "llm/#"]
     )
     try:
         # Mosquitto grants the SUBSCRIBE (it cannot know what will be published)...
@@ -76,16 +75,19 @@ def test_device_cannot_read_another_devices_replies(
         assert reply.terminal.get("done") is True
         assert "only for bob" in reply.text
         # ...and a request of alice's own, answered after bob's, bounds the wait.
-        mine = alice.ask({"id": "mine1", "prompt": "mine"})
-        assert mine.terminal.get("done") is True
+        spy.publish(f"llm/{alice}/req", json.dumps({"id": "mine1", "prompt": "mine"}))
+        deadline = time.monotonic() + 10
+        while not any(b'"done":true' in p for t, p in spy.messages() if t.endswith("/mine1")):
+            assert time.monotonic() < deadline, spy.messages()[-3:]
+            time.sleep(0.02)
         time.sleep(0.2)
         seen = spy.messages()
         # ...but delivers nothing of bob's: the only reply alice sees is her own.
         assert not [t for t, _ in seen if f"/{bob.id}/" in t], seen
-        own = {f"llm/{alice.id}/res/mine1", f"llm/{alice.id}/state", "llm/bridge/status",
+        own = {f"llm/{alice}/res/mine1", f"llm/{alice}/state", "llm/bridge/status",
                "llm/bridge/models"}  # fmt: skip
         assert {t for t, _ in seen} <= own
-        assert any(t == f"llm/{alice.id}/res/mine1" for t, _ in seen)
+        assert any(t == f"llm/{alice}/res/mine1" for t, _ in seen)
     finally:
         spy.close()
 
@@ -112,13 +114,14 @@ def test_device_cannot_publish_another_devices_request_or_cancel(
     assert f"cancel device={bob.id} id=slow1" not in logs
 
 
-def test_wrong_password_unknown_user_and_anonymous_are_refused(broker: Broker, make_device):
-    dev: Device = make_device()
-    assert broker.can_connect(dev.id)
-    assert not broker.can_connect(dev.id, "not-the-password")
-    assert not broker.can_connect(dev.id, "")
-    assert not broker.can_connect("bridge", broker.users[dev.id])  # another user's password
-    assert not broker.can_connect("nobody-" + dev.id, "pw-nobody")
+def test_wrong_password_unknown_user_and_anonymous_are_refused(broker: Broker) -> None:
+    dev = "pwcheck"  # a user without a live connection: can_connect would replace it
+    broker.add_user(dev)
+    assert broker.can_connect(dev)
+    assert not broker.can_connect(dev, "not-the-password")
+    assert not broker.can_connect(dev, "")
+    assert not broker.can_connect("bridge", broker.users[dev])  # another user's password
+    assert not broker.can_connect("nobody-" + dev, "pw-nobody")
 
     c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     codes: list[int] = []

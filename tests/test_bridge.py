@@ -6,6 +6,8 @@ device's side (and, where it matters, from what the API received).
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import ssl
 import threading
@@ -17,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from PIL import Image
 
 from bridge.dev.mock_llm import reply_tokens, running_mock
 from bridge.ops.tlsgen import make_certificates
@@ -94,7 +97,11 @@ def test_fields_are_forwarded_exactly(bridge: BridgeProcess, device: Device, moc
 
 
 def test_messages_with_image_parts(bridge: BridgeProcess, device: Device, mock_llm: Any) -> None:
-    image = "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ=="
+    """Inline images reach the API re-encoded as JPEG (docs/protocol.md "Pictures"), the rest
+    of the conversation as it was sent."""
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(small, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
     messages = [
         {"role": "user", "content": "earlier"},
         {"role": "assistant", "content": "reply"},
@@ -109,6 +116,10 @@ def test_messages_with_image_parts(bridge: BridgeProcess, device: Device, mock_l
     reply = device.ask({"id": "img1", "messages": messages})
     assert reply.text.startswith("I see 1 image")
     body = [r for r in mock_llm.requests if r["path"].endswith("/chat/completions")][-1]["body"]
+    sent = body["messages"][2]["content"][1]["image_url"]["url"]
+    assert sent.startswith("data:image/jpeg;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1]))).size == (40, 30)
+    messages[2]["content"][1]["image_url"]["url"] = sent
     assert body["messages"] == messages
 
 
@@ -342,7 +353,9 @@ def test_cancel_stops_the_stream_upstream(
     start_bridge: StartBridge, make_device: MakeDevice
 ) -> None:
     with running_mock(api_key=API_KEY) as own:
-        device = make_device(prefix=start_bridge(base_url=own.base_url).prefix)
+        # No models topic: its GET /models would keep a connection of its own open.
+        proc = start_bridge(base_url=own.base_url, BRIDGE_MODELS_TOPIC="false")
+        device = make_device(prefix=proc.prefix)
         _cancel_and_check(device, own.server)
 
 

@@ -10,18 +10,22 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bridge.core.chunking import Chunker, cut_utf8
+from bridge.core.chunking import Chunker, split_utf8
 from bridge.core.journal import Journal
 from bridge.dev.mock_llm import reply_tokens
 from tests.harness import BridgeProcess, Device
 from tests.streams import load
 
 
-def test_cut_utf8_never_splits_a_character() -> None:
-    assert cut_utf8("aé€😀", 3) == ("aé", "€😀")
-    assert cut_utf8("€€", 4) == ("€", "€")
-    assert cut_utf8("😀x", 2) == ("😀", "x")  # wider than the limit: sent whole
-    assert cut_utf8("abc", 10) == ("abc", "")
+def test_split_utf8_never_splits_a_character() -> None:
+    assert split_utf8("aé€😀".encode(), 3, whole=True) == (["aé", "€", "😀"], b"")
+    assert split_utf8("€€".encode(), 4, whole=True) == (["€", "€"], b"")
+    # a character wider than the limit is sent whole rather than never
+    assert split_utf8("😀x".encode(), 2, whole=True) == (["😀", "x"], b"")
+    assert split_utf8(b"abc", 10, whole=True) == (["abc"], b"")
+    # without `whole`, less than a full piece is left over
+    assert split_utf8("aé€😀".encode(), 3, whole=False) == (["aé", "€", "😀"], b"")
+    assert split_utf8("aé€".encode(), 4, whole=False) == (["aé"], "€".encode())
 
 
 @given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=40),

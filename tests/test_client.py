@@ -1,5 +1,6 @@
-"""The Python client (`bridge.client`): ask, stream, cancel on task cancellation, errors, and
-the openai-SDK-shaped `MqttOpenAI`, against a real Mosquitto and the bridge as a process.
+"""The Python client (`bridge.dev.client`): ask, stream, cancel on task cancellation,
+errors, and the openai-SDK-shaped `MqttOpenAI` (`bridge.dev.mqtt_openai`), against a real
+Mosquitto and the bridge as a process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from bridge.dev.client import BridgeClient, BridgeError, ChatCompletion, MqttOpenAI
+from bridge.dev.client import BridgeClient, BridgeError
+from bridge.dev.mqtt_openai import ChatCompletion, MqttOpenAI
 from tests.harness import API_KEY, BridgeProcess, Broker, Watcher
 
 _ids = itertools.count()

@@ -239,9 +239,8 @@ class Site:
             if "=" in line and not line.lstrip().startswith("#"):
                 k, v = line.split("=", 1)
                 out[k.strip()] = v.strip()
-        out["BRIDGE_MQTT_URL"] = out["BRIDGE_MQTT_URL"].replace(
-            "@mosquitto:1883", f"@127.0.0.1:{self.port}"
-        )
+        for name in ("BRIDGE_MQTT_URL", "BRIDGE_CHECK_MQTT_URL"):
+            out[name] = out[name].replace("@mosquitto:1883", f"@127.0.0.1:{self.port}")
         return out
 
     def llm_bridge(self, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -249,7 +248,7 @@ class Site:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OPENAI_"))}
         env["PYTHONPATH"] = str(REPO)
         if args[:2] == ["broker", "check"]:  # as in the bridge container: the broker's address
-            env["BRIDGE_MQTT_URL"] = self.env()["BRIDGE_MQTT_URL"]
+            env["BRIDGE_CHECK_MQTT_URL"] = self.env()["BRIDGE_CHECK_MQTT_URL"]
         return subprocess.run(
             [sys.executable, "-m", "bridge", *args], cwd=self.root, env=env,
             capture_output=True, text=True, timeout=30, check=False,
@@ -396,7 +395,8 @@ def test_deploy_doc_from_empty_pi_to_provisioned_device(site: Site) -> None:
 def run_llm_bridge(site: Site, args: list[str]) -> None:
     """One `llm-bridge` command of the doc, run as written, and what it must have done."""
     where = args[:1] if args[0] == "chat" else args[:2]
-    if where in (["device", "add"], ["device", "remove"]) and site.mosquitto is not None:
+    reloads = (["device", "add"], ["device", "remove"], ["broker", "user"])
+    if where in reloads and args[2] != "list" and site.mosquitto is not None:
         args = [*args, "--pid", str(site.mosquitto.pid)]  # only this test's broker
     if where == ["device", "deploy"]:
         args = [*args, "--dry-run"]  # no board here: the mpremote commands it would run
@@ -446,6 +446,17 @@ def run_llm_bridge(site: Site, args: list[str]) -> None:
             time.sleep(0.05)
     elif where == ["broker", "tls"]:
         assert (site.root / "broker" / "certs" / "server.crt").exists()
+    elif where == ["broker", "user"] and args[2] == "add":
+        user, password = r.stdout.split()  # a second dashboard: `NAME PASSWORD`
+        site.passwords[user] = password
+        assert f"\nuser {user}\n" in (site.root / "broker" / "acl").read_text()
+        deadline = time.monotonic() + 5
+        while not site.can_connect(user, password):
+            assert time.monotonic() < deadline, f"{user} cannot log in after broker user add"
+            time.sleep(0.05)
+    elif where == ["broker", "user"] and args[2] == "list":
+        assert r.stdout.split()[::2] == ["bridge", "integrations", "automation", "healthcheck",
+                                         "integrations-nodered"]  # fmt: skip
     else:
         raise AssertionError(f"docs/deploy.md runs llm-bridge {' '.join(args)}: add its check")
     if site.bridge is not None:

@@ -327,6 +327,9 @@ def fuzz_setup(tmp_path_factory: pytest.TempPathFactory, mock_llm: Any) -> Itera
             broker,
             mock_llm.base_url,
             BRIDGE_TOPIC_PREFIX=P,
+            # The `bridge` user itself: a worker user would rewrite the ACL, and the
+            # fuzzer's block appended above with it.
+            BRIDGE_MQTT_URL=broker.url("bridge"),
             BRIDGE_MAX_REQUEST_BYTES=MAX_BYTES,
             BRIDGE_LOG_LEVEL="INFO",
             BRIDGE_DATA_DIR=str(tmp / "data"),

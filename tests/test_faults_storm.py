@@ -123,7 +123,7 @@ def stamped_mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[tu
     arrivals: list[tuple[float, str]] = []
     run_re = re.compile(r"run=([A-Za-z0-9_-]+)")
     with running_mock(api_key=API_KEY) as handle:
-        record = handle.server._record
+        record = handle.server.record
 
         def stamped(method: str, path: str, headers: dict[str, str], body: Any) -> None:
             if path.endswith("/chat/completions") and isinstance(body, dict):
@@ -131,7 +131,7 @@ def stamped_mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[tu
                 arrivals.append((time.monotonic(), m.group(1) if m else "?"))
             record(method, path, headers, body)
 
-        handle.server._record = stamped  # type: ignore[method-assign]
+        handle.server.record = stamped  # type: ignore[method-assign]
         yield handle, arrivals
 
 

@@ -152,10 +152,10 @@ def test_a_refused_request_asked_again_is_answered_again(
 ) -> None:
     """Refusals do not enter the duplicate table: the same request sent again after
     `too_many_streams` is served."""
-    first = make_device()
-    policy = {"devices": {first.id: {"max_streams": 1}}}
+    dev_id = f"ra{os.urandom(3).hex()}"
+    policy = {"devices": {dev_id: {"max_streams": 1}}}
     proc = start_bridge(BRIDGE_POLICY=json.dumps(policy))
-    dev = make_device(first.id, prefix=proc.prefix)
+    dev = make_device(dev_id, prefix=proc.prefix)
     dev.send({"id": "long", "prompt": "hold [mock tokens=40 delay_ms=20]"})
     time.sleep(0.3)
     again = {"id": "r2", "prompt": "me too"}
@@ -245,10 +245,10 @@ def test_device_size_limit_comes_before_parsing(
 ) -> None:
     """`max_request_bytes` is checked first: an oversized payload is `too_large` even when it
     is not JSON at all (it is never parsed), and its id is still found for the reply."""
-    first = make_device()
-    policy = {"devices": {first.id: {"max_request_bytes": 300}}}
+    dev_id = f"sz{os.urandom(3).hex()}"
+    policy = {"devices": {dev_id: {"max_request_bytes": 300}}}
     proc = start_bridge(BRIDGE_POLICY=json.dumps(policy))
-    dev = make_device(first.id, prefix=proc.prefix)
+    dev = make_device(dev_id, prefix=proc.prefix)
     dev.send('{"id": "sz", "prompt": "' + "x" * 1000 + '", broken')
     assert dev.wait("sz").error_code == "too_large"
 
@@ -259,10 +259,10 @@ def test_cancelled_streams_are_charged_to_the_daily_budget(
     """Tokens streamed before a cancel count (estimated, since no `usage` comes): a
     250-token stream cancelled after 60 chunks uses up a 100-token budget, and the next
     request is refused `budget_exceeded` (before the fix the counter stayed at 0)."""
-    first = make_device()
-    policy = {"devices": {first.id: {"tokens_per_day": 100}}}
+    dev_id = f"bu{os.urandom(3).hex()}"
+    policy = {"devices": {dev_id: {"tokens_per_day": 100}}}
     proc = start_bridge(BRIDGE_POLICY=json.dumps(policy), BRIDGE_DATA_DIR=str(tmp_path / "d"))
-    dev = make_device(first.id, prefix=proc.prefix)
+    dev = make_device(dev_id, prefix=proc.prefix)
     for rid in ("c1",):
         dev.send({"id": rid, "prompt": "a long one [mock tokens=250 delay_ms=5]"})
         deadline = time.monotonic() + 10

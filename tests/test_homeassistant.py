@@ -433,7 +433,7 @@ def test_discovery_off(
 
 
 def test_home_assistant_schemas() -> None:
-    """The payloads as the hooks build them, through Home Assistant's own schemas (the test
+    """The payloads as the plugin builds them, through Home Assistant's own schemas (the test
     above does the same with the payloads a running bridge published)."""
     if ha_python() is None:
         pytest.skip("no Python with homeassistant: set HA_PYTHON (docs/integrations/README.md)")

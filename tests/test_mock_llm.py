@@ -1,4 +1,4 @@
-"""Tests of the mock OpenAI-compatible server (bridge/mock_llm.py).
+"""Tests of the mock OpenAI-compatible server (bridge/dev/mock_llm.py).
 
 Why: every bridge test trusts the mock; a mock that silently ignores a
 fault directive would make the fault tests pass for nothing.
@@ -501,7 +501,7 @@ def test_mock_requests_endpoint() -> None:
         assert c.delete(f"{root}/mock/requests").status_code == 200
         assert c.get(f"{root}/mock/requests").json() == []
         for i in range(1005):
-            m.server._record("GET", f"/{i}", {}, None)
+            m.server.record("GET", f"/{i}", {}, None)
         assert len(m.server.requests) == 1000
         assert m.server.requests[-1]["path"] == "/1004"
 
@@ -550,3 +550,64 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _streamed_calls(text: str) -> list[dict[str, Any]]:
+    """The tool calls of a streamed reply, assembled from their fragments by index."""
+    calls: dict[int, dict[str, Any]] = {}
+    for c in chunks(text):
+        for frag in (c["choices"][0]["delta"].get("tool_calls") or []) if c["choices"] else []:
+            call = calls.setdefault(frag["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] = call["id"] or frag.get("id", "")
+            call["name"] = call["name"] or frag.get("function", {}).get("name", "")
+            call["arguments"] += frag.get("function", {}).get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_scripted_tool_calls_for_several_rounds_then_the_results(client: httpx.Client) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "lamp__set_led"}},
+        {"type": "function", "function": {"name": "read_temp"}},
+    ]
+    prompt = "[mock call=set_led(on:true;level:3;who:me)+read_temp rounds=2] lamp on"
+    messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+    for round_ in range(2):
+        r = client.post(
+            "/chat/completions", json={"messages": messages, "tools": tools, "stream": True}
+        )
+        calls = _streamed_calls(r.text)
+        assert [c["name"] for c in calls] == ["lamp__set_led", "read_temp"]
+        assert json.loads(calls[0]["arguments"]) == {"on": True, "level": 3, "who": "me"}
+        assert json.loads(calls[1]["arguments"]) == {}
+        assert len({c["id"] for c in calls}) == 2
+        assert chunks(r.text)[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assistant = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": c["id"], "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in calls
+            ],
+        }  # fmt: skip
+        results = [
+            {"role": "tool", "tool_call_id": c["id"], "content": f"r{round_}{i}"}
+            for i, c in enumerate(calls)
+        ]
+        messages += [assistant, *results]
+    r = client.post("/chat/completions", json={"messages": messages, "tools": tools})
+    answer = r.json()["choices"][0]
+    assert answer["finish_reason"] == "stop"
+    assert answer["message"]["content"] == "Tool said: r10; r11"
+
+
+def test_scripted_call_of_an_unknown_tool_and_cut_arguments(client: httpx.Client) -> None:
+    tools = [{"type": "function", "function": {"name": "set_led"}}]
+    r = client.post(
+        "/chat/completions",
+        json=body("[mock call=launch(x:1) bad_args] go", tools=tools),
+    )
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "launch"
+    with pytest.raises(ValueError):
+        json.loads(call["arguments"])

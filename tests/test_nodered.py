@@ -295,7 +295,7 @@ def deployed(
         assert "Waiting for missing types" not in log, log[-2000:]  # every type is installed
         node_red.wait_log(r"Connected to broker: \S+", connected + 1)
         # Mosquitto's log: the flow's client speaks MQTT v5 as `user`.
-        seen = rf"as nodered\w+ \(p5, c1, k60, u'{user}'\)"
+        seen = rf"as {user} \(p5, c1, k60, u'{user}'\)"  # the broker names clients by user
         deadline = time.monotonic() + 5
         while not re.search(seen, broker.log_file.read_text()):
             assert time.monotonic() < deadline, f"no {seen!r} in Mosquitto's log"
@@ -371,7 +371,8 @@ def test_flow_with_the_read_only_user_shows_why_it_cannot_ask(
     """With `integrations` (the read-only user) the broker refuses the question; over MQTT
     v5 its PUBACK says why (135, Not authorized), and the flow shows that on the dashboard,
     in the debug sidebar and in Node-RED's log instead of failing silently."""
-    watch = Watcher(broker, ["llm/kitchen/ask"], user="automation")
+    broker.add_user("integrations-nrwatch")  # one login per user: the flow is integrations
+    watch = Watcher(broker, ["llm/kitchen/ask"], user="integrations-nrwatch")
     try:
         browser = deployed("integrations")
         browser.type_question("Can I ask?")

@@ -1,4 +1,4 @@
-"""Per-device policy (bridge/policy.py) in real bridge processes behind the project's Mosquitto.
+"""Per-device policy (bridge/plugins/policy.py) in real bridge processes behind Mosquitto.
 
 Each refusal has its own error code; the `max_tokens` cap shortens replies;
 the counters live in SQLite in BRIDGE_DATA_DIR and survive a restart.

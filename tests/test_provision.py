@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_device_add_list_rotate_remove(
         "bridge",
         "integrations",
         "automation",
+        "healthcheck",
         "kitchen",
     }
     assert wait_connect(broker, "kitchen", password)
@@ -120,7 +122,9 @@ def test_device_add_list_rotate_remove(
     assert rows[0] == ["device", "requests_today", "tokens_today"]
     kitchen = next(r for r in rows if r[0] == "kitchen")
     assert kitchen[1] == "1" and int(kitchen[2]) > 0
-    assert not [r for r in rows if r[0] in ("bridge", "integrations", "automation")]
+    service = ("bridge", "integrations", "automation", "healthcheck")
+    assert not [r for r in rows if r[0] in service or r[0].startswith("bridge-")]
+    assert [u for u in broker.users if u.startswith("bridge-")]  # start_bridge's worker user
 
     rotated = cli("device", "add", "kitchen", "--rotate", "--host", "h", *where, cwd=tmp_path)
     assert rotated.returncode == 0, rotated.stderr
@@ -175,8 +179,8 @@ def test_broker_init_creates_service_users_and_env(tmp_path: Path) -> None:
     passwd = dict(
         line.split(":", 1) for line in (tmp_path / "broker" / "passwd").read_text().splitlines()
     )
-    assert set(passwd) == {"bridge", "integrations", "automation"}
-    assert set(shown) == {"integrations", "automation"}  # never the bridge's
+    assert set(passwd) == {"bridge", "integrations", "automation", "healthcheck"}
+    assert set(shown) == {"integrations", "automation"}  # never the bridge's or the check's
     for user, password in shown.items():
         assert check_password(password, passwd[user])
     env_file = tmp_path / ".env"
@@ -191,6 +195,11 @@ def test_broker_init_creates_service_users_and_env(tmp_path: Path) -> None:
     bridge_pw = url.removeprefix("mqtt://bridge:").split("@")[0]
     assert check_password(bridge_pw, passwd["bridge"])
     assert bridge_pw not in first.stdout + first.stderr
+    check = env["BRIDGE_CHECK_MQTT_URL"]
+    assert check.startswith("mqtt://healthcheck:") and check.endswith("@mosquitto:1883")
+    check_pw = check.removeprefix("mqtt://healthcheck:").split("@")[0]
+    assert check_password(check_pw, passwd["healthcheck"])
+    assert check_pw not in first.stdout + first.stderr
     assert env["LOCAL_UID"] == str(os.getuid())
     assert "OPENAI_API_KEY" in env  # the rest of .env.example is kept
     assert (tmp_path / "data" / "mosquitto").is_dir() and (tmp_path / "data" / "bridge").is_dir()
@@ -212,18 +221,91 @@ def test_broker_reload_and_check(
     ok = cli("broker", "reload", "--pid", str(broker.proc.pid), cwd=tmp_path)
     assert ok.returncode == 0 and "reloads" in ok.stderr
 
-    env = {"BRIDGE_MQTT_URL": broker.url("bridge")}
+    unset = cli("broker", "check", "--timeout", "1", cwd=tmp_path,
+                env={"BRIDGE_MQTT_URL": broker.url("bridge")})  # fmt: skip
+    assert unset.returncode == 1 and "BRIDGE_CHECK_MQTT_URL is not set" in unset.stderr
+    env = {"BRIDGE_CHECK_MQTT_URL": broker.url("healthcheck")}
     down = cli("broker", "check", "--timeout", "1", cwd=tmp_path, env=env)
     assert down.returncode == 1, down.stderr  # no bridge has said online on this broker yet
     proc = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "data"), BRIDGE_TOPIC_PREFIX="llm")
-    up = cli("broker", "check", cwd=tmp_path, env=env)
-    assert up.returncode == 0 and "online" in up.stderr, up.stderr
-    wrong = {"BRIDGE_MQTT_URL": f"mqtt://bridge:wrong@127.0.0.1:{broker.port}"}
+    for _ in range(3):  # as compose runs it, again and again: the bridge stays connected
+        up = cli("broker", "check", cwd=tmp_path, env=env)
+        assert up.returncode == 0 and "online" in up.stderr, up.stderr
+    assert proc.logs().count("connected to mqtt://") == 1
+    wrong = {"BRIDGE_CHECK_MQTT_URL": f"mqtt://healthcheck:wrong@127.0.0.1:{broker.port}"}
     refused = cli("broker", "check", "--timeout", "2", cwd=tmp_path, env=wrong)
     assert refused.returncode == 1 and "refused" in refused.stderr
     proc.stop()
     after = cli("broker", "check", "--timeout", "2", cwd=tmp_path, env=env)
     assert after.returncode == 1 and "offline" in after.stderr
+
+
+def test_service_users_get_their_kinds_rules_and_are_no_devices(
+    broker: Broker, start_bridge: Callable[..., BridgeProcess], tmp_path: Path
+) -> None:
+    """`broker user add bridge-w2`: a second bridge worker with the bridge's rules, running
+    beside another bridge on the same broker without either replacing the other."""
+    assert broker.proc is not None
+    where = ["--broker-dir", str(broker.dir), "--pid", str(broker.proc.pid)]
+    added = cli("broker", "user", "add", "bridge-w2", "--mqtt-host", "127.0.0.1", *where,
+                cwd=tmp_path)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    url = added.stdout.strip().removeprefix("BRIDGE_MQTT_URL=")
+    assert url.startswith("mqtt://bridge-w2:") and url.endswith("@127.0.0.1:1883")
+    acl = (broker.dir / "acl").read_text()
+    block = acl.split("\nuser bridge-w2\n", 1)[1].split("\n\n", 1)[0]
+    assert "topic read +/+/req" in block and "topic write +/+/res/#" in block
+    assert url.split(":")[2].split("@")[0] not in (broker.dir / "passwd").read_text()
+    worker = start_bridge(BRIDGE_MQTT_URL=url.replace(":1883", f":{broker.port}"),
+                          BRIDGE_CLIENT_ID="", BRIDGE_DATA_DIR=str(tmp_path / "w2"))  # fmt: skip
+    other = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "o"))  # as bridge-NNNN, at once
+    for proc in (worker, other):
+        dev = Device(broker, "asks-workers", proc.prefix)
+        try:
+            for i in range(3):
+                assert dev.ask({"id": f"w{i}", "prompt": "hi"}).terminal.get("done") is True
+        finally:
+            dev.close()
+        assert proc.logs().count("connected to mqtt://") == 1  # never replaced
+    assert (tmp_path / "w2" / "inflight-bridge-w2.journal").exists()  # its id is its user
+    assert broker.takeovers() == []
+
+    for bad in ("bridge-w2", "integrations-x", "automation-ha"):
+        assert main(["device", "add", bad, "--broker-dir", str(broker.dir), "--no-reload"]) == 1
+    listed = cli("broker", "user", "list", "--broker-dir", str(broker.dir), cwd=tmp_path)
+    assert "bridge-w2  (bridge)" in listed.stdout.splitlines()
+    assert "bridge-w2" not in cli("device", "list", "--broker-dir", str(broker.dir),
+                                  cwd=tmp_path).stdout  # fmt: skip
+    for bad in ("kitchen", "bridge", "bridge-", "other-x", "bridge-a/b"):
+        assert main(["broker", "user", "add", bad, *where]) == 1, bad
+
+    # A stale copy of the rules (an older broker/acl) is brought up to date by `init`.
+    (broker.dir / "acl").write_text(
+        acl.replace("topic read +/+/cancel\n", "", 1).replace(
+            "user bridge-w2\ntopic read +/+/req\n", "user bridge-w2\ntopic read +/old/req\n"
+        )
+    )
+    init = cli("broker", "init", "--broker-dir", str(broker.dir), "--env", str(tmp_path / ".e"),
+               cwd=tmp_path)  # fmt: skip
+    assert init.returncode == 0 and "brought up to date" in init.stderr, init.stderr
+    fresh = (broker.dir / "acl").read_text().split("\nuser bridge-w2\n", 1)[1]
+    assert "+/old/" not in fresh and "topic read +/+/cancel" not in fresh.split("\n\n")[0]
+
+    # Only users added with `broker user add` get rules: a device an older version let
+    # be called integrations-old keeps a device's rights through `init`.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(REPO / "broker" / "acl", legacy / "acl")
+    (legacy / "passwd").write_text("integrations-old:$7$x\n")
+    init = cli("broker", "init", "--broker-dir", str(legacy), "--env", ".e", cwd=legacy)
+    assert init.returncode == 0, init.stderr
+    assert "integrations-old" not in (legacy / "acl").read_text()
+    assert provision.list_service_users(legacy)[-1] == "healthcheck"
+
+    removed = cli("broker", "user", "remove", "bridge-w2", *where, cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert "bridge-w2" not in (broker.dir / "acl").read_text()
+    assert "bridge-w2:" not in (broker.dir / "passwd").read_text()
 
 
 def test_reload_says_how_without_a_local_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,21 +196,20 @@ def test_home_assistant_ask_box_keeps_a_session_per_device(
     """Plain text on `P/D/ask` (HA's text entity) continues D's session "ha"; another
     device's ask box has its own."""
     proc = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "d"))
-    ha = [Device(broker, name, proc.prefix, user="automation") for name in ("hall", "porch")]
-    try:
-        for dev, text in ((ha[0], "my name is Ada"), (ha[1], "porch question"),
-                          (ha[0], "what is my name")):  # fmt: skip
-            dev.client.publish(f"{proc.prefix}/{dev.id}/ask", text, qos=1).wait_for_publish(5)
+    # One automation login at a time: the broker makes the user name the client id.
+    for name, text in (("hall", "my name is Ada"), ("porch", "porch question"),
+                       ("hall", "what is my name")):  # fmt: skip
+        dev = Device(broker, name, proc.prefix, user="automation")
+        try:
+            dev.client.publish(f"{proc.prefix}/{name}/ask", text, qos=1).wait_for_publish(5)
             rid, reply = dev.wait_any()
             assert rid.startswith("ha-") and reply.text == _said(text)
-            dev.replies.clear()
-        assert [m["content"] for m in _sent(mock_llm, "what is my name")] == [
-            "my name is Ada", _said("my name is Ada"), "what is my name",
-        ]  # fmt: skip
-        assert _sent(mock_llm, "porch question") == [{"role": "user", "content": "porch question"}]
-    finally:
-        for dev in ha:
+        finally:
             dev.close()
+    assert [m["content"] for m in _sent(mock_llm, "what is my name")] == [
+        "my name is Ada", _said("my name is Ada"), "what is my name",
+    ]  # fmt: skip
+    assert _sent(mock_llm, "porch question") == [{"role": "user", "content": "porch question"}]
 
 
 def test_llm_bridge_chat_continues_a_session(

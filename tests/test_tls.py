@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import socket
 import ssl
 import stat
@@ -111,6 +112,12 @@ def test_bridge_and_device_over_tls(
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr
     assert "You said: hello over tls." in chat.stdout
+    # The TLS listener, too, makes each client id the user name (the bridge sent
+    # BRIDGE_CLIENT_ID bridge-NNNN, the chat client tlsdev-RANDOM).
+    assert proc.env["BRIDGE_CLIENT_ID"] != "bridge"
+    log = broker.log_file.read_text()
+    assert re.search(r" as bridge \(p5, c0, .*u'bridge'\)", log), log[-2000:]
+    assert re.search(r" as tlsdev \(p\d, .*u'tlsdev'\)", log), log[-2000:]
 
 
 def test_tls_listener_refuses_what_it_should(broker: TlsBroker) -> None:

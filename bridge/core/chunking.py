@@ -32,15 +32,6 @@ _TERMINATORS = ".!?\u2026"
 _CLOSERS = "\"')]"
 
 
-def cut_utf8(text: str, max_bytes: int) -> tuple[str, str]:
-    """Split `text` so the head is at most `max_bytes` of UTF-8, on a character boundary."""
-    data = text.encode()
-    if len(data) <= max_bytes:
-        return text, ""
-    end = _boundary(data, 0, max_bytes)
-    return data[:end].decode(), data[end:].decode()
-
-
 def _boundary(data: bytes, start: int, max_bytes: int) -> int:
     """The end of the longest piece from `start` of at most `max_bytes`, on a character boundary.
 

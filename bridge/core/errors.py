@@ -21,6 +21,11 @@ CANCELLED = "cancelled"
 OVERLOADED = "overloaded"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+TOO_MANY_TOOL_ROUNDS = "too_many_tool_rounds"  # protocol v2, "Tools"
+# Pictures (protocol v2): a camera topic the device was not given; a picture that did
+# not come (no camera image within `image_wait_ms`, an upload left incomplete).
+TOPIC_NOT_ALLOWED = "topic_not_allowed"
+IMAGE_TIMEOUT = "image_timeout"
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

@@ -50,7 +50,7 @@ class Job:
         "usage",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # who asked, where the reply goes, what was asked
         self,
         device: str,
         rid: str,

@@ -79,11 +79,6 @@ class Journal:
                 self._mm[off] = 0
         return found
 
-    @staticmethod
-    def fits(topic: str, correlation: bytes | None) -> bool:
-        """Whether a request with this reply topic and correlation data fits a slot."""
-        return len(_blob(topic, correlation)) <= SLOT - _HEADER.size
-
     def add(self, topic: str, correlation: bytes | None) -> int:
         """Take a slot for a new request; -1 when none is free or it does not fit.
 

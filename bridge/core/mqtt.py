@@ -46,6 +46,10 @@ class BufferedClient(paho.Client):
     writes each packet with its own `send`. Here reads are served from one
     `recv` of up to 64 KiB, and what paho writes in one `loop_write` goes out
     in one `send`. The protocol stays paho's.
+
+    It overrides private parts of paho 2.x (`_sock_recv`, `_sock_send`,
+    `_handle_pubackcomp`, and reads `_in_packet`, `_out_messages`): the version
+    is pinned below 3, and the suite runs every reply through them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -142,7 +146,7 @@ class Will:
 
 
 class MqttLink:
-    """One MQTT v5 connection owned by an asyncio loop.
+    """One MQTT connection (v5, or 3.1.1) owned by an asyncio loop.
 
     Args:
         url: the broker.
@@ -159,7 +163,7 @@ class MqttLink:
         version: 5 (MQTT v5) or 4 (MQTT 3.1.1, for brokers without v5).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # keyword-only: one connection's options, each defaulted
         self,
         url: MqttUrl,
         *,
@@ -192,7 +196,7 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._sock: socket.socket | None = None
-        self._misc_task: asyncio.Task[None] | None = None
+        self._keep_up_task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._closed = asyncio.Event()
@@ -241,7 +245,7 @@ class MqttLink:
             TimeoutError: when `timeout` is given and no connection was made in time.
         """
         self._loop = asyncio.get_running_loop()
-        self._misc_task = asyncio.create_task(self._keep_up(), name="mqtt-keep-up")
+        self._keep_up_task = asyncio.create_task(self._keep_up(), name="mqtt-keep-up")
         if timeout is not None:
             try:
                 async with asyncio.timeout(timeout):
@@ -272,10 +276,10 @@ class MqttLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._closed.wait()
-        if self._misc_task is not None:
-            self._misc_task.cancel()
+        if self._keep_up_task is not None:
+            self._keep_up_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._misc_task
+                await self._keep_up_task
         self._detach()
 
     async def _keep_up(self) -> None:
@@ -411,7 +415,9 @@ class MqttLink:
             c.subscribe(self._subscriptions)
         else:
             self.subscribed.set()
-        self._pending = len(getattr(c, "_out_messages", ()))
+        # What paho still holds of the session (resent on this connection) is pending too;
+        # paho keeps that table private.
+        self._pending = len(c._out_messages)  # noqa: SLF001
         self.connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
@@ -472,7 +478,7 @@ class MqttLink:
             await self.connected.wait()
             await self._drained.wait()
 
-    def publish(
+    def publish(  # noqa: PLR0913  # paho's publish(), plus the acknowledgement callback
         self,
         topic: str,
         payload: bytes | str,

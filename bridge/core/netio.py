@@ -147,4 +147,5 @@ class AsyncioTransport(httpx.AsyncHTTPTransport):
         pool = self._pool
         if not hasattr(pool, "_network_backend"):
             raise RuntimeError("this httpcore version does not take a network backend here")
-        pool._network_backend = AsyncioBackend()
+        # httpx passes no network backend down; httpcore's pool keeps it private (checked above).
+        pool._network_backend = AsyncioBackend()  # noqa: SLF001

@@ -60,8 +60,17 @@ class Host(Protocol):
         (retained messages on them arrive right after)."""
         ...
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish a message (dropped with a warning while it cannot be queued)."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> None:
+        """Publish a message (dropped with a warning while it cannot be queued); `expiry`:
+        seconds after which the broker drops it if undelivered (MQTT v5 only)."""
         ...
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:

@@ -1,4 +1,4 @@
-"""Protocol v1's messages: topics, the request a device sends, and the replies it gets.
+"""Protocol v1's messages: the request a device sends, and the replies it gets.
 
 This module is the executable half of `docs/protocol.md`: everything a device
 or integration can observe is encoded or validated here, and nothing here
@@ -27,10 +27,12 @@ from pydantic import (
 from bridge.core.errors import (  # re-exported: the codes are part of the protocol
     BAD_REQUEST as BAD_REQUEST,
     CANCELLED as CANCELLED,
+    IMAGE_TIMEOUT as IMAGE_TIMEOUT,
     INTERNAL as INTERNAL,
     INTERRUPTED as INTERRUPTED,
     OVERLOADED as OVERLOADED,
     TOO_LARGE as TOO_LARGE,
+    TOPIC_NOT_ALLOWED as TOPIC_NOT_ALLOWED,
     UPSTREAM_ERROR as UPSTREAM_ERROR,
     UPSTREAM_PROTOCOL as UPSTREAM_PROTOCOL,
     UPSTREAM_STATUS as UPSTREAM_STATUS,
@@ -38,6 +40,13 @@ from bridge.core.errors import (  # re-exported: the codes are part of the proto
     UPSTREAM_UNREACHABLE as UPSTREAM_UNREACHABLE,
     ProtocolError as ProtocolError,
 )
+
+# Voice (protocol v2, docs/protocol.md "Voice").
+BAD_AUDIO = "bad_audio"
+AUDIO_TOO_LONG = "audio_too_long"
+AUDIO_TIMEOUT = "audio_timeout"
+NO_SPEECH = "no_speech"
+AUDIO_FORMAT = "audio_format"
 
 ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -89,7 +98,34 @@ class ImagePart(BaseModel):
     image_url: _ImageUrl
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class _VideoUrl(BaseModel):
+    model_config = _Strict
+    url: StrictStr = Field(min_length=1)
+
+
+class VideoPart(BaseModel):
+    """A video (Qwen-VL and others take one; ChatAgent sends it): forwarded as it is."""
+
+    model_config = _Strict
+    type: Literal["video_url"]
+    video_url: _VideoUrl
+
+
+class _InputAudio(BaseModel):
+    model_config = _Strict
+    data: StrictStr = Field(min_length=1)
+    format: StrictStr = Field(min_length=1, max_length=16)
+
+
+class AudioPart(BaseModel):
+    """Inline audio for models that hear (base64 `data`, `format` wav or mp3): forwarded."""
+
+    model_config = _Strict
+    type: Literal["input_audio"]
+    input_audio: _InputAudio
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
 
 
 class _FunctionCall(BaseModel):
@@ -143,6 +179,48 @@ class _ToolChoice(BaseModel):
 
 Number = StrictInt | StrictFloat
 
+# Picture formats a device may ask for (docs/protocol.md "Pictures", protocol v2).
+PICTURE_FORMATS = ("rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4", "jpeg", "png")
+PictureFormat = Literal["rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4", "jpeg", "png"]
+RawFormat = Literal["rgb565", "rgb565_be", "mono1", "mono1_vlsb", "gray4"]
+_TOPIC_NAME = r"^[^#+\x00]{1,256}$"
+
+
+class ImageSource(BaseModel):
+    """One picture for the model: the latest on an MQTT topic, or the device's upload.
+
+    An upload is an encoded image file unless `format` says it is a raw frame of
+    `width` x `height` pixels."""
+
+    model_config = _Strict
+    topic: Annotated[StrictStr, Field(pattern=_TOPIC_NAME)] | None = None
+    upload: Literal[True] | None = None
+    format: RawFormat | None = None
+    width: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    height: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSource:
+        if (self.topic is None) == (self.upload is None):
+            raise ValueError('an image is either {"topic": …} or {"upload": true}')
+        raw = (self.format, self.width, self.height)
+        if any(v is not None for v in raw) and (self.upload is None or None in raw):
+            raise ValueError("a raw upload gives format, width and height together")
+        return self
+
+
+class ImageOut(BaseModel):
+    """A picture to generate and send in the device's own pixel format."""
+
+    model_config = _Strict
+    prompt: StrictStr = Field(min_length=1, max_length=4000)
+    width: Annotated[StrictInt, Field(ge=1, le=2048)]
+    height: Annotated[StrictInt, Field(ge=1, le=2048)]
+    format: PictureFormat
+    piece_bytes: Annotated[StrictInt, Field(ge=64, le=65536)] = 1024
+    model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+
+
 # Fields copied to the upstream body exactly as the device sent them.
 SAMPLING_FIELDS = (
     "max_tokens",
@@ -155,6 +233,29 @@ SAMPLING_FIELDS = (
     "frequency_penalty",
     "reasoning_effort",
 )
+
+
+class SpeakSpec(BaseModel):
+    """`speak`: how the reply is spoken (protocol v2); unset fields come from the policy."""
+
+    model_config = _Strict
+    format: Literal["pcm16", "wav", "mp3"] | None = None
+    rate: Literal[8000, 16000, 22050, 24000] | None = None
+    voice: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    lead_ms: Annotated[StrictInt, Field(ge=20, le=60000)] | None = None
+    chunk_bytes: Annotated[StrictInt, Field(ge=256, le=65536)] | None = None
+
+
+LISTEN_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class ListenSpec(BaseModel):
+    """`listen`: the prompt is an utterance the device streams on `P/D/listen/R` (v2)."""
+
+    model_config = _Strict
+    rate: Literal[8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000] = 16000
+    transcript_only: StrictBool = False
+    language: Annotated[StrictStr, Field(min_length=2, max_length=16)] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -181,14 +282,34 @@ class ChatRequest(BaseModel):
     chunk_bytes: Annotated[StrictInt, Field(ge=8, le=65536)] | None = None
     chunk_ms: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     chunk_sentences: StrictBool = False
+    # protocol v2, "Tools": the bridge offers the device's own and granted tools and runs them.
+    use_tools: StrictBool = False
     # Conversations kept by the bridge (protocol v2, bridge/plugins/sessions.py).
     session: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] | None = None
     session_reset: StrictBool = False
+    # Voice (protocol v2).
+    speak: StrictBool | SpeakSpec | None = None
+    listen: ListenSpec | None = None
+    # Pictures (protocol v2): pictures in (camera topics, an upload), a picture out.
+    images: Annotated[list[ImageSource], Field(min_length=1, max_length=4)] | None = None
+    image: ImageOut | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ChatRequest:
-        if (self.prompt is None) == (self.messages is None):
+        if self.image is not None:
+            if self.prompt is not None or self.messages is not None or self.images is not None:
+                raise ValueError("an image request has no prompt, messages or images")
+        elif self.listen is not None:
+            if self.prompt is not None:
+                raise ValueError("a listen request has no prompt: the utterance is the prompt")
+            if self.id is None:
+                raise ValueError("a listen request needs an id: its audio goes to listen/<id>")
+        elif (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.images is not None and sum(1 for i in self.images if i.upload) > 1:
+            raise ValueError("images: at most one upload per request")
+        if self.use_tools and self.tools is not None:
+            raise ValueError("give tools or use_tools, not both")
         if self.session_reset and self.session is None:
             raise ValueError("session_reset needs a session")
         return self
@@ -205,8 +326,7 @@ class ChatRequest(BaseModel):
             out.append({"role": "system", "content": self.system})
         if self.prompt is not None:
             out.append({"role": "user", "content": self.prompt})
-        else:
-            assert self.messages is not None
+        elif self.messages is not None:  # neither: a `listen` or `image` request
             out.extend(m.model_dump(exclude_none=True) for m in self.messages)
         return out
 
@@ -360,7 +480,7 @@ def refusal_message(seq: int, text: str) -> bytes:
     return b'{"seq":%d,"refusal":%s}' % (seq, _utf8(_dumps(text)))
 
 
-def done_message(
+def done_message(  # noqa: PLR0913  # keyword-only: the `done` terminal's fields
     seq: int,
     *,
     finish_reason: str | None,

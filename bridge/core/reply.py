@@ -26,6 +26,25 @@ def _error_text(err: Any) -> str:
     return str(err)
 
 
+def _event_object(event: str, data: str) -> dict[str, Any]:
+    """The JSON object an event carries; ProtocolError for an error event or data that is
+    not an object."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        if event == "error":
+            raise ProtocolError(UPSTREAM_ERROR, data or "error event") from None
+        raise ProtocolError(
+            UPSTREAM_PROTOCOL, f"malformed event from the API: {data[:80]!r}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(UPSTREAM_PROTOCOL, "an event from the API is not a JSON object")
+    err = obj.get("error")
+    if event == "error" or err is not None:
+        raise ProtocolError(UPSTREAM_ERROR, _error_text(err if err is not None else obj))
+    return obj
+
+
 class ReplyFold:
     """The reply so far; `feed()` each SSE event, then read the result.
 
@@ -74,36 +93,14 @@ class ReplyFold:
             return []
         if not data and event != "error":
             return []
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            if event == "error":
-                raise ProtocolError(UPSTREAM_ERROR, data or "error event") from None
-            raise ProtocolError(
-                "upstream_protocol", f"malformed event from the API: {data[:80]!r}"
-            ) from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(UPSTREAM_PROTOCOL, "an event from the API is not a JSON object")
-        err = obj.get("error")
-        if event == "error" or err is not None:
-            raise ProtocolError(UPSTREAM_ERROR, _error_text(err if err is not None else obj))
+        obj = _event_object(event, data)
         model = obj.get("model")
         if isinstance(model, str) and model:
             self.model = model
         pieces: list[tuple[str, str]] = []
-        choices = obj.get("choices")
-        if choices:
-            for choice in choices:
-                if choice.get("index", 0) != 0:
-                    continue
-                delta = choice.get("delta") or choice.get("message")
-                if delta:
-                    self._delta(delta, pieces)
-                fr = choice.get("finish_reason")
-                if fr is not None:
-                    self.finish_reason = fr
-                if choice.get("usage") is not None:
-                    self.usage = choice["usage"]
+        for choice in obj.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                self._choice(choice, pieces)
         usage = obj.get("usage")
         if usage is None:
             x_groq = obj.get("x_groq")
@@ -112,6 +109,16 @@ class ReplyFold:
         if usage is not None:
             self.usage = usage
         return pieces
+
+    def _choice(self, choice: dict[str, Any], pieces: list[tuple[str, str]]) -> None:
+        delta = choice.get("delta") or choice.get("message")
+        if delta:
+            self._delta(delta, pieces)
+        fr = choice.get("finish_reason")
+        if fr is not None:
+            self.finish_reason = fr
+        if choice.get("usage") is not None:
+            self.usage = choice["usage"]
 
     def _delta(self, delta: dict[str, Any], pieces: list[tuple[str, str]]) -> None:
         content = delta.get("content")

@@ -168,9 +168,21 @@ class Bridge:
     async def subscribed(self) -> None:
         await self.link.subscribed.wait()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> None:
+        props = None
+        if expiry is not None and self.settings.mqtt_version == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = expiry
         try:
-            self.link.publish(topic, payload, qos=qos, retain=retain)
+            self.link.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except ConnectionError as exc:
             log.warning("could not publish %s: %s", topic[:200], exc)
 
@@ -355,6 +367,11 @@ class Bridge:
         except ProtocolError as exc:
             self._refuse(device, exc, rid or exc.request_id, reply_to, correlation)
             return None
+        except Exception:  # a plugin's bug: the request still gets its one terminal
+            log.exception("internal error taking a request of device=%s", device)
+            error = ProtocolError(p.INTERNAL, "internal error")
+            self._refuse(device, error, rid or p.salvage_id(payload), reply_to, correlation)
+            return None
 
     def _size_limit(self, device: str) -> int:
         """The smallest of the bridge's and the plugins' request size limits for `device`."""
@@ -531,6 +548,9 @@ class Bridge:
                 while job.body is not None:
                     await self._round(job, job.body, deadline)
                     job.rounds += 1
+                    # What the chunker holds belongs to this round: it goes out before a
+                    # plugin's next round (tool calls) or its finishing (the last speech).
+                    self._publish_held(job)
                     if not await self._more(job):
                         break
                 for plugin in self._finishers:

@@ -21,6 +21,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -34,6 +35,8 @@ from bridge.core import protocol as p
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_GRANT_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}/([A-Za-z0-9_\-]{1,64}|\*)$")
+_TOOL_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _config_file: ContextVar[Path | None] = ContextVar("bridge_config_file", default=None)
 
 
@@ -48,11 +51,49 @@ class Limits(BaseModel):
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_day: int = Field(default=0, ge=0)
     max_streams: int = Field(default=0, ge=0)
+    # protocol v2, "Tools": other owners' tools the device may use ("lamp/set_led",
+    # "lamp/*", "bridge/get_time"; its own always), and the model calls per request.
+    tools: list[str] = Field(default_factory=list)
+    max_tool_rounds: int = Field(default=4, ge=1, le=32)
+
+    @field_validator("tools")
+    @classmethod
+    def _grants(cls, v: list[str]) -> list[str]:
+        for grant in v:
+            if not _GRANT_RE.match(grant):
+                raise ValueError(f"{grant[:80]!r} is not OWNER/TOOL or OWNER/* (OWNER a device id)")
+        return v
+
     # Conversations kept by the bridge (bridge/plugins/sessions.py): these defaults fit a
     # small model's context (about 2000 tokens of history). 0 means no limit of this field.
     session_max_turns: int = Field(default=8, ge=0)
     session_max_chars: int = Field(default=8000, ge=0)
     session_ttl_s: int = Field(default=3600, ge=0)
+    # Voice (docs/protocol.md "Voice"): what `"speak": true` means, how far audio
+    # may run ahead of real time, and how much one utterance may hold.
+    speak_format: Literal["pcm16", "wav", "mp3"] = "pcm16"
+    speak_rate: Literal[8000, 16000, 22050, 24000] = 16000
+    speak_voice: str = ""
+    audio_lead_ms: int = Field(default=500, ge=20, le=60_000)
+    audio_chunk_bytes: int = Field(default=3072, ge=256, le=65_536)
+    listen_seconds: int = Field(default=30, ge=1, le=600)
+    listen_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
+    listen_timeout_ms: int = Field(default=3000, ge=100, le=60_000)
+    # Pictures (docs/protocol.md "Pictures"): the camera topic filters the device may
+    # name (none by default) and the largest upload it may send (0: BRIDGE_IMAGE_MAX_BYTES).
+    camera_topics: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = Field(default=0, ge=0)
+
+    @field_validator("camera_topics")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        for f in v:
+            levels = f.split("/")
+            bad = not f or len(f) > 256 or "\x00" in f
+            bad = bad or any(("+" in lv or "#" in lv) and len(lv) > 1 for lv in levels)
+            if bad or "#" in levels[:-1]:
+                raise ValueError(f"{f[:80]!r} is not an MQTT topic filter")
+        return v
 
 
 class PolicyConfig(BaseModel):
@@ -153,12 +194,54 @@ class Settings(BaseSettings):
         "gpt-4o-mini", validation_alias=AliasChoices("OPENAI_MODEL", "openai_model")
     )
 
+    # Voice (docs/protocol.md "Voice"): the speech and transcription endpoints may
+    # live elsewhere than chat; each unset one falls back to the chat API's.
+    openai_audio_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_AUDIO_BASE_URL", "openai_audio_base_url")
+    )
+    openai_audio_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_AUDIO_API_KEY", "openai_audio_api_key")
+    )
+    openai_tts_model: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_TTS_MODEL", "openai_tts_model")
+    )
+    openai_tts_voice: str = Field(
+        "alloy", validation_alias=AliasChoices("OPENAI_TTS_VOICE", "openai_tts_voice")
+    )
+    openai_stt_model: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_STT_MODEL", "openai_stt_model")
+    )
+    voice: bool = True
+    # Pictures (docs/protocol.md "Pictures"): where images are generated (default: the
+    # chat API), with which model and size; limits on every picture the bridge handles.
+    openai_images_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_IMAGES_BASE_URL", "openai_images_base_url")
+    )
+    openai_images_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_IMAGES_API_KEY", "openai_images_api_key")
+    )
+    openai_image_model: str = Field(
+        "gpt-image-1", validation_alias=AliasChoices("OPENAI_IMAGE_MODEL", "openai_image_model")
+    )
+    images: bool = True
+    image_size: str = Field("1024x1024", pattern=r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$")
+    image_max_side: int = Field(768, ge=16, le=4096)
+    image_wait_ms: int = Field(2000, ge=0, le=600_000)
+    image_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    image_max_pixels: int = Field(40_000_000, ge=1024, le=500_000_000)
+    image_upload_timeout: float = Field(30.0, gt=0)
+
     mqtt_url: str = "mqtt://localhost:1883"
     mqtt_ca_file: Path | None = None
+    # `llm-bridge broker check` (compose's health check) logs in as its own user:
+    # one logged in as the bridge's would replace the bridge's connection.
+    check_mqtt_url: str | None = None
     mqtt_tls_insecure: bool = False
     mqtt_keepalive: int = Field(30, ge=5, le=65535)
     mqtt_version: Literal["5", "3.1.1"] = "5"
-    client_id: str = Field("llm-bridge", min_length=1, max_length=64)
+    # Empty: the user name of mqtt_url (`bridge`), which is the id Mosquitto with
+    # broker/'s config gives the bridge whatever it sends (use_username_as_clientid).
+    client_id: str = Field("", max_length=64)
     session_expiry: int = Field(86400, ge=0, le=0xFFFFFFFF)
     topic_prefix: str = "llm"
     response_qos: int = Field(1, ge=0, le=1)
@@ -188,6 +271,11 @@ class Settings(BaseSettings):
     ha_prefix: str = "homeassistant"
     devices: str = ""
 
+    # Tools (docs/protocol.md "Tools"): devices' tools over MQTT, and Python functions
+    # the bridge runs itself ("package.module:function", comma-separated or a list).
+    device_tools: bool = True
+    tools: str = ""
+    tool_timeout_ms: int = Field(5000, ge=100, le=600_000)
     # Conversations kept by the bridge (docs/protocol.md "Sessions"), in BRIDGE_DATA_DIR.
     sessions: bool = True
     session_store_bytes: int = Field(32 * 1024 * 1024, ge=4096)
@@ -221,11 +309,39 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
 
+    @field_validator("openai_audio_base_url")
+    @classmethod
+    def _audio_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("openai_images_base_url")
+    @classmethod
+    def _images_url(cls, v: str | None) -> str | None:
+        return None if v is None or not v.strip() else cls._base_url(v)
+
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, v: str) -> str:
         MqttUrl.parse(v)
         return v
+
+    @field_validator("check_mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, v: str | None) -> str | None:
+        if v:
+            MqttUrl.parse(v)
+        return v or None
+
+    @model_validator(mode="after")
+    def _client_id_from_user(self) -> Settings:
+        if not self.client_id:
+            self.client_id = self.mqtt.username or "llm-bridge"
+        return self
 
     @field_validator("topic_prefix")
     @classmethod
@@ -253,6 +369,22 @@ class Settings(BaseSettings):
                 if not _DEVICE_RE.match(name):
                     raise ValueError(f"{name[:80]!r} is not a device id (1-64 of A-Z a-z 0-9 _ -)")
         return v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            v = ",".join(str(t) for t in v)
+        if isinstance(v, str):
+            for ref in filter(None, (t.strip() for t in v.split(","))):
+                if not _TOOL_REF_RE.match(ref):
+                    raise ValueError(f"{ref[:80]!r} is not package.module:function")
+        return v
+
+    @property
+    def tool_refs(self) -> list[str]:
+        """`BRIDGE_TOOLS` as a list, in order, without duplicates."""
+        return list(dict.fromkeys(t for t in (t.strip() for t in self.tools.split(",")) if t))
 
     @property
     def known_devices(self) -> list[str]:

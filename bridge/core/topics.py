@@ -52,6 +52,39 @@ class Topics:
     def ask(self, device: str) -> str:
         return self.device(device, "ask")
 
+    # protocol v2, "Tools"
+    def tools(self, device: str) -> str:
+        return self.device(device, "tools")
+
+    def tools_ack(self, device: str) -> str:
+        return self.device(device, "tools", "ack")
+
+    def presence(self, device: str) -> str:
+        """`P/D/status`: a device's own presence (the bridge's is `status`)."""
+        return self.device(device, "status")
+
+    def call(self, device: str) -> str:
+        return self.device(device, "call")
+
+    def result(self, device: str) -> str:
+        return self.device(device, "result")
+
+    def audio(self, device: str, request_id: str) -> str:
+        """Speech for request R, bridge -> device (protocol v2, "Voice")."""
+        return self.device(device, "audio", request_id)
+
+    def listen(self, device: str, request_id: str) -> str:
+        """An utterance for request R, device -> bridge (protocol v2, "Voice")."""
+        return self.device(device, "listen", request_id)
+
+    def upload(self, device: str, request_id: str) -> str:
+        """`P/D/upload/R`: a picture the device sends in pieces for request R (v2)."""
+        return self.device(device, "upload", request_id)
+
+    def image(self, device: str, request_id: str) -> str:
+        """`P/D/image/R`: the pieces of the picture generated for request R (v2)."""
+        return self.device(device, "image", request_id)
+
     # --- filters over every device -------------------------------------------------------
 
     def device_filter(self, kind: str, *, per_request: bool = False) -> str:

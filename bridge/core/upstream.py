@@ -7,12 +7,14 @@ keeps the API key out of every message.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -140,6 +142,12 @@ class Upstream:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.url = settings.openai_base_url + "/chat/completions"
+        images_base = settings.openai_images_base_url or settings.openai_base_url
+        self.images_url = images_base + "/images/generations"
+        images_key = settings.openai_images_api_key
+        self._images_key = images_key.get_secret_value() if images_key else key
+        self._redact_images = Redactor(self._images_key if self._images_key != key else "")
+        self._image_timeout = settings.upstream_total_timeout
         if transport is None:
             verify: ssl.SSLContext | bool = True
             if settings.upstream_ca_file is not None:
@@ -208,11 +216,104 @@ class Upstream:
         ]
 
     def redact(self, text: str) -> str:
-        """Remove the API key, whole or any run of `SECRET_RUN` of its characters, from a text.
+        """Remove the API keys (the chat API's and the image API's), whole or any run of
+        `SECRET_RUN` of their characters, from a text.
 
         Call it on the whole text, before any cut.
         """
-        return self._redact(text)
+        return self._redact_images(self._redact(text))
+
+    async def generate_image(self, prompt: str, *, model: str, size: str, max_bytes: int) -> bytes:
+        """`POST /images/generations` for one picture; return its encoded bytes (PNG, JPEG...).
+
+        The API answers with `b64_json` or with a `url`, which is then fetched
+        without the API key. Nothing larger than `max_bytes` is read.
+
+        Raises:
+            UpstreamError: for any failure, with the protocol's codes.
+        """
+        body = {"model": model, "prompt": prompt, "size": size, "n": 1}
+        headers = {"Accept": "application/json"}
+        if self._images_key:
+            headers["Authorization"] = f"Bearer {self._images_key}"
+        timeout = httpx.Timeout(self._image_timeout, connect=self.client.timeout.connect)
+        # base64 is 4/3 of the picture, and the JSON around it is small
+        limit = max_bytes * 4 // 3 + 4096
+        with self._errors():
+            req = self.client.build_request(
+                "POST", self.images_url, json=body, headers=headers, timeout=timeout
+            )
+            resp = await self.client.send(req, stream=True)
+            try:
+                if resp.status_code >= 400:
+                    detail = _error_detail(await self._read_some(resp), self._redact)
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        self.redact(f"image API answered {resp.status_code}: {detail}"),
+                        status=resp.status_code,
+                        retry_after=retry_after_seconds(resp.headers),
+                    )
+                raw = await self._read_some(resp, limit + 1)
+            finally:
+                await resp.aclose()
+            if len(raw) > limit:
+                raise UpstreamError(
+                    p.UPSTREAM_PROTOCOL, f"the image API sent more than {max_bytes} bytes"
+                )
+            item = _image_item(raw)
+            if isinstance(item.get("b64_json"), str):
+                try:
+                    data = base64.b64decode(item["b64_json"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise UpstreamError(
+                        p.UPSTREAM_PROTOCOL, "the image API sent invalid base64"
+                    ) from None
+                if len(data) > max_bytes:
+                    raise UpstreamError(
+                        p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
+                    )
+                return data
+            url = item.get("url")
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no b64_json or url")
+            get = self.client.build_request("GET", url, timeout=timeout)
+            get.headers.pop("Authorization", None)  # the key goes to the API, nowhere else
+            got = await self.client.send(get, stream=True)
+            try:
+                if got.status_code >= 400:
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        f"fetching the generated image answered {got.status_code}",
+                        status=got.status_code,
+                    )
+                data = await self._read_some(got, max_bytes + 1)
+            finally:
+                await got.aclose()
+            if len(data) > max_bytes:
+                raise UpstreamError(
+                    p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
+                )
+            return data
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """httpx's failures as the protocol's upstream error codes (key redacted)."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc)) from None
+        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError) as exc:
+            raise UpstreamError(
+                p.UPSTREAM_UNREACHABLE,
+                self.redact(f"cannot reach the API: {exc or type(exc).__name__}"),
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise UpstreamError(
+                p.UPSTREAM_PROTOCOL,
+                self.redact(f"the API connection broke: {exc or type(exc).__name__}"),
+            ) from None
+        except httpx.DecodingError as exc:
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, f"undecodable reply: {exc}") from None
 
     @asynccontextmanager
     async def stream(
@@ -303,9 +404,152 @@ class Upstream:
             raise UpstreamError(p.UPSTREAM_PROTOCOL, f"not an event stream: {exc}") from None
 
 
+def _image_item(raw: bytes) -> dict[str, Any]:
+    """The first picture of an `/images/generations` answer."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent malformed JSON") from None
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no picture")
+    return data[0]
+
+
 def _timeout_text(exc: httpx.TimeoutException) -> str:
     if isinstance(exc, httpx.ConnectTimeout):
         return "the API did not accept the connection in time"
     if isinstance(exc, httpx.PoolTimeout):
         return "no connection to the API became free in time"
     return "the API went silent for longer than the read timeout"
+
+
+# --- voice: /audio/speech and /audio/transcriptions (docs/protocol.md "Voice") ------------------
+
+
+def _map_http_error(exc: httpx.HTTPError, redact: Any) -> UpstreamError:
+    """An httpx failure as the protocol's error, as `Upstream.stream` maps it."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(p.UPSTREAM_TIMEOUT, _timeout_text(exc))
+    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol | httpx.ProxyError):
+        return UpstreamError(
+            p.UPSTREAM_UNREACHABLE, redact(f"cannot reach the API: {exc or type(exc).__name__}")
+        )
+    return UpstreamError(
+        p.UPSTREAM_PROTOCOL, redact(f"the API connection broke: {exc or type(exc).__name__}")
+    )
+
+
+class AudioApi:
+    """The speech and transcription endpoints: the chat API's, or `OPENAI_AUDIO_BASE_URL`'s.
+
+    Shares the chat client's connection pool and timeouts; a separate key
+    (`OPENAI_AUDIO_API_KEY`) goes only to a separate audio host.
+    """
+
+    def __init__(self, upstream: Upstream, settings: Settings) -> None:
+        self._up = upstream
+        self.base = settings.openai_audio_base_url or settings.openai_base_url
+        key = settings.openai_audio_api_key or settings.openai_api_key
+        self._key = key.get_secret_value() if key else ""
+        self._audio_redact = Redactor(self._key)
+        self.tts_model = settings.openai_tts_model or settings.openai_model
+        self.tts_voice = settings.openai_tts_voice
+        self.stt_model = settings.openai_stt_model or settings.openai_model
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        return headers
+
+    def redact(self, text: str) -> str:
+        """Both keys (the chat API's and the audio API's) out of a text, before any cut."""
+        return self._audio_redact(self._up.redact(text))
+
+    def _detail(self, body: bytes) -> str:
+        """An error body's message with both keys out (before the cut, as `_error_detail`)."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return self.redact(body.decode("utf-8", "replace")).strip()[:DETAIL_CHARS]
+        err = obj.get("error", obj) if isinstance(obj, dict) else obj
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("detail") or err
+        return self.redact(str(err))[:DETAIL_CHARS]
+
+    @asynccontextmanager
+    async def speech(
+        self, text: str, *, voice: str | None, response_format: str, model: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """POST /audio/speech; yield the audio bytes as they arrive.
+
+        Raises:
+            UpstreamError: for any failure, opening or reading.
+        """
+        body = {
+            "model": model or self.tts_model,
+            "input": text,
+            "voice": voice or self.tts_voice,
+            "response_format": response_format,
+        }
+        try:
+            async with self._up.client.stream(
+                "POST", self.base + "/audio/speech", json=body, headers=self._headers("*/*")
+            ) as resp:
+                if resp.status_code >= 400:
+                    detail = self._detail(await self._up._read_some(resp))  # noqa: SLF001  # the API client's bounded body reader
+                    raise UpstreamError(
+                        p.UPSTREAM_STATUS,
+                        self.redact(f"speech API answered {resp.status_code}: {detail}"),
+                        status=resp.status_code,
+                    )
+                yield self._bytes(resp)
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+
+    async def _bytes(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+
+    async def transcribe(
+        self, wav: bytes, *, model: str | None = None, language: str | None = None
+    ) -> str:
+        """POST /audio/transcriptions with a WAV file; return the text.
+
+        Raises:
+            UpstreamError: for any failure.
+        """
+        data = {"model": model or self.stt_model, "response_format": "json"}
+        if language:
+            data["language"] = language
+        try:
+            resp = await self._up.client.post(
+                self.base + "/audio/transcriptions",
+                data=data,
+                files={"file": ("speech.wav", wav, "audio/wav")},
+                headers=self._headers("application/json"),
+            )
+        except httpx.HTTPError as exc:
+            raise _map_http_error(exc, self.redact) from None
+        if resp.status_code >= 400:
+            raise UpstreamError(
+                p.UPSTREAM_STATUS,
+                self.redact(
+                    f"transcription API answered {resp.status_code}: {self._detail(resp.content)}"
+                ),
+                status=resp.status_code,
+            )
+        ctype = resp.headers.get("content-type", "")
+        if ctype.startswith("text/plain"):
+            return resp.text.strip()
+        try:
+            obj = resp.json()
+        except ValueError:
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the transcription is not JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UpstreamError(p.UPSTREAM_PROTOCOL, "the transcription has no text")
+        return str(obj["text"]).strip()

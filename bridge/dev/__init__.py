@@ -1,5 +1,5 @@
 """Developer tools: the mock LLM, the demo, and Python clients of the protocol.
 
-They sit above everything else: they may import `bridge.core`, `bridge.ops`
-and `bridge.app`; nothing below imports them.
+They sit on top: they may import anything but `bridge.cli`; nothing but the
+CLI imports them.
 """

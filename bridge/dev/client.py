@@ -6,14 +6,8 @@ async with BridgeClient("mqtt://kitchen:secret@localhost", "kitchen") as llm:
 
 Cancelling the task that runs `ask` or iterates `stream`/`events`, or leaving the
 loop early, cancels the request at the bridge (a `P/D/cancel`), which closes the
-upstream stream. `MqttOpenAI` is the same client shaped like the openai SDK's
-`AsyncOpenAI().chat.completions.create(...)`, for code written against that API:
-
-async with MqttOpenAI("mqtt://kitchen:secret@localhost", "kitchen") as client:
-    stream = await client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], stream=True)
-    async for chunk in stream:
-        print(chunk.choices[0].delta.content or "", end="")
+upstream stream. `bridge.dev.mqtt_openai.MqttOpenAI` is this client shaped like
+the openai SDK.
 """
 
 from __future__ import annotations
@@ -22,8 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +29,17 @@ from bridge.core.mqtt import MqttLink
 from bridge.core.settings import MqttUrl
 from bridge.core.topics import Topics
 
+#: The client's own error codes (beside the protocol's): no message came in time;
+#: the reply broke the protocol (a gap in `seq`, a malformed error, no terminal).
+TIMEOUT = "timeout"
+PROTOCOL = "protocol"
+
 
 class BridgeError(ProtocolError):
     """The request ended with an error terminal (or never ended in time).
 
     The protocol's `ProtocolError`, with two codes of the client's own:
-    `timeout` when no message came in time, `protocol` for a seq gap.
+    `TIMEOUT` when no message came in time, `PROTOCOL` for a seq gap.
     """
 
     def __init__(self, code: str, message: str, status: int | None = None) -> None:
@@ -61,10 +59,11 @@ class Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _error(msg: dict[str, Any]) -> BridgeError:
+def error_of(msg: dict[str, Any]) -> BridgeError:
+    """The `BridgeError` an error terminal `{"seq":n,"error":{...}}` stands for."""
     err = msg.get("error")
     if not isinstance(err, dict):
-        return BridgeError("protocol", f"malformed error message {msg!r:.200}")
+        return BridgeError(PROTOCOL, f"malformed error message {msg!r:.200}")
     return BridgeError(str(err.get("code", "?")), str(err.get("message", "")), err.get("status"))
 
 
@@ -91,7 +90,7 @@ class BridgeClient:
         ca_file: CA for `mqtts://`.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # keyword-only options, each defaulted
         self,
         url: str | MqttUrl,
         device: str,
@@ -107,12 +106,23 @@ class BridgeClient:
         self.topics = Topics(prefix)
         self.idle_timeout = idle_timeout
         self.last: Reply | None = None
+        #: called with each progress message of a `use_tools` request (protocol v2):
+        #: `{"seq":…,"tool_call":{…}}`, `{"seq":…,"tool_result":{…}}`
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        #: called with each audio frame on `P/D/audio/R` (protocol v2, "Voice"): the
+        #: device's one connection hears its speech too (its user name is its client id)
+        self.on_audio: Callable[[str, bytes], None] | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._pictures: dict[str, _Picture] = {}
         self.link = MqttLink(
             url if isinstance(url, MqttUrl) else MqttUrl.parse(url),
             client_id=f"{device}-{os.urandom(4).hex()}",
             on_message=self._on_message,
-            subscriptions=[(self.topics.res_filter(device), 1)],
+            subscriptions=[
+                (self.topics.res_filter(device), 1),
+                (self.topics.device(device, "image", "+"), 1),
+                (self.topics.device(device, "audio", "+"), 1),
+            ],
             ca_file=ca_file,
             version=version,
         )
@@ -135,6 +145,15 @@ class BridgeClient:
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         rid = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic == self.topics.image(self.device, rid):
+            picture = self._pictures.get(rid)
+            if picture is not None:
+                picture.feed(bytes(msg.payload))
+            return
+        if msg.topic == self.topics.audio(self.device, rid):
+            if self.on_audio is not None:
+                self.on_audio(rid, bytes(msg.payload))
+            return
         queue = self._queues.get(rid)
         if queue is None:
             return
@@ -170,13 +189,13 @@ class BridgeClient:
                         msg = await queue.get()
                 except TimeoutError:
                     raise BridgeError(
-                        "timeout", f"no reply message for {self.idle_timeout:g} s"
+                        TIMEOUT, f"no reply message for {self.idle_timeout:g} s"
                     ) from None
                 seq = msg.get("seq")
                 if not isinstance(seq, int) or seq < expected:
                     continue
                 if seq > expected:
-                    raise BridgeError("protocol", f"message {expected} is missing (got {seq})")
+                    raise BridgeError(PROTOCOL, f"message {expected} is missing (got {seq})")
                 expected += 1
                 if "done" in msg or "error" in msg:
                     finished = True
@@ -209,277 +228,82 @@ class BridgeClient:
                 elif "refusal" in msg:
                     yield msg["refusal"]
                 elif "error" in msg:
-                    raise _error(msg)
-                else:
+                    raise error_of(msg)
+                elif "done" in msg:
                     self.last = _reply(rid, msg)
+                elif self.on_progress is not None:
+                    self.on_progress(msg)
 
     async def ask(self, prompt: str | None = None, **fields: Any) -> str:
         """The whole reply text (streamed by the bridge, joined here)."""
         return "".join([piece async for piece in self.stream(prompt, **fields)])
 
-
-# --- the openai SDK's shape, over MQTT ------------------------------------------------------
-
-#: The openai `chat.completions.create` parameters the protocol forwards.
-FORWARDED = frozenset({*p.SAMPLING_FIELDS, "tools", "tool_choice"})
-
-
-@dataclass
-class FunctionCall:
-    name: str | None = None
-    arguments: str | None = None
-
-
-@dataclass
-class ToolCall:
-    id: str | None = None
-    type: str = "function"
-    function: FunctionCall = field(default_factory=FunctionCall)
-    index: int = 0
-
-
-@dataclass
-class CompletionUsage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    #: the provider's usage object as it sent it (details included).
-    raw: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ChatCompletionMessage:
-    role: str = "assistant"
-    content: str | None = None
-    refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-@dataclass
-class Choice:
-    index: int
-    message: ChatCompletionMessage
-    finish_reason: str | None
-
-
-@dataclass
-class ChatCompletion:
-    id: str
-    choices: list[Choice]
-    created: int
-    model: str | None
-    usage: CompletionUsage | None
-    object: str = "chat.completion"
-
-
-@dataclass
-class ChoiceDelta:
-    role: str | None = None
-    content: str | None = None
-    refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-@dataclass
-class ChunkChoice:
-    index: int
-    delta: ChoiceDelta
-    finish_reason: str | None = None
-
-
-@dataclass
-class ChatCompletionChunk:
-    id: str
-    choices: list[ChunkChoice]
-    created: int
-    model: str | None
-    usage: CompletionUsage | None = None
-    object: str = "chat.completion.chunk"
-
-
-def _usage(raw: Any) -> CompletionUsage | None:
-    if not isinstance(raw, dict):
-        return None
-
-    def n(key: str) -> int:
-        v = raw.get(key)
-        return v if isinstance(v, int) else 0
-
-    return CompletionUsage(n("prompt_tokens"), n("completion_tokens"), n("total_tokens"), raw)
-
-
-def _tool_calls(raw: Iterable[Any]) -> list[ToolCall] | None:
-    calls = [
-        ToolCall(
-            id=c.get("id"),
-            type=c.get("type", "function"),
-            function=FunctionCall(
-                (c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments")
-            ),
-            index=i,
-        )
-        for i, c in enumerate(raw)
-        if isinstance(c, dict)
-    ]
-    return calls or None
-
-
-class AsyncStream:
-    """The chunks of one streamed completion, as the openai SDK's `AsyncStream` yields them.
-
-    The last chunk carries `finish_reason`, the tool calls (whole) and `usage`.
-    `close()` (or leaving `async with`) before the end cancels the request.
-    """
-
-    def __init__(
-        self, events: AsyncGenerator[dict[str, Any], None], rid: str, model: str | None
-    ) -> None:
-        self._events = events
-        self.id = rid
-        self.model = model
-        self.created = int(time.time())
-        self._first = True
-
-    def __aiter__(self) -> AsyncStream:
-        return self
-
-    async def __anext__(self) -> ChatCompletionChunk:
-        msg = await self._events.__anext__()
-        if "error" in msg:
-            await self.close()
-            raise _error(msg)
-        delta = ChoiceDelta(role="assistant" if self._first else None)
-        self._first = False
-        choice = ChunkChoice(0, delta)
-        usage = None
-        if "delta" in msg:
-            delta.content = msg["delta"]
-        elif "refusal" in msg:
-            delta.refusal = msg["refusal"]
-        else:
-            self.model = msg.get("model") or self.model
-            choice.finish_reason = msg.get("finish_reason")
-            delta.tool_calls = _tool_calls(msg.get("tool_calls") or [])
-            usage = _usage(msg.get("usage"))
-        return ChatCompletionChunk(self.id, [choice], self.created, self.model, usage)
-
-    async def close(self) -> None:
-        await self._events.aclose()
-
-    async def __aenter__(self) -> AsyncStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class _Completions:
-    def __init__(self, owner: MqttOpenAI) -> None:
-        self._owner = owner
-
-    async def create(
-        self,
-        *,
-        messages: list[dict[str, Any]],
-        model: str | None = None,
-        stream: bool = False,
-        n: int | None = None,
-        stream_options: dict[str, Any] | None = None,
-        **params: Any,
-    ) -> Any:
-        """Like `AsyncOpenAI().chat.completions.create`: a `ChatCompletion`, or with
-        `stream=True` an `AsyncStream` of `ChatCompletionChunk`.
-
-        `model` may be left out (the bridge's `OPENAI_MODEL`); `stream_options` is
-        accepted and not needed (usage always comes in the last chunk); `n` must be 1.
+    async def image(
+        self, prompt: str, width: int, height: int, fmt: str, **fields: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        """Ask for a picture for a `width` x `height` screen in `fmt` (docs/protocol.md
+        "Pictures"); return the terminal's `image` and the bytes received in pieces.
 
         Raises:
-            BridgeError: the request ended with an error (`code` says which).
-            TypeError: a parameter the protocol does not forward.
+            BridgeError: on an error terminal, or pieces that do not add up.
         """
-        unknown = set(params) - FORWARDED
-        if unknown:
-            raise TypeError(f"parameters not supported over the bridge: {sorted(unknown)}")
-        if n not in (None, 1):
-            raise ValueError("n must be 1: a device gets one reply")
-        body: dict[str, Any] = {"messages": messages, "stream": stream, **params}
-        if model is not None:
-            body["model"] = model
-        client = await self._owner.client()
-        rid = p.new_request_id()
-        events = client.events(request_id=rid, **body)
-        if stream:
-            return AsyncStream(events, rid, model)
-        async with contextlib.aclosing(events) as it:
-            async for msg in it:
-                if "error" in msg:
-                    raise _error(msg)
-                if "done" in msg:
-                    message = ChatCompletionMessage(
-                        content=msg.get("text"),
-                        refusal=msg.get("refusal"),
-                        tool_calls=_tool_calls(msg.get("tool_calls") or []),
-                    )
-                    return ChatCompletion(
-                        id=rid,
-                        choices=[Choice(0, message, msg.get("finish_reason"))],
-                        created=int(time.time()),
-                        model=msg.get("model"),
-                        usage=_usage(msg.get("usage")),
-                    )
-        raise BridgeError("protocol", "the reply ended without a terminal message")
+        rid = fields.pop("request_id", None) or p.new_request_id()
+        picture = self._pictures[rid] = _Picture()
+        spec = {"prompt": prompt, "width": width, "height": height, "format": fmt, **fields}
+        try:
+            terminal: dict[str, Any] = {}
+            async with contextlib.aclosing(self.events(request_id=rid, image=spec)) as events:
+                async for msg in events:
+                    if "error" in msg:
+                        raise error_of(msg)
+                    terminal = msg
+            # The pieces travel on their own topic: the end piece may come just after.
+            async with asyncio.timeout(self.idle_timeout):
+                await picture.ended.wait()
+            if picture.error:
+                raise BridgeError("protocol", picture.error)
+            info = terminal.get("image") or {}
+            got, sent = len(picture.data), info.get("bytes")
+            if got != sent:
+                raise BridgeError("protocol", f"got {got} bytes, the bridge sent {sent}")
+            return info, bytes(picture.data)
+        except TimeoutError:
+            raise BridgeError("timeout", "the picture's end piece never came") from None
+        finally:
+            self._pictures.pop(rid, None)
 
 
-class _Chat:
-    def __init__(self, owner: MqttOpenAI) -> None:
-        self.completions = _Completions(owner)
+class _Picture:
+    """The pieces of one picture on `P/D/image/R`, in order (docs/protocol.md "Pictures")."""
 
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.next = 0
+        self.error = ""
+        self.ended = asyncio.Event()
 
-class MqttOpenAI:
-    """`client.chat.completions.create(model=..., messages=..., stream=...)` over MQTT.
+    def feed(self, payload: bytes) -> None:
+        # here, not at the top: the chat client need not load Pillow and numpy
+        from bridge.plugins.imaging import DATA, ERROR, unpack_piece  # noqa: PLC0415
 
-    The async openai SDK's shape (await `create`; `async for` over a stream) with
-    the bridge as transport: the requests go out as device `device`, so the
-    device's credentials, policy and state apply. Connects on first use.
-
-    Args:
-        url: the broker, `mqtt://device:password@host:port`.
-        device: the device id.
-        prefix, idle_timeout, ca_file: as for `BridgeClient`.
-    """
-
-    def __init__(
-        self,
-        url: str | MqttUrl,
-        device: str,
-        *,
-        prefix: str = "llm",
-        idle_timeout: float = 60.0,
-        ca_file: Path | None = None,
-    ) -> None:
-        self._client = BridgeClient(
-            url, device, prefix=prefix, idle_timeout=idle_timeout, ca_file=ca_file
-        )
-        self._connected = False
-        self._lock = asyncio.Lock()
-        self.chat = _Chat(self)
-
-    async def client(self) -> BridgeClient:
-        """The underlying `BridgeClient`, connected."""
-        async with self._lock:
-            if not self._connected:
-                await self._client.connect()
-                self._connected = True
-        return self._client
-
-    async def close(self) -> None:
-        if self._connected:
-            self._connected = False
-            await self._client.close()
-
-    async def __aenter__(self) -> MqttOpenAI:
-        await self.client()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        if self.ended.is_set():
+            return
+        try:
+            seq, kind, _fmt, data = unpack_piece(payload)
+        except ValueError as exc:
+            self.error = str(exc)
+            self.ended.set()
+            return
+        if seq < self.next:
+            return
+        if seq > self.next:
+            self.error = f"piece {self.next} is missing (got {seq})"
+            self.ended.set()
+            return
+        self.next += 1
+        if kind == DATA:
+            self.data += data
+        else:
+            if kind == ERROR:
+                self.error = data.decode("utf-8", "replace")
+            self.ended.set()

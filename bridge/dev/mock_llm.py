@@ -40,11 +40,39 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
   ``split=K`` instead writes K-byte slices.
 * ``tool=1`` (or a prompt containing "call tool") with ``tools`` in the
   request: stream a call of the first tool with arguments ``{"q": prompt}``.
+* ``call=SPEC`` (text) call tools, scripted: SPEC is one call or several
+  joined by ``+``, each ``NAME`` or ``NAME(key:value;key:value)`` (a value is
+  JSON when it parses, else a string), e.g. ``call=set_led(on:true)+read_temp``.
+  NAME is the request's tool of that name, else the only one whose name ends
+  with it (``set_led`` finds ``lamp__set_led``), else NAME itself (a tool the
+  model invents). ``rounds=N`` (default 1): call them in each of the first N
+  rounds (a round is an assistant message with ``tool_calls`` after the last
+  user message), then answer. ``bad_args=1``: the arguments are cut JSON;
+  ``preamble=1``: the model says :data:`PREAMBLE_TEXT` before its calls.
+  Once the conversation ends with ``tool`` messages and no round is left, the
+  reply uses them: "Tool said: <content>", several joined by "; ".
 * ``echo_auth=P`` with ``status`` or an error event: the error's message
   echoes the request's ``Authorization`` header after P characters of
   padding (to put the key across any cut), as a careless upstream might;
   ``echo_keep=K`` echoes only its first and last K characters, joined by
   "…" (a provider showing a shortened key).
+
+* ``noise=1`` (image generation) a picture of random pixels that does not
+  compress; ``url=1`` answer with a URL even without ``response_format``.
+* ``images_max_side=N`` every ``image_url`` part must be an inline JPEG that
+  decodes, with no side longer than N pixels; otherwise 400 (what the
+  bridge's resizing promises).
+
+``POST /v1/audio/speech`` speaks its ``input`` (espeak-ng, or a tone) and
+``POST /v1/audio/transcriptions`` reads back what the mock's own speech said
+(:mod:`bridge.dev.mock_audio`); speech takes ``status``,
+``first_byte_delay_ms``, ``delay_ms``, ``hang`` and ``cut_after``.
+
+Pictures: ``POST /v1/images/generations`` draws :func:`picture` of the
+prompt at the asked ``size`` (default 1024x1024) and answers ``b64_json``,
+or with ``response_format: url`` a URL on the mock itself; ``status`` and
+``fail_times`` directives in the prompt apply. Every inline image of a chat
+request is described in its record (``images``: format, width, height).
 
 Content chunks are the deltas carrying content, refusal or tool-call pieces
 (not the role chunk, not reasoning). Counts past the end of the reply apply
@@ -56,7 +84,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -71,15 +102,19 @@ from pathlib import Path
 from typing import Any
 
 import h11
+from PIL import Image, ImageDraw
 
 __all__ = [
     "FILLER_WORDS",
+    "PREAMBLE_TEXT",
     "REFUSAL_TEXT",
     "MockHandle",
     "MockLLM",
     "add_arguments",
     "default_corpus_dir",
     "parse_directives",
+    "picture",
+    "picture_cells",
     "reasoning_tokens",
     "reply_tokens",
     "run",
@@ -97,6 +132,9 @@ FILLER_WORDS: tuple[str, ...] = tuple(_FILLER.split())
 REFUSAL_TEXT = "I can't help with that."
 """What ``refusal=1`` streams as ``delta.refusal`` pieces."""
 
+PREAMBLE_TEXT = "Let me check."
+"""What ``preamble=1`` says before the tool calls of a ``call=`` round."""
+
 MAX_RECORDED = 1000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _READ_SIZE = 65536
@@ -108,7 +146,8 @@ _CORPUS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INT_KEY_NAMES = (
     "tokens delay_ms first_byte_delay_ms status fail_times cut_after malformed_at error_event_at"
     " cut_after_finish event_error_at hang reasoning refusal keepalive stamp split tool"
-    " echo_auth echo_keep"
+    " echo_auth echo_keep rounds bad_args preamble"
+    " images_max_side noise url"
 )
 _INT_KEYS = frozenset(_INT_KEY_NAMES.split())
 
@@ -218,6 +257,42 @@ def default_corpus_dir() -> Path | None:
 # --------------------------------------------------------------------------- requests
 
 
+def _tool_names(tools: Any) -> list[str]:
+    """The function names of a request's ``tools`` ("" for one without a name)."""
+    names: list[str] = []
+    if isinstance(tools, list):
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            names.append(name if isinstance(name, str) else "")
+    return names
+
+
+def _directive_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _scripted_calls(spec: str, names: list[str], bad_args: bool) -> list[tuple[str, str]]:
+    """The (name, arguments JSON) of a ``call=`` directive (see the module docstring)."""
+    calls: list[tuple[str, str]] = []
+    for item in filter(None, spec.split("+")):
+        name, _, rest = item.partition("(")
+        args: dict[str, Any] = {}
+        for pair in filter(None, rest.rstrip(")").split(";")):
+            key, _, value = pair.partition(":")
+            args[key] = _directive_value(value)
+        if name not in names:
+            ends = [n for n in names if n and n.endswith(name)]
+            if len(ends) == 1:
+                name = ends[0]
+        text = _dumps(args)
+        calls.append((name, text[: len(text) // 2] if bad_args else text))
+    return calls
+
+
 @dataclass
 class _Conversation:
     """What the reply depends on, pulled out of the request body."""
@@ -227,6 +302,7 @@ class _Conversation:
     images: int
     tool_result: str | None
     prompt_tokens: int
+    tool_rounds: int = 0
 
 
 def _text_of(content: Any) -> tuple[str, int]:
@@ -260,8 +336,19 @@ def _conversation(body: dict[str, Any]) -> _Conversation:
         if message.get("role") == "user":
             prompt, images = text, count
     tool_result: str | None = None
-    if messages and messages[-1].get("role") == "tool":
-        tool_result = _text_of(messages[-1].get("content"))[0]
+    trailing: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        trailing.append(_text_of(message.get("content"))[0])
+    if trailing:
+        tool_result = "; ".join(reversed(trailing))
+    rounds = 0
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            rounds += 1
     directive_text = " ".join(_DIRECTIVE_RE.findall(prompt))
     return _Conversation(
         prompt=prompt,
@@ -269,6 +356,7 @@ def _conversation(body: dict[str, Any]) -> _Conversation:
         images=images,
         tool_result=tool_result,
         prompt_tokens=max(words, 1),
+        tool_rounds=rounds,
     )
 
 
@@ -303,6 +391,96 @@ def _options(directives: dict[str, str]) -> _Options:
     if status is not None and not 400 <= status <= 599:
         raise _BadRequestError(f"mock directive status={status} must be 400-599")
     return _Options(raw=directives, ints=ints)
+
+
+# --------------------------------------------------------------------------- pictures
+
+PICTURE_GRID = 8
+"""The generated picture is a PICTURE_GRID x PICTURE_GRID board of coloured cells."""
+
+PICTURE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0),
+    (255, 255, 255),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+)
+"""Colours every screen format shows exactly (each channel 0 or 255)."""
+
+
+def picture_cells(prompt: str) -> list[list[tuple[int, int, int]]]:
+    """The colour of each cell (row by row) of the picture drawn for ``prompt``.
+
+    Why: a test computes what a device should see instead of trusting the mock.
+    """
+    digest = hashlib.sha256(strip_directives(prompt).encode()).digest()
+    digest += hashlib.sha256(digest).digest()
+    return [
+        [PICTURE_COLOURS[digest[r * PICTURE_GRID + c] % len(PICTURE_COLOURS)]
+         for c in range(PICTURE_GRID)]
+        for r in range(PICTURE_GRID)
+    ]  # fmt: skip
+
+
+def picture(prompt: str, width: int, height: int, noise: bool = False) -> Image.Image:
+    """The deterministic picture of ``prompt``: :func:`picture_cells` over the whole size.
+
+    With ``noise`` every pixel is random (seeded by the prompt), so the picture
+    does not compress: a large one tests that a client streams it.
+    """
+    if noise:
+        seed = hashlib.sha256(strip_directives(prompt).encode()).digest()
+        return Image.frombytes("RGB", (width, height), _noise_bytes(seed, width * height * 3))
+    im = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(im)
+    for r, row in enumerate(picture_cells(prompt)):
+        for c, colour in enumerate(row):
+            box = (
+                c * width // PICTURE_GRID,
+                r * height // PICTURE_GRID,
+                (c + 1) * width // PICTURE_GRID - 1,
+                (r + 1) * height // PICTURE_GRID - 1,
+            )
+            draw.rectangle(box, fill=colour)
+    return im
+
+
+def _noise_bytes(seed: bytes, size: int) -> bytes:
+    out = bytearray()
+    block = seed
+    while len(out) < size:
+        block = hashlib.blake2b(block, digest_size=64).digest()
+        out += block
+    return bytes(out[:size])
+
+
+def describe_image(url: str) -> dict[str, Any]:
+    """Format and size of an inline ``data:`` image (or why it is not one)."""
+    if not url.startswith("data:"):
+        return {"url": url[:200]}
+    head, _, payload = url.partition(",")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return {"format": im.format, "width": im.width, "height": im.height,
+                    "media_type": head[5:].split(";")[0]}  # fmt: skip
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _image_parts(body: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                out.append(describe_image(url if isinstance(url, str) else ""))
+    return out
 
 
 # --------------------------------------------------------------------------- bodies
@@ -345,8 +523,12 @@ class _Reply:
     finish: str
     reasoning: list[str]
     refusal: bool
-    tool_name: str | None
-    tool_args: str
+    calls: list[tuple[str, str]]
+    round: int = 0
+
+    def call_id(self, index: int) -> str:
+        """Unique in a conversation: the first round's ids are ``call_mock_<i>``."""
+        return f"call_mock_{index}" if self.round == 0 else f"call_mock_{self.round}_{index}"
 
 
 @dataclass
@@ -409,6 +591,8 @@ class MockLLM:
         self.corpus_dir = corpus_dir if corpus_dir is not None else default_corpus_dir()
         self.model = model
         self.requests: list[dict[str, Any]] = []
+        self.pictures: dict[str, bytes] = {}
+        self.scheme = "http"
         self.connections = 0
         self.peak_connections = 0
         self.port = 0
@@ -433,6 +617,7 @@ class MockLLM:
             self._on_connection, host, port, ssl=ssl_context, backlog=4096, limit=_READ_SIZE
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self.scheme = "https" if ssl_context is not None else "http"
         return self.port
 
     async def stop(self) -> None:
@@ -490,18 +675,20 @@ class MockLLM:
                 self._tasks.discard(task)
             writer.close()
 
-    def _record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
-        if path.startswith("/mock/"):
+    def record(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:
+        """Keep a request for the tests to read (`requests`), the newest `MAX_RECORDED`."""
+        if path.startswith("/mock/requests"):  # picture fetches (/mock/images/) are kept
             return
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         if len(self.requests) > MAX_RECORDED:
             del self.requests[: len(self.requests) - MAX_RECORDED]
 
-    def _new_id(self) -> str:
+    def new_id(self) -> str:
+        """A completion id, `chatcmpl-mock000001` and on."""
         self._next_id += 1
         return f"chatcmpl-mock{self._next_id:06d}"
 
-    def _should_fail(self, options: _Options) -> bool:
+    def should_fail(self, options: _Options) -> bool:
         """Count this request against ``fail_times``; True when it must fail."""
         if "status" not in options.ints:
             return False
@@ -617,7 +804,9 @@ class _Connection:
 
     # ------------------------------------------------------------------ routing
 
-    async def _handle(self, request: h11.Request, raw_body: bytes) -> None:
+    async def _handle(  # noqa: PLR0911, PLR0912, PLR0915  # one branch and return per route, in order
+        self, request: h11.Request, raw_body: bytes
+    ) -> None:
         method = request.method.decode("ascii", "replace").upper()
         self.head = method == "HEAD"
         target = request.target.decode("utf-8", "replace")
@@ -635,7 +824,7 @@ class _Connection:
             except (ValueError, UnicodeDecodeError):
                 bad_json = True
                 body = raw_body.decode("utf-8", "replace")
-        self.mock._record(method, target, headers, body)
+        self.mock.record(method, target, headers, body)
 
         if path == "/health" and method in ("GET", "HEAD"):
             await self._respond(200, b"ok", "text/plain")
@@ -651,7 +840,20 @@ class _Connection:
                     405, f"Method {method} not allowed on {path}", "method_not_allowed"
                 )
             return
-        known = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+        if path.startswith("/mock/images/") and method in ("GET", "HEAD"):
+            png = self.mock.pictures.get(path.rsplit("/", 1)[-1])
+            if png is None:
+                await self._error(404, f"no picture at {path}", "not_found")
+            else:
+                await self._respond(200, png, "image/png")
+            return
+        known = {
+            "/v1/models": "GET",
+            "/v1/chat/completions": "POST",
+            "/v1/audio/speech": "POST",
+            "/v1/audio/transcriptions": "POST",
+            "/v1/images/generations": "POST",
+        }
         if path not in known:
             await self._error(404, f"Invalid URL ({method} {path})", "not_found")
             return
@@ -676,22 +878,158 @@ class _Connection:
             }
             await self._respond(200, _dumps(models).encode())
             return
+        if path == "/v1/audio/transcriptions":
+            await self._transcription(headers.get("content-type", ""), raw_body)
+            return
         if bad_json or not isinstance(body, dict):
             await self._error(400, "We could not parse the JSON body of your request.", "bad_json")
             return
+        if path == "/v1/audio/speech":
+            await self._speech(body, headers.get("x-mock"))
+            return
         try:
+            if path == "/v1/images/generations":
+                await self._generate(body, headers)
+                return
             await self._chat(body, headers.get("x-mock"), headers.get("authorization", ""))
         except _BadRequestError as exc:
             await self._error(400, str(exc), "bad_request")
 
+    # ------------------------------------------------------------------ audio
+
+    async def _speech(self, body: dict[str, Any], header: str | None) -> None:
+        """`/audio/speech`: espeak-ng (or a tone) with its mark, streamed in pieces.
+
+        Directives (in `input` or `X-Mock`): `status`, `first_byte_delay_ms`,
+        `delay_ms` (between 100 ms pieces of audio), `hang`, `cut_after` (pieces).
+        """
+        from bridge.dev import mock_audio  # noqa: PLC0415 (numpy only when audio is asked for)
+
+        text = body.get("input")
+        directives = parse_directives(text) if isinstance(text, str) else {}
+        if header:
+            directives.update(parse_directives(header))
+        opts = _options(directives)
+        if isinstance(text, str):
+            body = dict(body, input=strip_directives(text))
+        try:
+            text, _voice, fmt, speed = mock_audio.check_speech_body(body)
+        except ValueError as exc:
+            await self._error(400, str(exc), "bad_request")
+            return
+        if opts.get("first_byte_delay_ms"):
+            await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
+        if self.mock.should_fail(opts):
+            await self._respond(opts.get("status"), _status_error(opts.get("status")))
+            return
+        samples = await mock_audio.speak(text, "en", speed)
+        data, ctype = mock_audio.encode(samples, fmt)
+        self._send(h11.Response(status_code=200, headers=self._headers(ctype)))
+        if opts.get("hang"):
+            await self._hang()
+            return
+        piece = mock_audio.RATE // 10 * 2  # 100 ms of 16-bit audio
+        for n, at in enumerate(range(0, len(data), piece)):
+            if opts.has("cut_after") and n >= opts.get("cut_after"):
+                await self._close_now()
+                return
+            self._send(h11.Data(data=data[at : at + piece]))
+            await self.writer.drain()
+            if opts.get("delay_ms"):
+                await asyncio.sleep(opts.get("delay_ms") / 1000)
+        self._send(h11.EndOfMessage())
+        await self.writer.drain()
+
+    async def _transcription(self, content_type: str, raw: bytes) -> None:
+        """`/audio/transcriptions`: reads back the marks of the mock's own speech."""
+        from bridge.dev import mock_audio  # noqa: PLC0415
+
+        try:
+            fields = mock_audio.parse_multipart(content_type, raw)
+            if "file" not in fields or not fields["file"][1]:
+                raise ValueError("'file' is required")
+            model = fields.get("model", (None, b""))[1].decode("utf-8", "replace")
+            if not model:
+                raise ValueError("'model' is required")
+            text, seconds = mock_audio.transcribe(fields["file"][1])
+        except ValueError as exc:
+            await self._error(400, str(exc), "bad_request")
+            return
+        fmt = fields.get("response_format", (None, b"json"))[1].decode("utf-8", "replace")
+        if fmt == "text":
+            await self._respond(200, text.encode(), "text/plain; charset=utf-8")
+            return
+        out: dict[str, Any] = {"text": text}
+        if fmt == "verbose_json":
+            out.update(task="transcribe", language="english", duration=seconds)
+        await self._respond(200, _dumps(out).encode())
+
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, body: dict[str, Any], header: str | None, auth: str = "") -> None:
+    async def _generate(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        """``/images/generations``: one deterministic picture of the prompt."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise _BadRequestError("'prompt' must be a non-empty string")
+        size = body.get("size", "auto")
+        m = re.fullmatch(r"([1-9][0-9]{1,3})x([1-9][0-9]{1,3})", size) if size != "auto" else None
+        if size != "auto" and m is None:
+            raise _BadRequestError(f"Invalid value for 'size': {str(size)[:40]!r}")
+        width, height = (int(m.group(1)), int(m.group(2))) if m else (1024, 1024)
+        if body.get("n", 1) != 1:
+            raise _BadRequestError("the mock draws one picture a request (n=1)")
+        form = body.get("response_format", "b64_json")
+        if form not in ("b64_json", "url"):
+            raise _BadRequestError(f"Invalid value for 'response_format': {str(form)[:40]!r}")
+        directives = parse_directives(" ".join(_DIRECTIVE_RE.findall(prompt)))
+        if headers.get("x-mock"):
+            directives.update(parse_directives(headers["x-mock"]))
+        opts = _options(directives)
+        echo = _auth_echo(opts, headers.get("authorization", ""))
+        if opts.get("first_byte_delay_ms"):
+            await asyncio.sleep(opts.get("first_byte_delay_ms") / 1000)
+        if self.mock.should_fail(opts):
+            status = opts.get("status")
+            error = _status_error(status)
+            if echo is not None:
+                error = _error_json(echo, "invalid_request_error", "invalid_api_key")
+            await self._respond(status, error)
+            return
+        out = io.BytesIO()
+        picture(prompt, width, height, noise=bool(opts.get("noise"))).save(out, "PNG")
+        png = out.getvalue()
+        item: dict[str, Any] = {"revised_prompt": strip_directives(prompt)}
+        if form == "url" or opts.get("url"):
+            name = f"{self.mock.new_id()}.png"
+            self.mock.pictures[name] = png
+            while len(self.mock.pictures) > 16:
+                del self.mock.pictures[next(iter(self.mock.pictures))]
+            host = headers.get("host", f"127.0.0.1:{self.mock.port}")
+            item["url"] = f"{self.mock.scheme}://{host}/mock/images/{name}"
+        else:
+            item["b64_json"] = base64.b64encode(png).decode()
+        result = {"created": int(time.time()), "data": [item]}
+        await self._respond(200, _dumps(result).encode())
+
+    async def _chat(  # noqa: PLR0912  # one branch per reply kind the mock plays
+        self, body: dict[str, Any], header: str | None, auth: str = ""
+    ) -> None:
         conv = _conversation(body)
         directives = parse_directives(conv.directive_text) if conv.directive_text else {}
         if header:
             directives.update(parse_directives(header))
         opts = _options(directives)
+        images = _image_parts(body)
+        if images and self.mock.requests:
+            self.mock.requests[-1]["images"] = images
+        if opts.has("images_max_side"):
+            limit = opts.get("images_max_side")
+            for n, info in enumerate(images, 1):
+                ok = info.get("format") == "JPEG" and info.get("media_type") == "image/jpeg"
+                if not ok or max(info.get("width", 0), info.get("height", 0)) > limit:
+                    raise _BadRequestError(
+                        f"image {n} is not an inline JPEG of at most {limit} px: {info}"
+                    )
         opts.echo = _auth_echo(opts, auth)
 
         if opts.get("first_byte_delay_ms"):
@@ -699,7 +1037,7 @@ class _Connection:
         extra: list[tuple[str, str]] = []
         if "retry_after" in opts.raw:
             extra.append(("retry-after", opts.raw["retry_after"]))
-        if self.mock._should_fail(opts):
+        if self.mock.should_fail(opts):
             status = opts.get("status")
             error = _status_error(status)
             if opts.echo is not None:
@@ -731,13 +1069,13 @@ class _Connection:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 limit = value if limit is None else min(limit, value)
         tools = body.get("tools")
-        tool_name: str | None = None
+        names = _tool_names(tools)
+        calls: list[tuple[str, str]] = []
         wants_tool = opts.get("tool") or "call tool" in strip_directives(conv.prompt).lower()
-        if isinstance(tools, list) and tools and wants_tool and conv.tool_result is None:
-            first = tools[0] if isinstance(tools[0], dict) else {}
-            function = first.get("function")
-            name = function.get("name") if isinstance(function, dict) else None
-            tool_name = name if isinstance(name, str) and name else "tool"
+        if "call" in opts.raw and conv.tool_rounds < opts.get("rounds", 1):
+            calls = _scripted_calls(opts.raw["call"], names, bool(opts.get("bad_args")))
+        elif names and wants_tool and conv.tool_result is None:
+            calls = [(names[0] or "tool", _dumps({"q": strip_directives(conv.prompt)}))]
         tokens = reply_tokens(
             conv.prompt,
             opts.ints.get("tokens"),
@@ -752,15 +1090,15 @@ class _Connection:
         if refusal:
             tokens = _words_to_tokens(REFUSAL_TEXT.split())
             finish = "stop"
-        if tool_name is not None:
+        if calls:
             finish = "tool_calls"
         return _Reply(
             tokens=tokens,
             finish=finish,
             reasoning=reasoning_tokens(opts.get("reasoning")),
             refusal=refusal,
-            tool_name=tool_name,
-            tool_args=_dumps({"q": strip_directives(conv.prompt)}),
+            calls=calls,
+            round=conv.tool_rounds,
         )
 
     def _usage(self, conv: _Conversation, completion: int, reasoning: int) -> dict[str, Any]:
@@ -771,12 +1109,14 @@ class _Connection:
             "completion_tokens_details": {"reasoning_tokens": reasoning},
         }
 
-    def _plan_stream(self, body: dict[str, Any], conv: _Conversation, opts: _Options) -> _Stream:
+    def _plan_stream(  # noqa: PLR0912, PLR0915  # each fault directive shapes the plan in turn
+        self, body: dict[str, Any], conv: _Conversation, opts: _Options
+    ) -> _Stream:
         reply = self._reply(body, conv, opts)
         model = body.get("model") if isinstance(body.get("model"), str) else self.mock.model
         head = _dumps(
             {
-                "id": self.mock._new_id(),
+                "id": self.mock.new_id(),
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
@@ -795,30 +1135,22 @@ class _Connection:
         for piece in reply.reasoning:
             plan.events.append(_Event(chunk({"reasoning_content": piece}), paced=True))
         content: list[_Event] = []
-        if reply.tool_name is not None:
-            call_id = "call_mock_0"
-            content.append(
-                _Event(
-                    chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 0,
-                                    "id": call_id,
-                                    "type": "function",
-                                    "function": {"name": reply.tool_name, "arguments": ""},
-                                }
-                            ]
-                        }
-                    ),
-                    paced=True,
-                )
-            )
-            args = reply.tool_args
-            step = max(1, -(-len(args) // 4))
-            for i in range(0, len(args), step):
-                fragment = {"index": 0, "function": {"arguments": args[i : i + step]}}
-                content.append(_Event(chunk({"tool_calls": [fragment]}), paced=True))
+        if reply.calls:
+            if opts.get("preamble"):
+                for token in _words_to_tokens(PREAMBLE_TEXT.split()):
+                    content.append(_Event(chunk({"content": token}), paced=True))
+            for index, (name, args) in enumerate(reply.calls):
+                opening = {
+                    "index": index,
+                    "id": reply.call_id(index),
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
+                content.append(_Event(chunk({"tool_calls": [opening]}), paced=True))
+                step = max(1, -(-len(args) // 4))
+                for i in range(0, len(args), step):
+                    fragment = {"index": index, "function": {"arguments": args[i : i + step]}}
+                    content.append(_Event(chunk({"tool_calls": [fragment]}), paced=True))
         else:
             key = "refusal" if reply.refusal else "content"
             stamp = bool(opts.get("stamp")) and not reply.refusal
@@ -923,19 +1255,20 @@ class _Connection:
             message["refusal"] = text
         if reply.reasoning:
             message["reasoning_content"] = "".join(reply.reasoning)
-        if reply.tool_name is not None:
-            message["content"] = None
+        if reply.calls:
+            message["content"] = PREAMBLE_TEXT if opts.get("preamble") else None
             message["tool_calls"] = [
                 {
-                    "id": "call_mock_0",
+                    "id": reply.call_id(index),
                     "type": "function",
-                    "function": {"name": reply.tool_name, "arguments": reply.tool_args},
+                    "function": {"name": name, "arguments": args},
                 }
+                for index, (name, args) in enumerate(reply.calls)
             ]
-            completion = 5
+            completion = 5 * len(reply.calls)
         model = body.get("model") if isinstance(body.get("model"), str) else self.mock.model
         result = {
-            "id": self.mock._new_id(),
+            "id": self.mock.new_id(),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -1020,7 +1353,7 @@ class MockHandle:
 
 
 @contextlib.contextmanager
-def running_mock(
+def running_mock(  # noqa: PLR0913  # keyword-only: the mock's options, as the CLI's flags
     *,
     host: str = "127.0.0.1",
     port: int = 0,

@@ -16,7 +16,7 @@ _CONTAINER_DATA = "/mosquitto/data/"
 _LISTENER = re.compile(r"^listener\s+(\d+)(\s+\S+)?\s*$")
 
 
-def render_config(
+def render_config(  # noqa: PLR0913  # keyword-only: each part of the config a caller sets
     *,
     config_dir: Path,
     data_dir: Path,
@@ -62,7 +62,73 @@ def render_config(
     return "\n".join(out) + "\n"
 
 
-def acl_text(prefix: str = "llm", source: Path | None = None) -> str:
-    """`broker/acl` for another topic prefix."""
-    text = (source or BROKER_DIR / "acl").read_text()
+def acl_text(
+    prefix: str = "llm", source: Path | None = None, users: list[str] | tuple[str, ...] = ()
+) -> str:
+    """`broker/acl` for another topic prefix, with blocks for further service `users`."""
+    text = with_extra_users((source or BROKER_DIR / "acl").read_text(), users)
     return text if prefix == "llm" else text.replace("llm/", f"{prefix}/")
+
+
+# --- further service users: one ACL block each, copied from their kind's ------------
+
+# The broker makes every client id its user name (use_username_as_clientid), so
+# two programs sharing a user would replace each other's connection. A second
+# bridge worker or dashboard gets a user of its own, named KIND-NAME, whose
+# rules are those of the `user KIND` block of broker/acl.
+SERVICE_KINDS = ("bridge", "integrations", "automation")
+EXTRA_USER = re.compile(r"^(bridge|integrations|automation)-[A-Za-z0-9_\-]{1,40}$")
+EXTRA_MARKER = "# --- users added by `llm-bridge broker user add` (do not edit below) ---"
+
+
+def extra_user_kind(name: str) -> str | None:
+    """The kind (`bridge`, `integrations`, `automation`) of a further service user, or None."""
+    m = EXTRA_USER.match(name)
+    return m.group(1) if m else None
+
+
+def _kind_rules(text: str, kind: str) -> list[str]:
+    """The `topic` lines of the `user KIND` block of an ACL file."""
+    rules: list[str] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("user ") or line == EXTRA_MARKER:
+            inside = line == f"user {kind}"
+        elif inside and line.startswith("topic "):
+            rules.append(line)
+    if not rules:
+        raise ValueError(f"the ACL has no `user {kind}` block")
+    return rules
+
+
+def extra_users_in(text: str) -> list[str]:
+    """The users of the generated part of an ACL file (below the marker), in order."""
+    if EXTRA_MARKER not in text:
+        return []
+    tail = text.split(EXTRA_MARKER, 1)[1]
+    return [line.split()[1] for line in tail.splitlines() if line.startswith("user ")]
+
+
+def with_extra_users(text: str, users: list[str] | tuple[str, ...] = ()) -> str:
+    """An ACL file's text with one block for each further service user, at its end.
+
+    Each block copies its kind's rules; a rule that keeps the kind's own device
+    topics from it (`topic deny P/KIND/#`) is made about the new name. What was
+    below the marker before is replaced, so this is safe to run again.
+    """
+    head = text.split(EXTRA_MARKER, 1)[0].rstrip("\n") + "\n"
+    blocks: list[str] = []
+    for name in users:
+        kind = extra_user_kind(name)
+        if kind is None:
+            raise ValueError(f"{name!r} is not KIND-NAME with KIND one of {SERVICE_KINDS}")
+        lines = [f"user {name}"]
+        for rule in _kind_rules(head, kind):
+            parts = rule.split()
+            if parts[1] == "deny" and parts[2].endswith(f"/{kind}/#"):
+                lines.append(f"topic deny {parts[2][: -len(kind) - 2]}{name}/#")
+            else:
+                lines.append(rule)
+        blocks.append("\n".join(lines) + "\n")
+    return f"{head}\n{EXTRA_MARKER}\n" + "\n".join(blocks)

@@ -57,15 +57,20 @@ def write_private(path: Path, text: str) -> None:
     The file is written beside its final place and renamed, so a reader (a
     reloading Mosquitto) sees the old file or the new one, never half of one.
     """
+    write_atomic(path, text, 0o600)
+
+
+def write_atomic(path: Path, text: str, mode: int) -> None:
+    """Replace `path` with `text` (file mode `mode`) by writing beside it and renaming."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

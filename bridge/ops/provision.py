@@ -1,32 +1,36 @@
 """Broker users and devices: the password file, a device's config snippet, reloading Mosquitto.
 
 `llm-bridge device add|remove|list` and `llm-bridge broker init|reload|check`
-(bridge/cli.py) are thin wrappers around this module. A device's MQTT user
+(bridge/ops/commands.py) are thin wrappers around this module. A device's MQTT user
 name is its device id; the broker's ACL (broker/acl) derives its rights from
 that name. Passwords are written only as Mosquitto `$7$` hashes, in files
 only their owner can read; the plain password is shown once and kept nowhere.
+
+The broker makes every client id its user name, so every program needs a user
+of its own: `llm-bridge broker user add` makes further service users (a second
+bridge worker `bridge-2`, a second dashboard `integrations-NAME`), each with a
+copy of its kind's rules in broker/acl.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.core import protocol as p
-from bridge.ops.passwords import new_password, password_line, write_private
+from bridge.ops.brokerconf import SERVICE_KINDS, extra_user_kind, extra_users_in, with_extra_users
+from bridge.ops.passwords import new_password, password_line, write_atomic, write_private
 
 if TYPE_CHECKING:
     from bridge.core.settings import Settings
 
-SERVICE_USERS = ("bridge", "integrations", "automation")
+SERVICE_USERS = (*SERVICE_KINDS, "healthcheck")
 PASSWD = "passwd"
+ACL = "acl"
 ENV_EXAMPLE = ".env.example"
 
 
@@ -63,14 +67,19 @@ class PasswordFile:
         write_private(self.path, "".join(f"{u}:{h}\n" for u, h in self.entries.items()))
 
     def devices(self) -> list[str]:
-        return sorted(u for u in self.entries if u not in SERVICE_USERS)
+        return sorted(u for u in self.entries if not is_service_user(u))
+
+
+def is_service_user(name: str) -> bool:
+    return name in SERVICE_USERS or extra_user_kind(name) is not None
 
 
 def check_device_id(device: str) -> None:
-    if not p.valid_device_id(device) or device in SERVICE_USERS:
+    if not p.valid_device_id(device) or is_service_user(device):
+        kinds = "|".join(SERVICE_KINDS)
         raise ProvisionError(
             f"{device[:80]!r} cannot be a device id: use 1 to 64 of A-Z a-z 0-9 _ - "
-            f"other than {', '.join(SERVICE_USERS)}"
+            f"other than {', '.join(SERVICE_USERS)} and {kinds}-NAME (service users)"
         )
 
 
@@ -101,7 +110,86 @@ def list_devices(broker_dir: Path) -> list[str]:
     return PasswordFile(broker_dir / PASSWD).devices()
 
 
-def device_config(
+# --- further service users (bridge workers, more dashboards and automations) ----------
+
+
+def sync_acl(broker_dir: Path, *, add: str | None = None, remove: str | None = None) -> bool:
+    """Rewrite broker/acl's generated part: a block per further service user, `add` and
+    `remove` applied.
+
+    The users are those the part already names (the record of `broker user
+    add`), never guessed from passwd: a device that an older version let be
+    called `integrations-x` does not gain the integrations rules. Each block is
+    a fresh copy of its kind's rules, so running this after an update of
+    broker/acl (`broker init` does) carries the new rules to them. Returns
+    whether the file changed; an unchanged file is not rewritten.
+    """
+    path = broker_dir / ACL
+    try:
+        old = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProvisionError(f"no ACL file {path}: it comes with the project") from None
+    users = [u for u in extra_users_in(old) if u != remove]
+    if add is not None and add not in users:
+        users.append(add)
+    try:
+        new = with_extra_users(old, users)
+    except ValueError as exc:
+        raise ProvisionError(f"{path}: {exc}") from None
+    if new == old:
+        return False
+    write_atomic(path, new, 0o644)
+    return True
+
+
+def check_extra_user(name: str) -> str:
+    kind = extra_user_kind(name)
+    if kind is None:
+        raise ProvisionError(
+            f"{name[:80]!r} is not a service user name: use KIND-NAME, KIND one of "
+            f"{', '.join(SERVICE_KINDS)}, NAME 1 to 40 of A-Z a-z 0-9 _ - (e.g. bridge-2)"
+        )
+    return kind
+
+
+def add_service_user(broker_dir: Path, name: str, *, rotate: bool = False) -> str:
+    """Create (or, with `rotate`, give a new password to) a further service user.
+
+    Its rules are its kind's (`bridge-2` has the bridge's); returns the new password.
+    """
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if name in pw and not rotate:
+        raise ProvisionError(
+            f"user {name} exists; `llm-bridge broker user add {name} --rotate` gives it a new "
+            "password (its old one stops working)"
+        )
+    password = new_password()
+    pw.set(name, password)
+    # The rules first: a user the broker knows before its rules would briefly
+    # have only the device patterns, never more.
+    sync_acl(broker_dir, add=name)
+    pw.save()
+    return password
+
+
+def remove_service_user(broker_dir: Path, name: str) -> None:
+    check_extra_user(name)
+    pw = PasswordFile(broker_dir / PASSWD)
+    if not pw.remove(name):
+        raise ProvisionError(f"no user {name} in {pw.path}")
+    pw.save()
+    sync_acl(broker_dir, remove=name)
+
+
+def list_service_users(broker_dir: Path) -> list[str]:
+    pw = PasswordFile(broker_dir / PASSWD)
+    acl = broker_dir / ACL
+    added = extra_users_in(acl.read_text(encoding="utf-8")) if acl.exists() else []
+    return [u for u in SERVICE_USERS if u in pw] + [u for u in added if u in pw]
+
+
+def device_config(  # noqa: PLR0913  # the broker options are keyword-only
     device: str,
     password: str,
     *,
@@ -129,8 +217,13 @@ def device_config(
 @dataclass
 class InitResult:
     created: list[str]
-    passwords: dict[str, str]  # the new service users' but the bridge's, to show once
+    passwords: dict[str, str]  # the new service users' but those in .env, to show once
     env_written: bool
+    acl_updated: bool = False
+
+
+# The service users whose passwords go only into the bridge's .env, as these URLs.
+ENV_USERS = {"bridge": "BRIDGE_MQTT_URL", "healthcheck": "BRIDGE_CHECK_MQTT_URL"}
 
 
 def set_env_var(text: str, name: str, value: str) -> str:
@@ -152,49 +245,50 @@ def init_broker(
     env_file: Path,
     mqtt_host: str = "mosquitto",
 ) -> InitResult:
-    """Create the `bridge`, `integrations` and `automation` users and the bridge's `.env`.
+    """Create the service users (`bridge`, `integrations`, `automation`, `healthcheck`) and `.env`.
 
-    Users that exist are kept (run it again safely). The bridge's password
-    goes only into `env_file` (0600), as `BRIDGE_MQTT_URL`; the others'
-    passwords are returned to be shown once. `.env` starts as a copy of
-    `.env.example`, with the user's uid and gid for the containers, and the data
-    directories the containers write to are created.
+    Users that exist are kept (run it again safely). The bridge's and the
+    health check's passwords go only into `env_file` (0600), as
+    `BRIDGE_MQTT_URL` and `BRIDGE_CHECK_MQTT_URL`; the others' passwords are
+    returned to be shown once. `.env` starts as a copy of `.env.example`, with
+    the user's uid and gid for the containers, and the data directories the
+    containers write to are created. The further service users' ACL blocks
+    are refreshed from their kinds' rules (sync_acl).
     """
     pw = PasswordFile(broker_dir / PASSWD)
     created: list[str] = []
     shown: dict[str, str] = {}
-    bridge_password: str | None = None
+    env_urls: dict[str, str] = {}
     for user in SERVICE_USERS:
         if user in pw:
             continue
         password = new_password()
         pw.set(user, password)
         created.append(user)
-        if user == "bridge":
-            bridge_password = password
+        if user in ENV_USERS:
+            env_urls[ENV_USERS[user]] = f"mqtt://{user}:{password}@{mqtt_host}:1883"
         else:
             shown[user] = password
+    acl_updated = sync_acl(broker_dir) if (broker_dir / ACL).exists() else False
     if created:
         pw.save()
     env_written = False
-    if bridge_password is not None or not env_file.exists():
+    if env_urls or not env_file.exists():
         if env_file.exists():
             text = env_file.read_text(encoding="utf-8")
         elif (root / ENV_EXAMPLE).exists():
             text = (root / ENV_EXAMPLE).read_text(encoding="utf-8")
         else:
             text = ""
-        if bridge_password is not None:
-            text = set_env_var(
-                text, "BRIDGE_MQTT_URL", f"mqtt://bridge:{bridge_password}@{mqtt_host}:1883"
-            )
+        for name, url in env_urls.items():
+            text = set_env_var(text, name, url)
         text = set_env_var(text, "LOCAL_UID", str(os.getuid()))
         text = set_env_var(text, "LOCAL_GID", str(os.getgid()))
         write_private(env_file, text)
         env_written = True
     for sub in ("mosquitto", "bridge"):
         (root / "data" / sub).mkdir(parents=True, exist_ok=True)
-    return InitResult(created, shown, env_written)
+    return InitResult(created, shown, env_written, acl_updated)
 
 
 # --- reloading Mosquitto --------------------------------------------------------------
@@ -252,8 +346,10 @@ def reload_broker(pid: int | None = None) -> tuple[bool, str]:
 def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     """Whether the broker answers and the bridge's retained status is `online`.
 
-    Connects with the bridge's own `BRIDGE_MQTT_URL` user under another client
-    id (so the bridge is not disconnected): the health check of compose.yaml.
+    Connects as the user of `BRIDGE_CHECK_MQTT_URL` (`healthcheck`, made by
+    `broker init`), never as the bridge's: the broker makes a client's id its
+    user name, so a check logged in as `bridge` would replace the bridge's
+    connection. The health check of compose.yaml.
     """
     import ssl  # noqa: PLC0415
     import threading  # noqa: PLC0415
@@ -261,14 +357,19 @@ def check_bridge(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     import paho.mqtt.client as paho  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    url = settings.mqtt
+    from bridge.core.settings import MqttUrl  # noqa: PLC0415
+
+    if not settings.check_mqtt_url:
+        return False, (
+            "BRIDGE_CHECK_MQTT_URL is not set: `llm-bridge broker init` makes the healthcheck "
+            "user and writes it to .env (the bridge's own user would disconnect the bridge)"
+        )
+    url = MqttUrl.parse(settings.check_mqtt_url)
     topic = f"{settings.topic_prefix}/bridge/status"
     result: list[str] = []
     done = threading.Event()
     c = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{settings.client_id}-check-{os.getpid()}",
-        protocol=paho.MQTTv311,
+        CallbackAPIVersion.VERSION2, client_id=url.username or "", protocol=paho.MQTTv311
     )
     if url.username:
         c.username_pw_set(url.username, url.password.get_secret_value() if url.password else None)
@@ -321,212 +422,3 @@ def guess_host() -> str:
         s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
         return str(s.getsockname()[0])
     return "127.0.0.1"
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    from bridge.core.settings import load_settings  # noqa: PLC0415
-
-    return load_settings(getattr(args, "config", None))
-
-
-def _broker_dir(args: argparse.Namespace, settings: Settings) -> Path:
-    return Path(args.broker_dir) if args.broker_dir else Path(settings.broker_dir)
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def _reload_after(args: argparse.Namespace) -> None:
-    if args.no_reload:
-        _say("the broker was not reloaded: run `llm-bridge broker reload`")
-        return
-    _sent, line = reload_broker(args.pid)
-    _say(line)
-
-
-def cmd_device_add(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    broker_dir = _broker_dir(args, settings)
-    try:
-        password = add_device(broker_dir, args.device, rotate=args.rotate)
-    except ProvisionError as exc:
-        _say(f"llm-bridge device add: {exc}")
-        return 1
-    snippet = device_config(
-        args.device,
-        password,
-        host=args.host or guess_host(),
-        port=args.port,
-        tls=args.tls,
-        prefix=settings.topic_prefix,
-    )
-    text = json.dumps(snippet, indent=2) + "\n"
-    verb = "has a new password" if args.rotate else "added"
-    if args.output:
-        write_private(Path(args.output), text)
-        _say(f"device {args.device} {verb}; its config (with the password) is in {args.output}")
-    else:
-        _say(
-            f"device {args.device} {verb} to {broker_dir / PASSWD}. Put this in the device's "
-            "config.json; the password is shown only this once:"
-        )
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    if args.tls:
-        _say(f"copy {broker_dir / 'certs' / 'ca.crt'} to the device as ca.crt")
-    _reload_after(args)
-    return 0
-
-
-def cmd_device_remove(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    broker_dir = _broker_dir(args, settings)
-    try:
-        remove_device(broker_dir, args.device)
-    except ProvisionError as exc:
-        _say(f"llm-bridge device remove: {exc}")
-        return 1
-    _say(f"device {args.device} removed from {broker_dir / PASSWD}")
-    _reload_after(args)
-    return 0
-
-
-def cmd_device_list(args: argparse.Namespace) -> int:
-    import time  # noqa: PLC0415
-
-    from bridge.plugins.policy import COUNTERS_FILE, Counters, utc_day  # noqa: PLC0415
-
-    settings = _settings(args)
-    try:
-        devices = list_devices(_broker_dir(args, settings))
-    except ProvisionError as exc:
-        _say(f"llm-bridge device list: {exc}")
-        return 1
-    usage: dict[str, tuple[int, int]] = {}
-    db = Path(settings.data_dir) / COUNTERS_FILE
-    if db.exists():
-        counters = Counters(db)
-        try:
-            usage = counters.usage(utc_day(time.time()))
-        finally:
-            counters.close()
-    if not devices:
-        _say("no devices yet: `llm-bridge device add NAME` adds one")
-        return 0
-    width = max(len(d) for d in devices)
-    print(f"{'device':<{width}}  requests_today  tokens_today")
-    for d in devices:
-        requests, tokens = usage.get(d, (0, 0))
-        print(f"{d:<{width}}  {requests:>14}  {tokens:>12}")
-    return 0
-
-
-def cmd_broker_init(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    broker_dir = _broker_dir(args, settings)
-    root = Path.cwd()
-    result = init_broker(root, broker_dir, env_file=Path(args.env), mqtt_host=args.mqtt_host)
-    for user in SERVICE_USERS:
-        state = "created" if user in result.created else "kept (it existed)"
-        _say(f"broker user {user}: {state}")
-    if result.env_written:
-        _say(f"{args.env} written (owner-only); set OPENAI_API_KEY in it")
-    if result.passwords:
-        _say(
-            "passwords, shown only once: integrations (read-only: dashboards), "
-            "automation (Home Assistant, flows that ask)"
-        )
-        for user, password in result.passwords.items():
-            print(f"{user} {password}")
-    return 0
-
-
-def cmd_broker_reload(args: argparse.Namespace) -> int:
-    sent, line = reload_broker(args.pid)
-    _say(line)
-    return 0 if sent else 1
-
-
-def cmd_broker_tls(args: argparse.Namespace) -> int:
-    from bridge.ops.tlsgen import make_certificates  # noqa: PLC0415
-
-    settings = _settings(args)
-    cert_dir = Path(args.dir) if args.dir else _broker_dir(args, settings) / "certs"
-    issued = make_certificates(cert_dir, args.host, days=args.days)
-    _say(
-        f"{'made a new' if issued.ca_created else 'kept the'} CA: {issued.ca_cert}\n"
-        f"server certificate for {', '.join(issued.hosts)} until "
-        f"{issued.not_after:%Y-%m-%d}: {issued.server_cert}\n"
-        "restart the broker to open the TLS listener (docker compose restart mosquitto); "
-        "the bridge then uses BRIDGE_MQTT_URL=mqtts://...:8883 with BRIDGE_MQTT_CA_FILE "
-        f"pointing at {issued.ca_cert.name}"
-    )
-    return 0
-
-
-def cmd_broker_check(args: argparse.Namespace) -> int:
-    ok, line = check_bridge(_settings(args), timeout=args.timeout)
-    _say(line)
-    return 0 if ok else 1
-
-
-def _common(parser: argparse.ArgumentParser, *, reload: bool = False) -> None:
-    parser.add_argument("--config", type=Path, help="a TOML or YAML settings file")
-    parser.add_argument(
-        "--broker-dir", help="the broker's files (default BRIDGE_BROKER_DIR, `broker`)"
-    )
-    if reload:
-        parser.add_argument("--no-reload", action="store_true", help="do not signal Mosquitto")
-        parser.add_argument("--pid", type=int, help="the Mosquitto process to reload")
-
-
-def add_device_commands(sub: Any) -> None:
-    """`device add|remove|list` into the `device` group's subparsers."""
-    add = sub.add_parser("add", help="create a device's broker user and print its config")
-    add.add_argument("device", help="the device id (its MQTT user name)")
-    add.add_argument("--host", help="the broker's address as the device sees it")
-    add.add_argument("--port", type=int, help="the broker's port (default 1883, 8883 with --tls)")
-    add.add_argument("--tls", action="store_true", help="the device connects with TLS")
-    add.add_argument("--rotate", action="store_true", help="give an existing device a new password")
-    add.add_argument("--output", help="write the config there (0600) instead of printing it")
-    _common(add, reload=True)
-    add.set_defaults(func=cmd_device_add)
-
-    remove = sub.add_parser("remove", help="delete a device's broker user")
-    remove.add_argument("device")
-    _common(remove, reload=True)
-    remove.set_defaults(func=cmd_device_remove)
-
-    listing = sub.add_parser("list", help="the devices, with today's requests and tokens")
-    _common(listing)
-    listing.set_defaults(func=cmd_device_list)
-
-
-def add_broker_commands(sub: Any) -> None:
-    """`broker init|reload|tls|check` into the `broker` group's subparsers."""
-    init = sub.add_parser(
-        "init", help="create the service users (bridge, integrations, automation) and .env"
-    )
-    init.add_argument("--env", default=".env", help="the .env file to write (default .env)")
-    init.add_argument(
-        "--mqtt-host", default="mosquitto", help="the broker's host name for the bridge"
-    )
-    _common(init)
-    init.set_defaults(func=cmd_broker_init)
-
-    reload = sub.add_parser("reload", help="make Mosquitto re-read its password and ACL files")
-    reload.add_argument("--pid", type=int, help="the Mosquitto process (default: the only one)")
-    reload.set_defaults(func=cmd_broker_reload)
-
-    tls = sub.add_parser("tls", help="make a local CA and a server certificate for port 8883")
-    tls.add_argument("--host", action="append", help="a name or address of the broker (repeatable)")
-    tls.add_argument("--days", type=int, default=825, help="validity of the server certificate")
-    tls.add_argument("--dir", help="where to write (default BROKER_DIR/certs)")
-    _common(tls)
-    tls.set_defaults(func=cmd_broker_tls)
-
-    check = sub.add_parser("check", help="exit 0 when the bridge is online (health check)")
-    check.add_argument("--timeout", type=float, default=5.0)
-    check.add_argument("--config", type=Path, help="a TOML or YAML settings file")
-    check.set_defaults(func=cmd_broker_check)

@@ -4,7 +4,7 @@ One retained device-based discovery config per device
 (`<ha_prefix>/device/<node>/<D>/config`, with `cmps`), one for the bridge
 itself, all available while `P/bridge/status` is `online`. The entities read
 the retained `P/D/state`, `P/D/event` and `P/bridge/stats` that
-`bridge.state` publishes; the text entity writes `P/D/ask`, which this hook
+`bridge.plugins.state` publishes; the text entity writes `P/D/ask`, which this plugin
 turns into a request for device D. docs/protocol.md describes the topics.
 """
 
@@ -204,7 +204,7 @@ class HomeAssistantPlugin(Plugin):
             },
         }
 
-    # --- hook ---------------------------------------------------------------------------
+    # --- plugin -------------------------------------------------------------------------
 
     def attach(self, host: Host) -> None:
         self.host = host

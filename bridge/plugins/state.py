@@ -65,6 +65,8 @@ def question_of(request: p.ChatRequest) -> str | None:
     """The text a person would call the question: the prompt or the last user message."""
     if request.prompt is not None:
         return request.prompt[:MAX_QUESTION]
+    if request.image is not None:  # a picture asked for (docs/protocol.md "Pictures")
+        return request.image.prompt[:MAX_QUESTION]
     for msg in reversed(request.messages or []):
         if msg.role != "user":
             continue

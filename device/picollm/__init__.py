@@ -189,6 +189,8 @@ class Reply:
         self.done = False
         self._parts = []
         self._kept = 0
+        self.tool_rounds = 0  # protocol v2: rounds of tool results the model was given
+        self.on_tool = None  # called with each tool_call / tool_result progress message
 
     def __aiter__(self):
         return self
@@ -239,12 +241,15 @@ class Chat:
         self.history = []
         self.last = None
         self._transport = transport
+        self._tools = None  # picollm.tools.ToolBox, once a tool is registered
+        self.on_tool = None  # called with each tool_call / tool_result progress message
         self.session = None
         self._reset = False
         c = self.config
         if c["mode"] == "mqtt" and c["history"] > 0 and c["session"] is not False:
             s = c["session"]
             self.session = s if isinstance(s, str) else new_id()
+        self.speaker = None  # a picollm.voice.Speaker: speak=True plays through it
 
     @property
     def transport(self):
@@ -258,8 +263,31 @@ class Chat:
                 from picollm.direct import DirectTransport
 
                 t = DirectTransport(self.config)
+            t.tools = self._tools
             self._transport = t
         return t
+
+    def tool(self, name, description="", parameters=None, timeout_ms=None, fn=None):
+        # Register a tool the model may call (picollm/tools.py); a decorator
+        # when fn is None. Register tools before the first connection.
+        if self._tools is None:
+            from picollm.tools import ToolBox
+
+            self._tools = ToolBox()
+            if self._transport is not None:
+                self._transport.tools = self._tools
+
+        def add(f):
+            self._tools.add(name, description, parameters, f, timeout_ms)
+            return f
+
+        return add(fn) if fn is not None else add
+
+    async def serve(self, ms=None):
+        # A tool device's main loop: answer tool calls (forever, or for ms).
+        from picollm.tools import serve
+
+        await serve(self, ms)
 
     def _messages(self, prompt):
         msgs = list(self.history)
@@ -305,8 +333,13 @@ class Chat:
         if self.config["model"]:
             opts["model"] = self.config["model"]
         opts.update(options)
+        if opts.get("speak") and self.config["mode"] != "mqtt":
+            raise ValueError("speak needs the mqtt mode; direct mode: OpenAI.audio.speech.create")
         r = self.transport.open(self._messages(prompt), self.system, opts)
         r._chat, r._prompt, r._keep = self, prompt, keep
+        r.on_tool = self.on_tool
+        if opts.get("speak") and self.speaker is not None:
+            self.speaker.attach(self.transport, r.id)
         self.last = r
         return r
 
@@ -316,6 +349,19 @@ class Chat:
         async for _ in reply:
             pass
         return reply.text()
+
+    async def say(self, prompt, **options):
+        # The reply spoken through self.speaker (MQTT mode); returns its text
+        # once played. picollm/voice.py.
+        from picollm.voice import speak
+
+        return await speak(self, prompt, **options)
+
+    async def listen(self, mic, **options):
+        # Ask by voice; returns (transcript, answer). picollm/voice.py.
+        from picollm.voice import listen
+
+        return await listen(self, mic, **options)
 
     def reset(self):
         # Forget the conversation (the bridge's session too, with the next question).

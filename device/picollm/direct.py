@@ -47,10 +47,15 @@ class DirectTransport:
         self.client = OpenAI(cfg["api_key"], cfg["base_url"], cfg["ca"], cfg["tls_verify"],
                              cfg["server_hostname"])
         self.active = None
+        self.tools = None  # picollm.tools.ToolBox: run on the device with use_tools
 
     def open(self, messages, system, opts):
         if system:
             messages = [{"role": "system", "content": system}] + messages
+        if opts.pop("use_tools", False) and self.tools is not None:
+            from picollm.tools import DirectToolReply
+
+            return DirectToolReply(self, messages, opts)
         return DirectReply(self, messages, opts)
 
     def abort(self):

@@ -26,12 +26,21 @@ class MQTTTransport:
         self.active = None
         self.last_out = 0
         self.connects = 0
+        self.tools = None  # picollm.tools.ToolBox of a device that offers tools
+        self.tap = None  # f(topic, msg) for the other messages (picollm.voice, picollm.image)
+        self.subs = []  # more topic filters to subscribe to (voice, pictures)
+        self.heard = 0  # ticks_ms of the last message for `tap`
 
     # -- connection ---------------------------------------------------------
 
     def _on_msg(self, topic, msg):
         if topic == self.want:
             self.box.append(msg)
+        elif self.tools is not None:
+            self.tools.on_message(topic, msg)
+        elif self.tap is not None:
+            self.heard = time.ticks_ms()
+            self.tap(topic, msg)
 
     def connect(self):
         b = self.broker
@@ -51,10 +60,16 @@ class MQTTTransport:
             **kw
         )
         c.set_callback(self._on_msg)
+        if self.tools is not None:
+            self.tools.before_connect(self, c)
         try:
             c.connect(b["clean_session"])
             # Subscribe before the first request is published.
             c.subscribe(self.topics.res_filter(), 1)
+            if self.tools is not None:
+                self.tools.after_connect(self, c)
+            for f in self.subs:
+                c.subscribe(f, 1)
         except Exception:
             _close_sock(c)
             raise
@@ -95,6 +110,8 @@ class MQTTTransport:
         self.client = None
         if c is not None:
             try:
+                if self.tools is not None:
+                    self.tools.before_close(self, c)
                 c.disconnect()
             except OSError:
                 _close_sock(c)
@@ -124,7 +141,7 @@ class MQTTTransport:
     # -- requests -----------------------------------------------------------
 
     def open(self, messages, system, opts):
-        rid = new_id()
+        rid = opts.pop("id", None) or new_id()
         req = {"id": rid}
         if len(messages) == 1:
             req["prompt"] = messages[0]["content"]
@@ -201,6 +218,9 @@ class MQTTReply(Reply):
                     raise LLMError("protocol", "gap: seq %d after %d" % (seq, self.seq - 1))
                 self.seq = seq + 1
                 return m
+            heard = getattr(t, "heard", 0)  # audio of this reply is arriving (voice.py)
+            if heard and time.ticks_diff(heard, start) > 0:
+                start = heard
             if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
                 raise LLMTimeout("timeout", "no reply for %d ms" % timeout_ms)
             try:
@@ -208,7 +228,9 @@ class MQTTReply(Reply):
             except OSError:
                 await t.reconnect()
                 continue
-            if not t.box:
+            if t.tools is not None and t.tools.queue:
+                await t.tools.run(t)  # a call to this device, while it waits
+            elif not t.box:
                 await asyncio.sleep_ms(t.cfg["poll_ms"])
 
     async def next_piece(self):
@@ -231,6 +253,13 @@ class MQTTReply(Reply):
                 if "refusal" in m:
                     self.refusal = True
                     return m["refusal"]
+                if "tool_call" in m or "tool_result" in m:  # protocol v2 progress
+                    if self.on_tool is not None:
+                        self.on_tool(m)
+                    continue
+                if "transcript" in m and "done" not in m:  # a listen request's utterance
+                    self.transcript = m["transcript"]
+                    continue
                 self.finish()
                 if "error" in m:
                     e = m["error"] if isinstance(m["error"], dict) else {}
@@ -241,6 +270,7 @@ class MQTTReply(Reply):
                     self.finish_reason = m.get("finish_reason")
                     self.usage = m.get("usage")
                     self.model = m.get("model")
+                    self.tool_rounds = m.get("tool_rounds") or 0
                     if m.get("refusal"):
                         self.refusal = True
                     text = m.get("text") or m.get("refusal")

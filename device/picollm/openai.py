@@ -165,6 +165,18 @@ class OpenAI:
     def __repr__(self):
         return "<OpenAI %s>" % self.base_url  # never the key
 
+    @property
+    def audio(self):
+        # uopenai's audio.speech / audio.transcriptions: picollm/openai_audio.py
+        from picollm.openai_audio import Audio
+
+        return Audio(self)
+    def images(self):
+        # client.images.generate(...): picollm.image, loaded when first used
+        from picollm.image import Images
+
+        return Images(self)
+
     @staticmethod
     def encode_image(filepath):
         # The file's bytes as a base64 str (no data: prefix). Small images:
@@ -424,6 +436,7 @@ class Stream(Reply):
         self._conn = conn
         self.status = conn.status
         self._event = None
+        self.tool_calls = None  # assembled from the streamed fragments (picollm.tools)
 
     async def _line(self):
         # The next non-empty line without its line end; None at the end.
@@ -484,6 +497,10 @@ class Stream(Reply):
                 if c.get("finish_reason"):
                     self.finish_reason = c["finish_reason"]
                 delta = c.get("delta") or {}
+                if delta.get("tool_calls"):
+                    from picollm.tools import merge_fragments
+
+                    self.tool_calls = merge_fragments(self.tool_calls, delta["tool_calls"])
                 text = delta.get("content")
                 if text:
                     return text

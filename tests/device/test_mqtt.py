@@ -63,10 +63,9 @@ def device_config(broker: Broker, bridge: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def observer(broker: Broker, device_config: dict[str, Any]) -> Iterator[Device]:
-    """A client that records every reply message of the device. It logs in as
-    `integrations`: a second client with the device's user name would take the
-    device's client id on a broker with `use_username_as_clientid`."""
-    d = Device(broker, device_config["device_id"], user="integrations")
+    """A client that records every reply message of the device (as a read-only user: a
+    second login as the device would replace the device's connection)."""
+    d = Device(broker, device_config["device_id"], user="integrations-watch")
     yield d
     d.close()
 
@@ -102,7 +101,8 @@ def test_normal_reply_stream_ask_and_history(
     bodies = [
         r["body"]
         for r in mock_llm.requests
-        if isinstance(r.get("body"), dict)
+        if r["path"].endswith("/chat/completions")
+        and isinstance(r.get("body"), dict)
         and r["body"]["messages"][-1]["content"] == "And at night? [mock tokens=15]"
     ]
     assert bodies, "the bridge did not forward the second question"
@@ -141,7 +141,9 @@ def test_multi_byte_prompts_and_history_arrive_whole(
     bodies = [
         r["body"]
         for r in mock_llm.requests
-        if isinstance(r.get("body"), dict) and r["body"]["messages"][-1]["content"] == prompts[-1]
+        if r["path"].endswith("/chat/completions")
+        and isinstance(r.get("body"), dict)
+        and r["body"]["messages"][-1]["content"] == prompts[-1]
     ]
     assert bodies, "the bridge did not forward the last question"
     msgs = bodies[-1]["messages"]
@@ -475,7 +477,8 @@ def test_device_keeps_its_session_when_the_broker_names_clients_by_user(
     assert rec["connects"] >= 2
     log = username_broker.log_file.read_text()
     assert f" as {dev} (" in log and "Client " + dev + " already connected" not in log
-    assert " as bridge (" in log  # the option is on: the bridge is named by its user
+    # the option is on: the bridge is named by its user too
+    assert re.search(r" as (bridge[\w-]*) \(p\d, c\d, k\d+, u'\1'\)", log), log[-2000:]
 
 
 def test_main_program_in_mqtt_mode(device_config: dict[str, Any], tmp_path: Path) -> None:

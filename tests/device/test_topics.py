@@ -1,5 +1,5 @@
 """Every topic the device library uses comes from picollm/topics.py, and it names them
-as the bridge does (bridge/protocol.py's Topics, docs/protocol.md's table)."""
+as the bridge does (bridge/core/topics.py's Topics, docs/protocol.md's table)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ class FakeTransport:
         self.active = None
         self.pending = [json.dumps(m).encode() for m in messages]
         self.published = []
+        self.tools = None  # no tools registered (picollm.tools)
 
     async def publish_retry(self, topic, payload):
         self.published.append(topic.decode())
