@@ -61,6 +61,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         fields["system"] = args.system
     if args.max_tokens:
         fields["max_tokens"] = args.max_tokens
+    if args.session:
+        fields["session"] = args.session
+        if args.new_session:
+            fields["session_reset"] = True
     if args.use_tools:
         fields["use_tools"] = True
 
@@ -151,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--no-stream", action="store_true", help="get the reply in one message")
+    chat.add_argument(
+        "--session", help="continue this conversation kept by the bridge (protocol v2)"
+    )
+    chat.add_argument("--new-session", action="store_true", help="with --session: start it afresh")
     chat.add_argument(
         "--use-tools", action="store_true",
         help="let the model use the device's own and granted tools (protocol v2)",

@@ -46,6 +46,9 @@ def test_a_session_continues_the_conversation_across_a_bridge_restart(
     dev = make_device("kitchen", prefix="sess1")
     terminal = _ask(dev, "a1", "alpha one", session="s1", system="Be brief.")
     assert "session" not in terminal  # the device reads nothing of it back
+    # A request without the session is not part of it, and changes nothing in it.
+    _ask(dev, "x1", "unrelated")
+    assert _sent(mock_llm, "unrelated") == [{"role": "user", "content": "unrelated"}]
     _ask(dev, "a2", "bravo two", session="s1")
     assert _sent(mock_llm, "bravo two") == [
         {"role": "system", "content": "Be brief."},
@@ -53,11 +56,8 @@ def test_a_session_continues_the_conversation_across_a_bridge_restart(
         {"role": "assistant", "content": _said("alpha one")},
         {"role": "user", "content": "bravo two"},
     ]
-    # A request without the session is not part of it, and changes nothing in it.
-    _ask(dev, "x1", "unrelated")
-    assert _sent(mock_llm, "unrelated") == [{"role": "user", "content": "unrelated"}]
 
-    proc.stop()
+    proc.stop()  # at once: the turn just answered is stored before the bridge stops
     start_bridge(**env)
     _ask(dev, "a3", "charlie three", session="s1")
     sent = _sent(mock_llm, "charlie three")
@@ -210,3 +210,21 @@ def test_home_assistant_ask_box_keeps_a_session_per_device(
         "my name is Ada", _said("my name is Ada"), "what is my name",
     ]  # fmt: skip
     assert _sent(mock_llm, "porch question") == [{"role": "user", "content": "porch question"}]
+
+
+def test_llm_bridge_chat_continues_a_session(
+    bridge: BridgeProcess, broker: Any, mock_llm: Any
+) -> None:
+    """`llm-bridge chat --session S` asks within S; `--new-session` starts it afresh."""
+    from tests.test_cli import llm_bridge
+
+    broker.add_user("clisess")
+    url = broker.url("clisess")
+    base = ("--device", "clisess", "--mqtt-url", url, "--session", "talk")
+    for prompt, extra in (("cli first", ()), ("cli second", ()), ("cli fresh", ("--new-session",))):
+        done = llm_bridge("chat", prompt, *base, *extra)
+        assert done.returncode == 0 and done.stdout.strip() == _said(prompt), done.stderr
+    assert [m["content"] for m in _sent(mock_llm, "cli second")] == [
+        "cli first", _said("cli first"), "cli second",
+    ]  # fmt: skip
+    assert [m["content"] for m in _sent(mock_llm, "cli fresh")] == ["cli fresh"]

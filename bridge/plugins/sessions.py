@@ -144,6 +144,7 @@ class SessionsPlugin(Plugin):
             per_device=settings.session_max_per_device,
         )
         self._writing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._closing = False
 
     def attach(self, host: Host) -> None:
         self.host = host
@@ -210,6 +211,11 @@ class SessionsPlugin(Plugin):
         if not task.cancelled() and task.exception() is not None:
             log.error("could not store session device=%s session=%s: %s", key[0], key[1],
                       task.exception())  # fmt: skip
+        if self._closing and not self._writing:
+            self.store.close()
 
     def stopping(self) -> None:
-        self.store.close()
+        # Turns of requests that ended just before are still being written: close after them.
+        self._closing = True
+        if not self._writing:
+            self.store.close()
