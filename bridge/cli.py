@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915  # one statement per option
     parser = argparse.ArgumentParser(
         prog="llm-bridge",
         description="Stream replies from an OpenAI-compatible API to MQTT devices.",
