@@ -171,6 +171,8 @@ class OpenAI:
         from picollm.openai_audio import Audio
 
         return Audio(self)
+
+    @property
     def images(self):
         # client.images.generate(...): picollm.image, loaded when first used
         from picollm.image import Images

@@ -82,6 +82,8 @@ class ADC:
 
     def read_u16(self):
         return int(os.getenv("STUB_ADC") or "14000")
+
+
 class I2S:
     # Stand-in for machine.I2S. TX writes to the file named by STUB_I2S_OUT
     # (appending) and blocks, like the DMA, while more than `ibuf` bytes wait
