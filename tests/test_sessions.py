@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.dev.mock_llm import reply_tokens
-from tests.harness import BridgeProcess, Device
+from tests.harness import BridgeProcess, Device, Watcher
 
 
 def _sent(mock: Any, marker: str) -> list[dict[str, Any]]:
@@ -196,16 +196,26 @@ def test_home_assistant_ask_box_keeps_a_session_per_device(
     """Plain text on `P/D/ask` (HA's text entity) continues D's session "ha"; another
     device's ask box has its own."""
     proc = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "d"))
-    # One automation login at a time: the broker makes the user name the client id.
-    for name, text in (("hall", "my name is Ada"), ("porch", "porch question"),
-                       ("hall", "what is my name")):  # fmt: skip
-        dev = Device(broker, name, proc.prefix, user="automation")
-        try:
-            dev.client.publish(f"{proc.prefix}/{name}/ask", text, qos=1).wait_for_publish(5)
-            rid, reply = dev.wait_any()
-            assert rid.startswith("ha-") and reply.text == _said(text)
-        finally:
-            dev.close()
+    # One automation login: the broker makes the user name the client id.
+    ha = Watcher(broker, [f"{proc.prefix}/hall/res/+", f"{proc.prefix}/porch/res/+"],
+                 user="automation")  # fmt: skip
+    try:
+        for name, text in (("hall", "my name is Ada"), ("porch", "porch question"),
+                           ("hall", "what is my name")):  # fmt: skip
+            seen = len(ha.msgs)
+            ha.publish(f"{proc.prefix}/{name}/ask", text)
+            done = ha.wait_for(
+                lambda m, n=name, k=seen: (
+                    ha.msgs.index(m) >= k
+                    and m.topic.startswith(f"{proc.prefix}/{n}/res/ha-")
+                    and "done" in m.json
+                )
+            )
+            rid = done.topic.rsplit("/", 1)[1]
+            said = "".join(m.json.get("delta", "") for m in ha.msgs if m.topic.endswith("/" + rid))
+            assert said == _said(text)
+    finally:
+        ha.close()
     assert [m["content"] for m in _sent(mock_llm, "what is my name")] == [
         "my name is Ada", _said("my name is Ada"), "what is my name",
     ]  # fmt: skip

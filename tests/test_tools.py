@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -226,10 +227,16 @@ def ask(device: Device, prompt: str, timeout: float = 10, **extra: Any) -> list[
 
 def model_requests(mock_llm: Any, marker: str) -> list[dict[str, Any]]:
     """The bodies the mock got for the conversation whose prompt holds `marker`."""
+    word = re.compile(rf"(?<![\w-]){re.escape(marker)}(?![\w-])")
     out = []
     for r in mock_llm.requests:
         body = r.get("body")
-        if isinstance(body, dict) and marker in json.dumps(body.get("messages", [])[:2]):
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            continue
+        # Only the conversation's own words: the shared mock also holds other tests'
+        # requests, and a picture's base64 may hold any short marker.
+        said = [m.get("content") for m in body["messages"][:2] if isinstance(m, dict)]
+        if any(isinstance(c, str) and word.search(c) for c in said):
             out.append(body)
     return out
 
