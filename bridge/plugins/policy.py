@@ -51,7 +51,8 @@ class Counters:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # timeout: workers of a group open the same file at once (the first sets WAL).
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(

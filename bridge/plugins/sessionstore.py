@@ -50,8 +50,12 @@ class SqliteSessionStore:
         self.path = path
         self.max_bytes = max_bytes
         self.per_device = per_device
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # timeout: workers of a group open the same file at once (the first sets WAL).
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # Sessions are small rows read once a request: a small page cache keeps the
+        # bridge's memory flat however many devices have one.
+        self.db.execute("PRAGMA cache_size=-256")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             """
