@@ -317,8 +317,11 @@ def test_new_device_ids_cost_bounded_memory(
     """After warm-up, 5,000 requests from 5,000 new device ids grow the bridge's RSS by
     less than 8 MB (state, discovery and duplicate table are bounded per device and
     overall), and refusals cost nothing that stays."""
+    # A fixed number of streams: the upstream connection pool (up to BRIDGE_MAX_STREAMS
+    # connections, ~16 KB each) is then the same after warm-up as after the run, and
+    # what grows is what the devices cost.
     proc = start_on(own_broker, mock_llm, tmp_path / "b", BRIDGE_MAX_QUEUE=20_000,
-                    BRIDGE_LOG_LEVEL="WARNING")  # fmt: skip
+                    BRIDGE_MAX_STREAMS=32, BRIDGE_LOG_LEVEL="WARNING")  # fmt: skip
     wait_for_status(own_broker, "llm", "online")
     assert proc.proc is not None
     # `automation` may ask for any device (P/D/ask): new device ids without 5,000 users.
