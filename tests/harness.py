@@ -377,7 +377,12 @@ class Device:
             return Reply(rid, list(self.replies[rid])).check()
 
     def close(self) -> None:
+        # Wait until the broker has the DISCONNECT: the next login as this user (its client
+        # id) must not find this connection still open and replace it.
+        gone = threading.Event()
+        self.client.on_disconnect = lambda *_a: gone.set()
         self.client.disconnect()
+        gone.wait(2)
         self.client.loop_stop()
 
 

@@ -259,8 +259,8 @@ def test_service_users_get_their_kinds_rules_and_are_no_devices(
     worker = start_bridge(BRIDGE_MQTT_URL=url.replace(":1883", f":{broker.port}"),
                           BRIDGE_CLIENT_ID="", BRIDGE_DATA_DIR=str(tmp_path / "w2"))  # fmt: skip
     other = start_bridge(BRIDGE_DATA_DIR=str(tmp_path / "o"))  # as bridge-NNNN, at once
-    for proc in (worker, other):
-        dev = Device(broker, "asks-workers", proc.prefix)
+    for n, proc in enumerate((worker, other)):
+        dev = Device(broker, f"asks-workers{n}", proc.prefix)  # one login per user
         try:
             for i in range(3):
                 assert dev.ask({"id": f"w{i}", "prompt": "hi"}).terminal.get("done") is True
