@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from bridge.core.job import Job
     from bridge.core.protocol import ChatRequest
     from bridge.core.settings import Settings
+    from bridge.core.shared import Guarded
     from bridge.core.topics import Topics
     from bridge.core.upstream import Upstream
 
@@ -44,6 +45,8 @@ class Host(Protocol):
     settings: Settings
     topics: Topics
     upstream: Upstream
+    #: a worker group's shared store (`BRIDGE_GROUP`), or None for a lone bridge
+    shared: Guarded | None
 
     @property
     def accepting(self) -> bool:

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bridge.core.errors import ProtocolError
 from bridge.core.plugin import Plugin
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bridge.core.plugin import Host
     from bridge.core.protocol import ChatRequest
     from bridge.core.settings import Settings
+    from bridge.core.shared import Guarded
 
 log = logging.getLogger("bridge.plugins.policy")
 
@@ -132,18 +133,19 @@ class PolicyPlugin(Plugin):
         self.clock = clock
         if counters is None and self.policy.counts:
             counters = Counters(Path(settings.data_dir) / COUNTERS_FILE)
-        self.counters = counters
+        # The group's store (below) takes the counters' place in a worker group.
+        self.counters: Counters | Guarded | None = counters
         self.streams: Counter[str] = Counter()
         self._host: Host | None = None
         # In a worker group: the group's store counts streams and requests of
         # every worker (bridge/core/shared.py); None for a bridge alone.
-        self.shared: Any = None
+        self.shared: Guarded | None = None
         self.worker = settings.client_id
         self._pending: tuple[str, str, str] | None = None
 
     def attach(self, host: Host) -> None:
         self._host = host
-        shared = getattr(host, "shared", None)
+        shared = host.shared
         if shared is not None:
             self.shared = shared
             # A worker that starts under this id replaces one that died: its streams ended.

@@ -208,7 +208,7 @@ class StatePlugin(Plugin):
         self.host = host
         # In a worker group the counters are the group's, kept in its store, and the
         # leader publishes them (docs/scaling.md).
-        self.shared: Any = getattr(host, "shared", None)
+        self.shared = host.shared
         host.subscribe(host.topics.stats, self._on_stats, qos=0)
         host.subscribe(host.topics.device_filter("state"), self._on_state, qos=0)
 
