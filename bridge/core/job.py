@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from bridge.core import protocol as p
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from paho.mqtt.properties import Properties
 
     from bridge.core.chunking import Chunker
@@ -43,6 +45,7 @@ class Job:
         "seq",
         "slot",
         "started",
+        "starting",
         "task",
         "terminal",
         "timer",
@@ -85,6 +88,9 @@ class Job:
         self.chunker: Chunker | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.slot = -1
+        # Ends this request's part in the bridge's fair start (set while it is being
+        # started: from its admission or its slot to its first call written upstream).
+        self.starting: Callable[[], None] | None = None
 
     @property
     def tokens_used(self) -> int:

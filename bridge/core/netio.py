@@ -149,3 +149,87 @@ class AsyncioTransport(httpx.AsyncHTTPTransport):
             raise RuntimeError("this httpcore version does not take a network backend here")
         # httpx passes no network backend down; httpcore's pool keeps it private (checked above).
         pool._network_backend = AsyncioBackend()  # noqa: SLF001
+
+
+# Connections per pool of a `ShardedTransport`: httpcore's pool walks every one of
+# its connections on each request and each response close, so that walk is what
+# a large single pool costs per request (docs/performance.md, "Request set-up").
+SHARD_CONNECTIONS = 16
+
+
+class _Counted(httpx.AsyncByteStream):
+    """A response body that tells its shard once when it is closed."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, done: Any) -> None:
+        self._stream = stream
+        self._done = done
+
+    async def __aiter__(self) -> Any:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several small connection pools behind one transport; a request goes to the least busy.
+
+    One pool of 500 connections costs a few hundred microseconds of its own
+    bookkeeping per request; pools of `SHARD_CONNECTIONS` keep that constant.
+    Choosing the pool with the fewest open responses means a request never
+    waits for a connection while any pool has one free.
+    """
+
+    def __init__(self, pools: list[httpx.AsyncBaseTransport]) -> None:
+        if not pools:
+            raise ValueError("a sharded transport needs at least one pool")
+        self._shards = pools
+        self._busy = [0] * len(pools)
+
+    @classmethod
+    def open(cls, max_connections: int, **kwargs: Any) -> ShardedTransport:
+        """Pools of at most `SHARD_CONNECTIONS` that hold `max_connections` together;
+        `kwargs` go to each `AsyncioTransport` (verify, trust_env...)."""
+        count = max(1, -(-max_connections // SHARD_CONNECTIONS))
+        per = -(-max_connections // count)
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+        return cls([AsyncioTransport(limits=limits, **kwargs) for _ in range(count)])
+
+    @property
+    def shards(self) -> int:
+        return len(self._shards)
+
+    def busy(self) -> list[int]:
+        """Open responses per pool (for tests and metrics)."""
+        return list(self._busy)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        busy = self._busy
+        i = busy.index(min(busy))
+        busy[i] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                busy[i] -= 1
+
+        try:
+            response = await self._shards[i].handle_async_request(request)
+        except BaseException:
+            release()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)  # an async transport's
+        response.stream = _Counted(response.stream, release)
+        return response
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()

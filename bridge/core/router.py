@@ -7,9 +7,10 @@ here, so no part reaches around the core into the MQTT client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.matcher import MQTTMatcher
 
 from bridge.core.plugin import Handler, Inbound
 
@@ -29,8 +30,16 @@ class Router:
 
     def __init__(self) -> None:
         self.routes: list[Route] = []
+        # filter -> index of its first route, in a trie: a message is matched in a
+        # few dict lookups, not by trying every filter (paho's topic_matches_sub
+        # builds a matcher per call, a measurable cost per request).
+        self._matcher = MQTTMatcher()  # type: ignore[no-untyped-call]  # paho's matcher is untyped
 
     def add(self, topic_filter: str, handler: Handler, qos: int = 1, shared: bool = False) -> None:
+        try:
+            self._matcher[topic_filter]
+        except KeyError:
+            self._matcher[topic_filter] = len(self.routes)
         self.routes.append(Route(topic_filter, handler, qos, shared))
 
     def subscriptions(self, group: str = "") -> list[tuple[str, int]]:
@@ -50,11 +59,13 @@ class Router:
 
         A handler that raises is logged: one bad message never stops the others.
         """
-        for r in self.routes:
-            if topic_matches_sub(r.topic_filter, msg.topic):
-                try:
-                    r.handler(msg)
-                except Exception:
-                    log.exception("handler for %s failed on %s", r.topic_filter, msg.topic[:200])
-                return True
-        return False
+        matches: Iterator[int] = self._matcher.iter_match(msg.topic)  # type: ignore[no-untyped-call]  # as above
+        first = min(matches, default=None)
+        if first is None:
+            return False
+        r = self.routes[first]
+        try:
+            r.handler(msg)
+        except Exception:
+            log.exception("handler for %s failed on %s", r.topic_filter, msg.topic[:200])
+        return True

@@ -43,14 +43,15 @@ JOURNAL_SLOTS = 4096
 # MQTT v5 properties a request may carry, bounded so that its journal slot holds them.
 MAX_RESPONSE_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
-# Fair start: until a new request is written to the API's connection, running
-# streams pause before each piece, within a window of this length opened by a
-# start, so that its start is not queued behind their chunks in the event loop
-# (docs/performance.md, "Fair start"). Waiting for the API's answer is not held,
-# and a new window opens only START_GAP after the last one closed: a flood of new
-# requests holds running streams a tenth of the time at most, never starves them.
-START_HOLD = 0.005
-START_GAP = 0.045
+# Fair start: while requests are being started (from admission, or from their
+# stream slot, until their API call is written), running streams pause before
+# each piece, so that a start is not queued behind their chunks in the event
+# loop (docs/performance.md, "Fair start"). A pause lasts at most START_HOLD, and
+# the next can begin only START_GAP after it: a flood of new requests holds
+# running streams half of the time at most and never starves them. Waiting for
+# the API's answer is not held.
+START_HOLD = 0.1
+START_GAP = 0.1
 
 
 class Recent:
@@ -170,7 +171,7 @@ class Bridge:
             )
             self.recent = SharedRecent(self.shared, settings.dedup_window)
         self._slots = asyncio.Semaphore(settings.max_streams)
-        self._starting = 0  # requests between their slot and their upstream's first reply
+        self._starting = 0  # requests admitted (and given a slot) whose API call is not written yet
         self._no_starts = asyncio.Event()
         self._no_starts.set()
         self._hold_until = 0.0
@@ -536,6 +537,8 @@ class Bridge:
             previous.cancel_message = "superseded by a new request with the same id"
             _cancel_soon(previous.task)
         self.jobs[key] = job
+        if previous is None and not self._slots.locked():
+            job.starting = self._begin_start()  # it goes upstream without waiting
         job.task = asyncio.create_task(self._run(job, previous), name=f"req {device}/{rid}")
         log.info(
             "request device=%s id=%s model=%s stream=%s", device, rid,
@@ -584,6 +587,8 @@ class Bridge:
                 await asyncio.wait([previous.task])
             await self._slots.acquire()
             self.active += 1
+            if job.starting is None and job.rounds == 0:
+                job.starting = self._begin_start()
             try:
                 await self._serve(job)
             finally:
@@ -597,6 +602,8 @@ class Bridge:
             log.exception("internal error device=%s id=%s", job.device, job.rid)
             job.error = ProtocolError(p.INTERNAL, "internal error")
         finally:
+            if job.starting is not None:
+                job.starting()  # ended before its call was written (refused, cancelled...)
             self._end(job)
 
     def _end(self, job: Job) -> None:
@@ -652,8 +659,15 @@ class Bridge:
         try:
             async with asyncio.timeout_at(deadline):
                 job.body = job.request.upstream_body(s.openai_model, s.include_usage)
+                if self._preparers and job.starting is not None:
+                    # A plugin may wait here (a camera, an upload, a session being
+                    # written): that wait must not hold running streams.
+                    job.starting()
+                    job.starting = None
                 for plugin in self._preparers:
                     await plugin.prepare(job)
+                if job.body is not None and job.starting is None and job.rounds == 0:
+                    job.starting = self._begin_start()
                 while job.body is not None:
                     await self._round(job, job.body, deadline)
                     job.rounds += 1
@@ -735,10 +749,7 @@ class Bridge:
         """
         stream = job.request.stream
         first = job.seq == 0
-        starting = first and job.rounds == 0
-        sent: Callable[[], None] | None = None
-        if starting:
-            sent = self._begin_start()
+        sent, job.starting = job.starting, None
         try:
             async with self.upstream.stream(body, f"{job.device}-{job.rid}", sent=sent) as events:
                 fold.opened = True
@@ -769,10 +780,12 @@ class Bridge:
     # --- fair start -----------------------------------------------------------------------
 
     def _begin_start(self) -> Callable[[], None]:
-        """Count a request as starting; the returned function ends that (once)."""
+        """Count a request as starting (it may open a pause of running streams);
+        the returned function ends that, once."""
         self._starting += 1
         self._no_starts.clear()
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now >= self._hold_until + START_GAP:
             self._hold_until = now + START_HOLD
         done = False
@@ -784,19 +797,27 @@ class Bridge:
             done = True
             self._starting -= 1
             if self._starting == 0:
-                self._no_starts.set()
+                # Not at once: a start that ends and begins again in the same step
+                # (around a request's preparers) wakes no paused stream.
+                loop.call_soon(self._release_streams)
 
         return end
 
+    def _release_streams(self) -> None:
+        if self._starting == 0:
+            self._no_starts.set()
+
     async def _let_starts_go(self) -> None:
         """Pause a running stream while requests are being started (until the current
-        window closes): their upstream calls go out first."""
-        left = self._hold_until - asyncio.get_running_loop().time()
-        if left <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(left):
-                await self._no_starts.wait()
+        pause ends): their API calls go out first."""
+        loop = asyncio.get_running_loop()
+        while self._starting:  # again after a wake-up: another start may have begun
+            left = self._hold_until - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._no_starts.wait()
 
     # --- where chunks leave ---------------------------------------------------------------
 

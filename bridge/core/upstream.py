@@ -23,7 +23,7 @@ from httpx_sse import EventSource, SSEError
 from bridge.core import protocol as p
 from bridge.core.capture import Capture, Exchange
 from bridge.core.errors import UpstreamError
-from bridge.core.netio import AsyncioTransport
+from bridge.core.netio import ShardedTransport
 from bridge.core.settings import Settings
 
 SECRET_RUN = 8
@@ -152,13 +152,8 @@ class Upstream:
             verify: ssl.SSLContext | bool = True
             if settings.upstream_ca_file is not None:
                 verify = ssl.create_default_context(cafile=str(settings.upstream_ca_file))
-            transport = AsyncioTransport(
-                verify=verify,
-                trust_env=False,
-                limits=httpx.Limits(
-                    max_connections=settings.max_streams + 8,
-                    max_keepalive_connections=settings.max_streams + 8,
-                ),
+            transport = ShardedTransport.open(
+                settings.max_streams + 8, verify=verify, trust_env=False
             )
         self.client = httpx.AsyncClient(
             headers=headers,

@@ -52,3 +52,21 @@ def test_each_filter_is_subscribed_once_at_its_highest_qos() -> None:
     r.add("llm/+/state", lambda m: None, qos=1)
     r.add("llm/+/req", lambda m: None, qos=0)
     assert sorted(r.subscriptions()) == [("llm/+/req", 1), ("llm/+/state", 1)]
+
+
+def test_the_order_of_adding_decides_not_how_specific_a_filter_is() -> None:
+    got: list[str] = []
+    r = Router()
+    r.add("llm/#", lambda m: got.append("all"))
+    r.add("llm/+/req", lambda m: got.append("req"))
+    r.add("llm/+/req", lambda m: got.append("second req"))  # same filter again: never reached
+    assert r.route(msg("llm/kitchen/req"))
+    assert got == ["all"]
+
+
+def test_wildcards_at_the_first_level_do_not_match_dollar_topics() -> None:
+    r = Router()
+    r.add("+/bridge/stats", lambda m: None)
+    r.add("#", lambda m: None)
+    assert not r.route(msg("$SYS/bridge/stats"))
+    assert r.route(msg("llm/bridge/stats"))
