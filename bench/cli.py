@@ -504,7 +504,8 @@ class Bench:
         out["timed_out"] = any(p["timed_out"] for p in parts)
         out["first_sent_ns"] = min(p["first_sent_ns"] for p in parts)
         out["last_end_ns"] = max(p["last_end_ns"] for p in parts)
-        out["ttfc_ns"] = [v for p in parts for v in p["ttfc_ns"]]
+        for key in ("ttfc_ns", "ttfc_in_ns", "ttfc_out_ns"):
+            out[key] = [v for p in parts for v in p[key]]
         out["latency_ns"] = [v for p in parts for v in p["latency_ns"]]
         failures = [p["failure"] for p in parts if p["failure"]]
         out["failure"] = "; ".join(failures) if failures else None
@@ -729,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915  # the bench ru
                             r = res[label]
                             log(
                                 f"  {r['chunks_per_s']:.0f} chunks/s, TTFC p50 "
-                                f"{r['ttfc_p50_ms']} ms, p99 {r['ttfc_p99_ms']} ms, +lat p99 "
+                                f"{r['ttfc_p50_ms']} ms, p99 {r['ttfc_p99_ms']} ms (to the "
+                                f"first token {r['ttfc_in_p99_ms']}, from it "
+                                f"{r['ttfc_out_p99_ms']}), +lat p99 "
                                 f"{r['latency_p99_ms']} ms, lost/rep/ooo "
                                 f"{r['lost']}/{r['repeated']}/{r['out_of_order']}, "
                                 f"err {r['errors']}"

@@ -43,6 +43,7 @@ class Request:
     tokens: int
     sent_ns: int = 0
     first_ns: int = 0
+    first_stamp_ns: int = 0  # the mock's stamp on the first token: splits TTFC in two
     end_ns: int = 0
     chunks: int = 0
     got_tokens: int = 0
@@ -159,6 +160,8 @@ class Device:
             lat = self.gen.latencies_ns
             for stamp in m.get("delta", "").split():
                 if stamp.isdigit():
+                    if not req.first_stamp_ns:
+                        req.first_stamp_ns = int(stamp)
                     req.got_tokens += 1
                     if self.gen.running:
                         lat.append(now - int(stamp))
@@ -318,6 +321,10 @@ class LoadGen:
             "out_of_order": sum(r.out_of_order for r in reqs),
             "strays": self.strays,
             "ttfc_ns": [r.first_ns - r.sent_ns for r in reqs if r.first_ns],
+            # TTFC = up to the mock's first token (broker in, bridge start, API call)
+            # + from that token to the device (bridge out, broker out)
+            "ttfc_in_ns": [r.first_stamp_ns - r.sent_ns for r in reqs if r.first_stamp_ns],
+            "ttfc_out_ns": [r.first_ns - r.first_stamp_ns for r in reqs if r.first_stamp_ns],
             "latency_ns": self.latencies_ns,
             "failure": self.error,
         }

@@ -44,6 +44,9 @@ def summarize(raw: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
         "chunks_per_s": round(raw["chunks"] / wall_s, 1),
         "ttfc_p50_ms": pct(ttfc, 50),
         "ttfc_p99_ms": pct(ttfc, 99),
+        # the two parts of TTFC, split at the mock's stamp on the first token
+        "ttfc_in_p99_ms": pct(raw.get("ttfc_in_ns", []), 99),
+        "ttfc_out_p99_ms": pct(raw.get("ttfc_out_ns", []), 99),
         "latency_p50_ms": pct(lat, 50),
         "latency_p99_ms": pct(lat, 99),
         "latency_samples": len(lat),
