@@ -67,7 +67,7 @@ class Ring:
 class UsageStats:
     """One device's (or the bridge's) counters and latency rings."""
 
-    __slots__ = ("done", "duration", "errors", "finished", "ttfc")
+    __slots__ = ("_payload", "done", "duration", "errors", "finished", "ttfc")
 
     def __init__(self, window: int) -> None:
         self.finished = 0
@@ -75,8 +75,12 @@ class UsageStats:
         self.errors: dict[str, int] = {}
         self.ttfc = Ring(window)
         self.duration = Ring(window)
+        # Made once per change: a device's state is published at every start and
+        # stream, and the percentiles sort the rings.
+        self._payload: dict[str, Any] | None = None
 
     def record(self, outcome: str, ttfc: float | None, duration: float | None) -> None:
+        self._payload = None
         self.finished += 1
         if outcome == "done":
             self.done += 1
@@ -92,8 +96,11 @@ class UsageStats:
         return round(self.done / self.finished, 4) if self.finished else None
 
     def payload(self) -> dict[str, Any]:
-        """The `usage_stats` object of `P/D/state` and `P/bridge/stats` (docs/protocol.md)."""
-        return {
+        """The `usage_stats` object of `P/D/state` and `P/bridge/stats` (docs/protocol.md);
+        the same object until the next `record` (callers only serialize it)."""
+        if self._payload is not None:
+            return self._payload
+        self._payload = {
             "finished": self.finished,
             "done": self.done,
             "success_rate": self.success_rate,
@@ -102,6 +109,7 @@ class UsageStats:
             "duration_ms": self.duration.summary_ms(),
             "window": self.ttfc.size,
         }
+        return self._payload
 
 
 class UsagePlugin(Plugin):
