@@ -362,6 +362,40 @@ def test_kill_9_of_a_worker_under_load_loses_no_request(
         dev.close()
 
 
+def test_a_worker_that_stops_leaves_the_group_and_its_share_goes_to_the_others(
+    group: Callable[..., Group], group_broker: Broker
+) -> None:
+    """A scale-down: Mosquitto would keep queueing the stopped worker's share of new
+    requests in its session; the worker unsubscribes before it stops, so the others get
+    every request at once. Started again (same id), it rejoins and serves its share."""
+    g = group(2)
+    dev = Device(group_broker, "leave1", g.prefix)
+    try:
+        g.procs[1].stop()
+        assert "left worker group g" in g.procs[1].logs()
+        rids = [f"l{i}" for i in range(10)]
+        for rid in rids:
+            _ask(dev, rid)
+        for rid in rids:
+            assert dev.wait(rid, 10).terminal.get("done") is True, rid
+        assert all(_served_by(g, rid) == [0] for rid in rids)
+        connects = g.procs[1].logs().count("connected to")
+        g.start(1)
+        deadline = time.monotonic() + 15
+        while g.procs[1].logs().count("connected to") == connects:  # the new process's
+            assert time.monotonic() < deadline, g.procs[1].logs()[-800:]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        more = [f"m{i}" for i in range(10)]
+        for rid in more:
+            _ask(dev, rid)
+        for rid in more:
+            assert dev.wait(rid, 10).terminal.get("done") is True, rid
+        assert {_served_by(g, rid)[0] for rid in more} == {0, 1}
+    finally:
+        dev.close()
+
+
 def test_workers_share_limits_through_redis_and_ride_out_its_restart(
     group: Callable[..., Group], group_broker: Broker, redis_server: Redis
 ) -> None:

@@ -235,6 +235,8 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribing: dict[int, asyncio.Event] = {}
         self.client = c
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -282,6 +284,28 @@ class MqttLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keep_up_task
         self._detach()
+
+    async def unsubscribe(self, filters: list[str], timeout: float = 2.0) -> bool:
+        """Unsubscribe from `filters` (also at later reconnects); True once the broker
+        has acknowledged it within `timeout`."""
+        if not filters:
+            return True
+        self._subscriptions = [(f, q) for f, q in self._subscriptions if f not in filters]
+        if not self.connected.is_set():
+            return False
+        rc, mid = self.client.unsubscribe(filters)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        done = self._unsubscribing[mid] = asyncio.Event()
+        self.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await done.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._unsubscribing.pop(mid, None)
+        return True
 
     async def _keep_up(self) -> None:
         """Connect, reconnect after a loss, and run paho's periodic work (pings)."""
@@ -440,6 +464,11 @@ class MqttLink:
         if failed:
             log.error("broker refused a subscription: %s", ", ".join(failed))
         self.subscribed.set()
+
+    def _on_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        done = self._unsubscribing.get(mid)
+        if done is not None:
+            done.set()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         try:

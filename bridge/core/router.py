@@ -54,6 +54,12 @@ class Router:
             seen[name] = max(seen.get(name, 0), r.qos)
         return list(seen.items())
 
+    def shared_subscriptions(self, group: str) -> list[str]:
+        """The filters a worker of `group` leaves the group by unsubscribing."""
+        if not group:
+            return []
+        return sorted({f"$share/{group}/{r.topic_filter}" for r in self.routes if r.shared})
+
     def route(self, msg: Inbound) -> bool:
         """Hand `msg` to the first matching handler; False when none matches.
 

@@ -308,8 +308,15 @@ class Bridge:
 
         Requests still running after `BRIDGE_SHUTDOWN_GRACE` end with
         `interrupted`; requests not yet received stay queued at the broker for
-        the next start.
+        the next start. A worker of a group first leaves the group's shared
+        subscription: the broker then gives new requests to the other workers
+        instead of queueing them in this worker's session, for a return that
+        may never come (a scale-down); a restart joins again.
         """
+        if self.settings.group and self.connected:
+            shared = self.router.shared_subscriptions(self.settings.group)
+            if await self.link.unsubscribe(shared):
+                log.info("left worker group %s", self.settings.group)
         self._accepting = False
         if self._leader is not None:
             self._leader.cancel()

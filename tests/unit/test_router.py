@@ -70,3 +70,11 @@ def test_wildcards_at_the_first_level_do_not_match_dollar_topics() -> None:
     r.add("#", lambda m: None)
     assert not r.route(msg("$SYS/bridge/stats"))
     assert r.route(msg("llm/bridge/stats"))
+
+
+def test_a_worker_leaves_its_group_by_the_shared_filters_only() -> None:
+    r = Router()
+    r.add("llm/+/req", lambda m: None, shared=True)
+    r.add("llm/+/cancel", lambda m: None)
+    assert r.shared_subscriptions("g") == ["$share/g/llm/+/req"]
+    assert r.shared_subscriptions("") == []
