@@ -56,6 +56,8 @@ class BufferedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+        # Socket reads left to this turn of the event loop (see `read_turn`).
+        self._reads_left = 1
         self._batch: bytearray | None = None
         self._unsent = b""
 
@@ -79,8 +81,21 @@ class BufferedClient(paho.Client):
         """Whether read bytes wait here that the socket will not signal again."""
         return self._rpos < len(self._rbuf)
 
+    def read_turn(self) -> None:
+        """Allow one more socket read: each turn of the event loop reads at most once.
+
+        paho's `loop_read` reads as long as the socket has data. When the broker
+        delivers a burst of requests while their acknowledgements let it send
+        the next, that was one callback of 50 ms for 100 requests, and none of
+        them started before the last was read (docs/performance.md, "Fair start").
+        """
+        self._reads_left = 1
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
+            if self._reads_left <= 0:
+                raise BlockingIOError  # paho: "nothing more now"; the loop calls again
+            self._reads_left -= 1
             data = super()._sock_recv(65536)
             if len(data) <= bufsize:
                 self._rbuf, self._rpos = b"", 0
@@ -389,6 +404,7 @@ class MqttLink:
     def _read(self) -> None:
         c = self.client
         self._acked = False
+        c.read_turn()
         while True:
             rc = c.loop_read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -396,8 +412,12 @@ class MqttLink:
                     self._lost(rc)
                 return
             sock = self._sock
-            if not (c.buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
-                break
+            if c.buffered():
+                continue
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                c.read_turn()  # bytes TLS already decrypted: the socket will not signal them
+                continue
+            break
         if self._acked:
             # The broker sends a client at most its window (Mosquitto's
             # max_inflight_messages, 20 by default) of unacknowledged messages:
