@@ -174,11 +174,13 @@ def _store_contract(a: Any, b: Any) -> None:
 
     assert a.open_stream("d1", "k1", "t1", "w1", 2) == -1
     assert b.open_stream("d1", "k2", "t2", "w2", 2) == -1
+    assert a.running("d1") == b.running("d1") == 2, "each worker sees the other's"
     assert a.open_stream("d1", "k3", "t3", "w1", 2) == 2, "the third across workers is refused"
     assert b.open_stream("d1", "k1", "t4", "w2", 2) == -1, "the same id replaces, adds none"
     a.close_stream("d1", "k1", "t1")  # the replaced request ends: its successor still counts
     assert a.open_stream("d1", "k3", "t3", "w1", 2) == 2
     b.drop_worker("w2")  # w2 died: its replacement forgets its streams
+    assert a.running("d1") == 0
     assert a.open_stream("d1", "k3", "t3", "w1", 2) == -1
     assert a.open_stream("d2", "k1", "t5", "w1", 0) == -1, "no limit"
 
@@ -392,6 +394,39 @@ def test_a_worker_that_stops_leaves_the_group_and_its_share_goes_to_the_others(
         for rid in more:
             assert dev.wait(rid, 10).terminal.get("done") is True, rid
         assert {_served_by(g, rid)[0] for rid in more} == {0, 1}
+    finally:
+        dev.close()
+
+
+def test_a_device_served_by_two_workers_is_idle_only_when_both_are_done(
+    group: Callable[..., Group], group_broker: Broker
+) -> None:
+    """Each worker publishes the state of the requests it serves: the one that finishes
+    first must not say `idle` while the other still streams for the same device."""
+    g = group(2, BRIDGE_STATE="true")
+    dev = Device(group_broker, "busy1", g.prefix)
+    topic = f"{g.prefix}/busy1/state"
+    try:
+        _ask(dev, "slow", "[mock tokens=80 delay_ms=25] a long one")
+        deadline = time.monotonic() + 10
+        while not dev.messages("slow"):  # streaming
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        slow_worker = _served_by(g, "slow")
+        for i in range(6):  # the broker takes the workers in turn: one lands on the other
+            _ask(dev, f"f{i}")
+            assert dev.wait(f"f{i}", 10).terminal.get("done") is True
+            if _served_by(g, f"f{i}") != slow_worker:
+                break
+        else:
+            pytest.fail("no quick request went to the other worker")
+        time.sleep(0.3)
+        state = json.loads(_retained(group_broker, topic) or b"{}")
+        assert state.get("status") in ("thinking", "streaming"), state
+        assert dev.wait("slow", 20).terminal.get("done") is True
+        time.sleep(0.3)
+        state = json.loads(_retained(group_broker, topic) or b"{}")
+        assert state.get("status") == "idle", state
     finally:
         dev.close()
 

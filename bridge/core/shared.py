@@ -63,6 +63,10 @@ class Store(Protocol):
         """Forget the streams of `worker` (its replacement calls this when it starts)."""
         ...
 
+    def running(self, device: str) -> int:
+        """The requests of `device` that `open_stream` counts now, on every worker."""
+        ...
+
     def requests_since(self, device: str, since: float) -> list[float]: ...
 
     def add_request(self, device: str, now: float) -> None: ...
@@ -178,6 +182,13 @@ class SqliteStore:
     def drop_worker(self, worker: str) -> None:
         with self._lock:
             self.db.execute("DELETE FROM streams WHERE worker = ?", (worker,))
+
+    def running(self, device: str) -> int:
+        with self._lock:
+            (n,) = self.db.execute(
+                "SELECT COUNT(*) FROM streams WHERE device = ?", (device,)
+            ).fetchone()
+        return int(n)
 
     def requests_since(self, device: str, since: float) -> list[float]:
         with self._lock:
@@ -375,6 +386,9 @@ class RedisStore:
     def drop_worker(self, worker: str) -> None:
         self._drop(keys=[self._k("worker", worker)], args=[worker])
 
+    def running(self, device: str) -> int:
+        return int(self.r.hlen(self._k("streams", device)))
+
     def requests_since(self, device: str, since: float) -> list[float]:
         k = self._k("requests", device)
         rows: Any = self.r.zrangebyscore(k, f"({since}", "+inf", withscores=True)
@@ -476,6 +490,9 @@ class LocalStore:
             if self.per_device[device] <= 0:
                 del self.per_device[device]
 
+    def running(self, device: str) -> int:
+        return self.per_device.get(device, 0)
+
 
 class Guarded:
     """A shared store that never raises: while it fails, this worker's memory answers.
@@ -534,6 +551,10 @@ class Guarded:
 
     def drop_worker(self, worker: str) -> None:
         self._do("drop_worker", None, worker)
+
+    def running(self, device: str) -> int:
+        n: int = self._do("running", self.local.running, device)
+        return n
 
     def requests_since(self, device: str, since: float) -> list[float]:
         got: list[float] = self._do("requests_since", [], device, since)

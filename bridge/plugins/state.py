@@ -61,6 +61,12 @@ def _today() -> str:
     return datetime.now().astimezone().date().isoformat()
 
 
+def _busy(device: str) -> str:
+    """The key under which a group's store counts a device's running requests for its
+    state: apart from the policy's `max_streams` count (a device id has no `/`)."""
+    return f"{device}/state"
+
+
 def question_of(request: p.ChatRequest) -> str | None:
     """The text a person would call the question: the prompt or the last user message."""
     if request.prompt is not None:
@@ -106,10 +112,14 @@ class DeviceState:
     questions: dict[str, str | None] = field(default_factory=dict)
     #: whether this process published the state (a retained one is then older).
     published: bool = False
+    #: in a worker group: requests of the device other workers run (not in the payload).
+    elsewhere: int = 0
 
     def current_status(self) -> str:
         if self.active:
             return STREAMING if any(self.active.values()) else THINKING
+        if self.elsewhere:
+            return THINKING  # another worker of the group still serves this device
         return ERROR if self.error else IDLE
 
     def payload(self) -> dict[str, Any]:
@@ -190,6 +200,7 @@ class StatePlugin(Plugin):
         self.models = models
         self.prefix = settings.topic_prefix
         self.topics = Topics(settings.topic_prefix)
+        self.worker = settings.client_id
         self.max_devices = settings.state_max_devices
         self.devices: OrderedDict[str, DeviceState] = OrderedDict()
         self.stats = Stats()
@@ -201,6 +212,9 @@ class StatePlugin(Plugin):
         self._restoring: asyncio.Task[None] | None = None
         self._applied = False
         self._last_stats: dict[str, Any] | None = None
+
+    def _token(self, job: Job) -> str:
+        return f"{self.worker}/{job.rid}"
 
     # --- plugin ---------------------------------------------------------------------------
 
@@ -230,6 +244,8 @@ class StatePlugin(Plugin):
         self.stats.requests += 1
         if self.shared is not None:
             self.shared.add_counts({"requests": 1})
+        if self.shared is not None:
+            self.shared.open_stream(_busy(job.device), job.rid, self._token(job), self.worker, 0)
         dev = self._device(job.device)
         dev.active[job.rid] = False
         dev.request_id = job.rid
@@ -294,6 +310,10 @@ class StatePlugin(Plugin):
             self.shared.add_counts(
                 {"errors": error, "tokens_total": tokens, f"tokens:{self.stats.day}": tokens}
             )
+        if self.shared is not None:
+            # A device's requests may run on several workers: it is idle when none runs.
+            self.shared.close_stream(_busy(job.device), job.rid, self._token(job))
+            dev.elsewhere = self.shared.running(_busy(job.device))
         self._changed(job.device, dev, force=True)
         event["time"] = now
         self._publish(self.topics.event(job.device), event, retain=False)
