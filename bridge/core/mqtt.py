@@ -39,6 +39,10 @@ _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
+# TCP_QUICKACK exists on Linux only; elsewhere acknowledgements keep the system's timing.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 class BufferedClient(paho.Client):
     """paho's client with its socket I/O batched, for a client that moves many small messages.
 
@@ -97,6 +101,16 @@ class BufferedClient(paho.Client):
                 raise BlockingIOError  # paho: "nothing more now"; the loop calls again
             self._reads_left -= 1
             data = super()._sock_recv(65536)
+            sock = self._sock
+            if _QUICKACK is not None and isinstance(sock, socket.socket):
+                # Acknowledge at once what was read. A broker with Nagle's algorithm
+                # on (Mosquitto's default: `set_tcp_nodelay false`) holds its next
+                # small packet (a request, a PUBACK) until our TCP acknowledges the
+                # last one, and Linux delays that acknowledgement by up to 40 ms.
+                # Linux turns quick acknowledgements off again by itself: set at
+                # every read.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             if len(data) <= bufsize:
                 self._rbuf, self._rpos = b"", 0
                 return data
