@@ -48,3 +48,18 @@ def test_quick_bench_runs_all_three_systems_without_losing_a_chunk(tmp_path: Pat
             assert (r["lost"], r["repeated"], r["out_of_order"]) == (0, 0, 0), (system, r)
             assert r["errors"] == 0 and r["unfinished"] == 0, (res["case"], system, r)
     assert {t["result"] for t in run["targets"]} <= {"PASS", "MISS", "n/a"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_starts_bench_measures_both_pool_layouts() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.starts", "--starts", "20", "--rounds", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.lstrip().startswith("20 ")]
+    assert [r[1:3] for r in rows] == [["one", "pool"], ["pools", "of"]], proc.stdout
+    for r in rows:
+        burst_cpu_ms, last_written_ms, warm_us = (float(x) for x in r[-3:])
+        assert burst_cpu_ms > 0 and last_written_ms > 0 and warm_us > 0, proc.stdout
