@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from bridge.core.journal import JournalBusy
 from bridge.core.plugin import Plugin
 from bridge.core.service import Bridge
 from bridge.core.settings import Settings
@@ -152,14 +153,20 @@ async def take_worker_slot(settings: Settings, stop: asyncio.Event) -> tuple[Set
     return mine, asyncio.create_task(keep(), name="worker-slot")
 
 
-async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
-    """Run a bridge until `stop` is set (the CLI's `run`)."""
+async def run_bridge(settings: Settings, stop: asyncio.Event) -> int:
+    """Run a bridge until `stop` is set (the CLI's `run`); its exit status."""
     slot_task = None
     if settings.group and settings.worker_slots:
         settings, slot_task = await take_worker_slot(settings, stop)
         if slot_task is None:
-            return
-    bridge = Bridge(settings, plugins=build_plugins(settings))
+            return 0
+    try:
+        bridge = Bridge(settings, plugins=build_plugins(settings))
+    except JournalBusy as exc:
+        log.error("%s", exc)
+        if slot_task is not None:
+            slot_task.cancel()
+        return 1
     await bridge.start()
     # The modules loaded at start are never garbage: keep the collector off them,
     # and let it run less often, since every chunk allocates a few short-lived
@@ -179,3 +186,4 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
             await bridge.stop()
         if slot_task is not None:
             slot_task.cancel()
+    return 0

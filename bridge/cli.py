@@ -29,8 +29,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.workers, settings.group or "bridge", settings.client_id, settings.mqtt_url, argv
         )
 
-    async def main(stop: asyncio.Event) -> None:
-        await run_bridge(settings, stop)
+    async def main(stop: asyncio.Event) -> int:
+        return await run_bridge(settings, stop)
 
     return run_until_signal(main)
 

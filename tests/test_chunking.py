@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +14,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bridge.core.chunking import Chunker, split_utf8
-from bridge.core.journal import Journal
+from bridge.core.journal import Journal, JournalBusy
 from bridge.dev.mock_llm import reply_tokens
-from tests.harness import BridgeProcess, Device
+from tests.harness import REPO, BridgeProcess, Device
 from tests.streams import load
 
 
@@ -421,3 +424,37 @@ def test_chunk_ms_counts_from_the_text_still_held(bridge: BridgeProcess, device:
     reply = device.ask(ask)
     deltas = [m["delta"] for m in reply.messages[:-1]]
     assert deltas == ["You said: ab. ", "alpha bravo charlie"]
+
+
+def test_a_journal_held_by_a_live_process_cannot_be_adopted_until_it_dies(
+    tmp_path: Path,
+) -> None:
+    """Workers of a group tell a dead peer's journal by its lock: the kernel drops it
+    when the process dies, even by kill -9."""
+    path = tmp_path / "inflight-bridge-2.journal"
+    code = (
+        "import sys, time\n"
+        "from bridge.core.journal import Journal\n"
+        "j = Journal(__import__('pathlib').Path(sys.argv[1]), 4)\n"
+        "j.set_seq(j.add('llm/d/res/a', None, 'd', 'a'), 5)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == b"ready\n"
+        assert Journal.adopt(path, 4) is None
+        with pytest.raises(JournalBusy, match="held by another process"):
+            Journal(path, 4, wait=0.2)
+    finally:
+        owner.kill()
+        owner.wait()
+    adopted = Journal.adopt(path, 4)
+    assert adopted is not None
+    assert [(x.topic, x.seq, x.device, x.key) for x in adopted.pending] == [
+        ("llm/d/res/a", 5, "d", "a")
+    ]
+    adopted.close()

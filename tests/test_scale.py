@@ -431,6 +431,37 @@ def test_a_device_served_by_two_workers_is_idle_only_when_both_are_done(
         dev.close()
 
 
+def test_a_worker_killed_for_good_is_answered_for_by_the_leader(
+    group: Callable[..., Group], group_broker: Broker
+) -> None:
+    """No replacement comes: the leader finds the dead worker's journal (nobody holds its
+    lock), answers its request `interrupted` and frees its duplicate record, so the
+    device's retry (same id and payload) is served at once by the worker left."""
+    g = group(2, BRIDGE_LEADER_TTL="3", BRIDGE_SESSION_EXPIRY="1")
+    dev = Device(group_broker, "orphan1", g.prefix)
+    payload = f"{SLOW} a request whose worker dies"
+    try:
+        _ask(dev, "o1", payload)
+        deadline = time.monotonic() + 10
+        while not dev.messages("o1"):  # streaming
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (owner,) = _served_by(g, "o1")
+        g.procs[owner].kill()
+        terminal = dev.wait_raw("o1", 15)[-1]
+        assert terminal.get("error", {}).get("code") == "interrupted", terminal
+        survivor = g.procs[1 - owner].logs()
+        assert f"worker {WORKERS[owner]} is gone: sent 1 interrupted terminals" in survivor
+        time.sleep(1.5)  # the dead worker's session (and its share of requests) expires
+        with dev._cond:
+            dev.replies["o1"].clear()
+        _ask(dev, "o1", payload)
+        assert dev.wait("o1", 20).terminal.get("done") is True
+        dev.quiet_after("o1")
+    finally:
+        dev.close()
+
+
 def test_workers_share_limits_through_redis_and_ride_out_its_restart(
     group: Callable[..., Group], group_broker: Broker, redis_server: Redis
 ) -> None:

@@ -13,11 +13,13 @@ then JSON `{"t": topic, "c": correlation data in hex or null}`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +48,55 @@ class Interrupted:
     key: str | None = None  #: its duplicate-detection key, freed so that its retry is served
 
 
-class Journal:
-    """A fixed table of slots in `path`, one per request that may run or wait at once."""
+class JournalBusy(RuntimeError):
+    """Another process holds this journal (its bridge runs, or a peer is answering for it)."""
 
-    def __init__(self, path: Path, slots: int) -> None:
+
+def _lock(fd: int, wait: float) -> bool:
+    """Take the process's lock on the journal file, waiting up to `wait` seconds.
+
+    A POSIX record lock: the kernel drops it when the process dies (even by
+    kill -9), which is how a worker of a group tells a dead peer's journal
+    from a live one.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+class Journal:
+    """A fixed table of slots in `path`, one per request that may run or wait at once.
+
+    The process that opens it holds a lock on it until `close()` or its end.
+    """
+
+    def __init__(self, path: Path, slots: int, *, wait: float = 10.0) -> None:
+        """Raises:
+        JournalBusy: when another process still holds it after `wait` seconds.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            if not _lock(fd, wait):
+                raise JournalBusy(
+                    f"journal {path} is held by another process (a bridge with the same "
+                    "client id, or a worker answering for this one's requests)"
+                )
             size = max(os.fstat(fd).st_size, slots * SLOT)
             size -= size % SLOT
             os.ftruncate(fd, size)
             self._mm = mmap.mmap(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd  # kept open: closing it would drop the lock
         self._slots = size // SLOT
         self.pending = self._recover()
         taken = {gone.slot for gone in self.pending}
@@ -113,8 +150,21 @@ class Journal:
             self._mm[slot * SLOT] = 0
             self._free.append(slot)
 
+    @classmethod
+    def adopt(cls, path: Path, slots: int) -> Journal | None:
+        """Open another worker's journal if no process holds it (its worker died), else None."""
+        try:
+            return cls(path, slots, wait=0)
+        except JournalBusy:
+            return None
+
+    def active(self) -> int:
+        """Slots taken: requests running, or recovered and not yet answered."""
+        return self._slots - len(self._free)
+
     def close(self) -> None:
         self._mm.close()
+        os.close(self._fd)
 
 
 def _blob(

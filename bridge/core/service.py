@@ -16,6 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -189,6 +190,7 @@ class Bridge:
         if settings.group:
             self.router.add(self.topics.status, self._on_status)
         self.journal: Journal | None = None
+        self._adopted: dict[Path, Journal] = {}  # dead workers' journals being answered
         if settings.journal:
             self.journal = Journal(
                 settings.data_dir / f"inflight-{settings.client_id}.journal",
@@ -297,6 +299,11 @@ class Bridge:
                 self._campaign()
             except Exception:
                 log.exception("leader election failed")
+            if self._leading and self.connected and self._accepting:
+                try:
+                    self._adopt_orphans()
+                except Exception:
+                    log.exception("answering for a dead worker's journal failed")
 
     def _on_status(self, msg: Inbound) -> None:
         self._status_seen = msg.payload
@@ -340,6 +347,9 @@ class Bridge:
         await self.upstream.aclose()
         if self.journal is not None:
             self.journal.close()
+        for adopted in self._adopted.values():
+            adopted.close()  # what was not acknowledged is answered by whoever opens it next
+        self._adopted.clear()
         if self.shared is not None:
             self.shared.close()
 
@@ -347,24 +357,83 @@ class Bridge:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
         journal = self.journal
         if journal is not None and journal.pending:
-            # Each recovered slot is freed when its terminal is acknowledged; until
-            # then paho holds the message in the session and resends it.
-            recovered, journal.pending = journal.pending, []
-            message = "the bridge stopped while answering; ask again"
-            for gone in recovered:
-                if gone.device is not None and gone.key is not None:
-                    # Its retry (same id and payload) is a new try, whichever worker gets it.
-                    self.recent.forget(gone.device, gone.key)
-                self.link.publish(
-                    gone.topic,
-                    p.error_message(gone.seq, p.INTERRUPTED, message),
-                    1,
-                    properties=_reply_props(gone.correlation),
-                    on_ack=functools.partial(journal.remove, gone.slot),
-                )
-            log.warning("sent %d interrupted terminals for requests of a previous run",
-                        len(recovered))  # fmt: skip
+            count = self._answer_interrupted(journal)
+            log.warning("sent %d interrupted terminals for requests of a previous run", count)
         self._each("connected")
+
+    def _answer_interrupted(
+        self, journal: Journal, answered: Callable[[], None] | None = None
+    ) -> int:
+        """Publish one `interrupted` terminal for each request `journal` recovered.
+
+        Each slot is freed when the broker acknowledges its terminal (until then
+        paho holds the message in the session and resends it); `answered` is
+        called once all are.
+        """
+        recovered, journal.pending = journal.pending, []
+        message = "the bridge stopped while answering; ask again"
+        left = len(recovered)
+
+        def acked(slot: int) -> None:
+            nonlocal left
+            journal.remove(slot)
+            left -= 1
+            if left == 0 and answered is not None:
+                answered()
+
+        for gone in recovered:
+            if gone.device is not None and gone.key is not None:
+                # Its retry (same id and payload) is a new try, whichever worker gets it.
+                self.recent.forget(gone.device, gone.key)
+            self.link.publish(
+                gone.topic,
+                p.error_message(gone.seq, p.INTERRUPTED, message),
+                1,
+                properties=_reply_props(gone.correlation),
+                on_ack=functools.partial(acked, gone.slot),
+            )
+        return len(recovered)
+
+    def _adopt_orphans(self) -> None:
+        """Answer for the journals of group workers that died and did not come back.
+
+        A worker holds a lock on its journal while it runs; a journal in the
+        data folder that nobody holds belongs to a dead worker. Its replacement
+        would answer its requests at start; one that never comes would leave
+        their devices waiting, and the requests' duplicate records would drop
+        the devices' retries for the whole dedup window. The leader answers
+        them (`interrupted`), frees their records and the dead worker's stream
+        counts, and lets the journal go once the broker has taken the answers.
+        Only workers that share `BRIDGE_DATA_DIR` (one host) see each other's.
+        """
+        own = self.journal.path if self.journal is not None else None
+        for path in sorted(self.settings.data_dir.glob("inflight-*.journal")):
+            if path == own or path in self._adopted:
+                continue
+            try:
+                orphan = Journal.adopt(path, JOURNAL_SLOTS)
+            except OSError as exc:
+                log.warning("cannot read journal %s: %s", path.name, exc)
+                continue
+            if orphan is None:
+                continue  # its worker runs
+            worker = path.name.removeprefix("inflight-").removesuffix(".journal")
+            if self.shared is not None:
+                self.shared.drop_worker(worker)
+            if not orphan.pending:
+                orphan.close()
+                continue
+            self._adopted[path] = orphan
+
+            def release(path: Path = path) -> None:
+                done = self._adopted.pop(path, None)
+                if done is not None:
+                    done.close()
+
+            count = self._answer_interrupted(orphan, release)
+            log.warning(
+                "worker %s is gone: sent %d interrupted terminals for its requests", worker, count
+            )
 
     def _each(self, name: str, *args: Any) -> None:
         """Call one plugin method on every plugin; a failing plugin is logged, never fatal."""
