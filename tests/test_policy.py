@@ -60,6 +60,12 @@ def test_each_refusal_has_its_own_code(
     assert stranger.ask({"id": "m2", "prompt": "hi", "model": "mock-2"}).terminal.get("done")
     other = stranger.ask({"id": "m3", "prompt": "hi", "model": "gpt-expensive"})
     assert other.error_code == "model_not_allowed", other.terminal
+    # A picture is checked by its image model (the image API's cost), not the chat model.
+    picture = {"prompt": "a cat", "width": 8, "height": 8, "format": "png"}
+    drawn = stranger.ask({"id": "i1", "image": picture})
+    assert drawn.error_code == "model_not_allowed", drawn.terminal
+    assert "gpt-image-1" in drawn.terminal["error"]["message"]  # OPENAI_IMAGE_MODEL
+    assert stranger.ask({"id": "i2", "image": {**picture, "model": "mock-2"}}).terminal.get("done")
     # A device's own `models: []` lifts the default's list.
     anymodel = make_device("pol-any")
     assert anymodel.ask({"id": "a1", "prompt": "hi", "model": "gpt-expensive"}).terminal.get("done")

@@ -165,6 +165,8 @@ class PolicyPlugin(Plugin):
     def admit(self, device: str, request: ChatRequest, size: int) -> None:
         lim = self.policy.limits(device)
         model = request.model or self.settings.openai_model
+        if request.image is not None:  # a picture: the image API's model is what it costs
+            model = request.image.model or self.settings.openai_image_model
         if lim.models and model not in lim.models:
             raise ProtocolError(
                 MODEL_NOT_ALLOWED,
