@@ -229,12 +229,20 @@ def test_generate_image_b64_url_errors_and_size_bound() -> None:
         async def go() -> None:
             up = Upstream(settings)
             try:
-                data = await up.generate_image("a kite", model="m", size="96x48", max_bytes=10**6)
+                made = await up.generate_image("a kite", model="m", size="96x48", max_bytes=10**6)
+                data = made.data
                 assert Image.open(io.BytesIO(data)).size == (96, 48)
+                # the mock reports usage as gpt-image-1 does: it comes with chat-style keys
+                assert (
+                    made.usage is not None
+                    and made.usage["total_tokens"]
+                    == (made.usage["prompt_tokens"] + made.usage["completion_tokens"])
+                    > 0
+                )
                 via_url = await up.generate_image(
                     "a kite [mock url]", model="m", size="96x48", max_bytes=10**6
                 )
-                assert via_url == data
+                assert via_url.data == data
                 fetch = mock.requests[-1]
                 assert fetch["path"].startswith("/mock/images/")
                 assert "authorization" not in fetch["headers"]  # the key stays with the API
@@ -266,8 +274,8 @@ def test_image_api_keys_never_reach_an_error_message() -> None:
         async def go() -> None:
             up = Upstream(settings)
             try:
-                data = await up.generate_image("ok", model="m", size="64x64", max_bytes=10**6)
-                assert data.startswith(b"\x89PNG")  # the image API's own key was accepted
+                made = await up.generate_image("ok", model="m", size="64x64", max_bytes=10**6)
+                assert made.data.startswith(b"\x89PNG")  # the image API's own key was accepted
                 for echo in ("echo_auth=0", "echo_auth=3 echo_keep=12"):
                     with pytest.raises(UpstreamError) as info:
                         await up.generate_image(f"x [mock status=401 {echo}]", model="m",

@@ -33,6 +33,7 @@ POLICY = {
         "pol-any": {"models": []},
         "pol-rate": {"requests_per_minute": 2},
         "pol-budget": {"tokens_per_day": 5},
+        "pol-draw": {"tokens_per_day": 5},
         "pol-streams": {"max_streams": 1},
         "pol-cap": {"max_tokens": 3},
     },
@@ -82,6 +83,15 @@ def test_each_refusal_has_its_own_code(
     assert first.terminal["usage"]["total_tokens"] > 5
     second = budget.ask({"id": "b2", "prompt": "again"})
     assert second.error_code == "budget_exceeded", second.terminal
+
+    # A picture costs what the image API reports (the mock: a token a word of the prompt
+    # and one a 64x64 tile of the picture it draws, at BRIDGE_IMAGE_SIZE).
+    draw = make_device("pol-draw")
+    drawn = draw.ask({"id": "d1", "image": {**picture, "model": "mock-2"}})
+    usage = drawn.terminal["usage"]
+    assert usage["prompt_tokens"] == 2 and usage["completion_tokens"] > 5, drawn.terminal
+    after = draw.ask({"id": "d2", "prompt": "and now a word"})
+    assert after.error_code == "budget_exceeded", after.terminal
 
     streams = make_device("pol-streams")
     streams.send({"id": "t1", "prompt": "[mock tokens=15 delay_ms=30] slow"})

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -218,8 +219,11 @@ class Upstream:
         """
         return self._redact_images(self._redact(text))
 
-    async def generate_image(self, prompt: str, *, model: str, size: str, max_bytes: int) -> bytes:
-        """`POST /images/generations` for one picture; return its encoded bytes (PNG, JPEG...).
+    async def generate_image(
+        self, prompt: str, *, model: str, size: str, max_bytes: int
+    ) -> GeneratedImage:
+        """`POST /images/generations` for one picture: its encoded bytes (PNG, JPEG...)
+        and the tokens the API says it used (gpt-image-1 does; others may not).
 
         The API answers with `b64_json` or with a `url`, which is then fetched
         without the API key. Nothing larger than `max_bytes` is read.
@@ -255,7 +259,7 @@ class Upstream:
                 raise UpstreamError(
                     p.UPSTREAM_PROTOCOL, f"the image API sent more than {max_bytes} bytes"
                 )
-            item = _image_item(raw)
+            item, usage = _image_item(raw)
             if isinstance(item.get("b64_json"), str):
                 try:
                     data = base64.b64decode(item["b64_json"], validate=True)
@@ -267,7 +271,7 @@ class Upstream:
                     raise UpstreamError(
                         p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
                     )
-                return data
+                return GeneratedImage(data, usage)
             url = item.get("url")
             if not isinstance(url, str) or not url.startswith(("https://", "http://")):
                 raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no b64_json or url")
@@ -288,7 +292,7 @@ class Upstream:
                 raise UpstreamError(
                     p.UPSTREAM_PROTOCOL, f"the generated image is larger than {max_bytes} bytes"
                 )
-            return data
+            return GeneratedImage(data, usage)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -404,8 +408,17 @@ class Upstream:
             raise UpstreamError(p.UPSTREAM_PROTOCOL, f"not an event stream: {exc}") from None
 
 
-def _image_item(raw: bytes) -> dict[str, Any]:
-    """The first picture of an `/images/generations` answer."""
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """A generated picture as the API encoded it, and the tokens it cost (chat-style keys)."""
+
+    data: bytes
+    usage: dict[str, int] | None
+
+
+def _image_item(raw: bytes) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """The first picture of an `/images/generations` answer, and its `usage` as a chat
+    reply's (`input_tokens` -> `prompt_tokens`...), or None when the API sent none."""
     try:
         obj = json.loads(raw)
     except ValueError:
@@ -413,7 +426,21 @@ def _image_item(raw: bytes) -> dict[str, Any]:
     data = obj.get("data") if isinstance(obj, dict) else None
     if not isinstance(data, list) or not data or not isinstance(data[0], dict):
         raise UpstreamError(p.UPSTREAM_PROTOCOL, "the image API sent no picture")
-    return data[0]
+    return data[0], _image_usage(obj.get("usage"))
+
+
+def _image_usage(raw: Any) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        return None
+    usage: dict[str, int] = {}
+    for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"),
+                         ("total_tokens", "total_tokens")):  # fmt: skip
+        value = raw.get(theirs)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            usage[ours] = value
+    if usage and "total_tokens" not in usage:
+        usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+    return usage or None
 
 
 def _timeout_text(exc: httpx.TimeoutException) -> str:

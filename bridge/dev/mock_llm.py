@@ -69,7 +69,8 @@ Directive keys (integers unless noted; a bare key means ``key=1``):
 ``first_byte_delay_ms``, ``delay_ms``, ``hang`` and ``cut_after``.
 
 Pictures: ``POST /v1/images/generations`` draws :func:`picture` of the
-prompt at the asked ``size`` (default 1024x1024) and answers ``b64_json``,
+prompt at the asked ``size`` (default 1024x1024), with a ``usage`` as
+gpt-image-1 reports it (a token per prompt word, one per 64x64 tile), and answers ``b64_json``,
 or with ``response_format: url`` a URL on the mock itself; ``status`` and
 ``fail_times`` directives in the prompt apply. Every inline image of a chat
 request is described in its record (``images``: format, width, height).
@@ -1008,7 +1009,12 @@ class _Connection:
             item["url"] = f"{self.mock.scheme}://{host}/mock/images/{name}"
         else:
             item["b64_json"] = base64.b64encode(png).decode()
-        result = {"created": int(time.time()), "data": [item]}
+        # `usage` as gpt-image-1 reports it: a token per word of the prompt, and one
+        # per 64x64 tile of the picture (a stand-in for its real tariff).
+        words = len(strip_directives(prompt).split())
+        tiles = -(-width // 64) * -(-height // 64)
+        usage = {"input_tokens": words, "output_tokens": tiles, "total_tokens": words + tiles}
+        result = {"created": int(time.time()), "data": [item], "usage": usage}
         await self._respond(200, _dumps(result).encode())
 
     async def _chat(  # noqa: PLR0912  # one branch per reply kind the mock plays

@@ -471,7 +471,7 @@ class ImagesPlugin(Plugin):
         attempt = 0
         while True:
             try:
-                data = await self.host.upstream.generate_image(
+                made = await self.host.upstream.generate_image(
                     spec.prompt, model=model, size=s.image_size, max_bytes=s.image_max_bytes
                 )
                 break
@@ -485,10 +485,13 @@ class ImagesPlugin(Plugin):
                     wait = max(wait, exc.retry_after)
                 attempt += 1
                 await asyncio.sleep(wait)
+        # What the API says the picture cost goes to the device's daily budget, as a
+        # chat reply's usage does (an API that reports none costs nothing here).
+        job.add_usage(made.usage)
         screen: bytes = await self._convert(
-            screen_picture, data, spec.width, spec.height, spec.format, s.image_max_pixels
+            screen_picture, made.data, spec.width, spec.height, spec.format, s.image_max_pixels
         )
-        del data
+        del made
         topic = self.host.topics.image(job.device, job.rid)
         info: dict[str, object] = {
             "width": spec.width,
