@@ -158,10 +158,6 @@ class Journal:
         except JournalBusy:
             return None
 
-    def active(self) -> int:
-        """Slots taken: requests running, or recovered and not yet answered."""
-        return self._slots - len(self._free)
-
     def close(self) -> None:
         self._mm.close()
         os.close(self._fd)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpcore
@@ -153,20 +153,19 @@ class AsyncioTransport(httpx.AsyncHTTPTransport):
 
 # Connections per pool of a `ShardedTransport`: httpcore's pool walks every one of
 # its connections on each request and each response close, so that walk is what
-# a large single pool costs per request (docs/performance.md, "Request set-up").
+# a large single pool costs per request (docs/performance.md, "Fair start").
 SHARD_CONNECTIONS = 16
 
 
 class _Counted(httpx.AsyncByteStream):
     """A response body that tells its shard once when it is closed."""
 
-    def __init__(self, stream: httpx.AsyncByteStream, done: Any) -> None:
+    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
         self._stream = stream
-        self._done = done
+        self._done: Callable[[], None] | None = done
 
-    async def __aiter__(self) -> Any:
-        async for part in self._stream:
-            yield part
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream.__aiter__()  # the body's own iterator: no layer per read
 
     async def aclose(self) -> None:
         try:
@@ -224,13 +223,9 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         busy = self._busy
         i = busy.index(min(busy))
         busy[i] += 1
-        released = False
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                busy[i] -= 1
+        def release() -> None:  # called once: here on failure, else by `_Counted`
+            busy[i] -= 1
 
         try:
             response = await self._shards[i].handle_async_request(request)

@@ -413,10 +413,10 @@ class GeneratedImage:
     """A generated picture as the API encoded it, and the tokens it cost (chat-style keys)."""
 
     data: bytes
-    usage: dict[str, int] | None
+    usage: dict[str, Any] | None
 
 
-def _image_item(raw: bytes) -> tuple[dict[str, Any], dict[str, int] | None]:
+def _image_item(raw: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The first picture of an `/images/generations` answer, and its `usage` as a chat
     reply's (`input_tokens` -> `prompt_tokens`...), or None when the API sent none."""
     try:
@@ -429,18 +429,12 @@ def _image_item(raw: bytes) -> tuple[dict[str, Any], dict[str, int] | None]:
     return data[0], _image_usage(obj.get("usage"))
 
 
-def _image_usage(raw: Any) -> dict[str, int] | None:
+def _image_usage(raw: Any) -> dict[str, Any] | None:
+    """The image API's `usage` under a chat reply's names; `Job.add_usage` checks the values."""
     if not isinstance(raw, dict):
         return None
-    usage: dict[str, int] = {}
-    for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"),
-                         ("total_tokens", "total_tokens")):  # fmt: skip
-        value = raw.get(theirs)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            usage[ours] = value
-    if usage and "total_tokens" not in usage:
-        usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
-    return usage or None
+    return {"prompt_tokens": raw.get("input_tokens"), "completion_tokens": raw.get("output_tokens"),
+            "total_tokens": raw.get("total_tokens")}  # fmt: skip
 
 
 def _timeout_text(exc: httpx.TimeoutException) -> str:
