@@ -244,7 +244,6 @@ class StatePlugin(Plugin):
         self.stats.requests += 1
         if self.shared is not None:
             self.shared.add_counts({"requests": 1})
-        if self.shared is not None:
             self.shared.open_stream(_busy(job.device), job.rid, self._token(job), self.worker, 0)
         dev = self._device(job.device)
         dev.active[job.rid] = False
