@@ -87,6 +87,11 @@ class Host(Protocol):
         """
         ...
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving `topic_filter` (a filter read only for its retained messages),
+        now and at later reconnects."""
+        ...
+
     @property
     def leading(self) -> bool:
         """Whether this bridge publishes the group-wide retained messages (stats,

@@ -258,6 +258,9 @@ class Bridge:
             raise RuntimeError("plugins subscribe in attach(), before the bridge connects")
         self.router.add(topic_filter, handler, qos, shared)
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        await self.link.unsubscribe([topic_filter])
+
     def emit(self, job: Job, message: dict[str, Any]) -> None:
         payload = p.progress_message(job.seq, message)
         if self.journal is not None:

@@ -239,6 +239,10 @@ class StatePlugin(Plugin):
         await asyncio.sleep(RESTORE_WINDOW)
         self.stats.restored = True
         self._publish_stats_soon()
+        # Read for their retained messages only: every later message on them is a
+        # copy of this bridge's (or a peer's) own publish, one per state change.
+        for topic_filter in (self.topics.stats, self.topics.device_filter("state")):
+            await self.host.unsubscribe(topic_filter)
 
     def started(self, job: Job) -> None:
         self.stats.requests += 1

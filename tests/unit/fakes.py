@@ -45,6 +45,7 @@ class FakeLink:
         self.subscribed = asyncio.Event()
         self.subscribed.set()
         self.congested = False
+        self.unsubscribed: list[str] = []
 
     def publish(
         self,
@@ -62,6 +63,10 @@ class FakeLink:
 
     async def drained(self) -> None:
         return None
+
+    async def unsubscribe(self, filters: list[str], timeout: float = 2.0) -> bool:
+        self.unsubscribed += filters
+        return True
 
     def flush(self) -> None:
         return None
