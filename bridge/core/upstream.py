@@ -167,6 +167,15 @@ class Upstream:
             transport=transport,
             trust_env=False,
         )
+        # The chat call goes to the transport itself (`_open`): these are the headers
+        # and the timeouts the client would have added to it.
+        self._transport = transport
+        self._chat_url = httpx.URL(self.url)
+        self._chat_headers = {
+            **self.client.headers,
+            "Content-Type": "application/json",
+        }
+        self._chat_timeout = self.client.timeout.as_dict()
         self.capture: Capture | None = None
         if settings.capture_dir is not None:
             self.capture = Capture(
@@ -353,18 +362,26 @@ class Upstream:
         Raises:
             UpstreamError: for any failure, opening or reading.
         """
-        extensions: dict[str, Any] | None = None
+        extensions: dict[str, Any] = {"timeout": self._chat_timeout}
         if sent is not None:
 
             async def trace(name: str, _info: dict[str, Any]) -> None:
                 if name.endswith("send_request_body.complete"):
                     sent()
 
-            extensions = {"trace": trace}
+            extensions["trace"] = trace
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        # Straight to the transport: the client's layers (auth, redirects, cookies,
+        # event hooks, its log line) do nothing for this call and cost about a
+        # third of a start's CPU (docs/performance.md, "Fair start").
+        request = httpx.Request(
+            "POST", self._chat_url, headers=self._chat_headers, content=content,
+            extensions=extensions,
+        )  # fmt: skip
         with self._errors():
-            async with self.client.stream(
-                "POST", self.url, json=body, extensions=extensions
-            ) as resp:
+            resp = await self._transport.handle_async_request(request)
+            resp.request = request
+            try:
                 if exchange is not None:
                     exchange.opened(resp)
                 if resp.status_code >= 400:
@@ -376,6 +393,8 @@ class Upstream:
                         retry_after=retry_after_seconds(resp.headers),
                     )
                 yield self._events(resp)
+            finally:
+                await resp.aclose()
 
     async def _read_some(self, resp: httpx.Response, limit: int = 8192) -> bytes:
         buf = bytearray()
