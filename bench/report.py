@@ -179,8 +179,8 @@ def targets(results: list[dict[str, Any]], ceiling: float | None) -> list[dict[s
         results, lambda c: c["delay_ms"] == 0 and c["streams"] == 1, lambda c: c["tokens"]
     )
     grow: float | None = None
-    if big and small and big is not small and big.get("ours") and small.get("ours"):
-        extra_streams = big["case"]["streams"] - small["case"]["streams"]
+    extra_streams = big["case"]["streams"] - small["case"]["streams"] if big and small else 0
+    if big and small and extra_streams > 0 and big.get("ours") and small.get("ours"):
         grow = (big["ours"]["peak_rss_kb"] - small["ours"]["peak_rss_kb"]) / extra_streams
     add(
         "peak RSS growth < 50 KB per stream (C=1 -> C=500, 0 ms)",
