@@ -21,7 +21,7 @@ import httpx
 
 # Bytes a stream's reader holds before it stops reading the socket (it pauses
 # at twice this): the rest waits in the kernel, so memory per stream stays small.
-READ_LIMIT = 8 * 1024
+READ_LIMIT = 2 * 1024
 
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
@@ -89,6 +89,17 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return self._writer.get_extra_info(key)
 
 
+def _cap_reads(writer: asyncio.StreamWriter) -> None:
+    """One read of the socket takes no more than the reader holds before it pauses.
+
+    asyncio reads 256 KiB at a time whatever the reader's limit: a whole reply
+    sat in the bridge instead of in the kernel's socket buffer, for each stream.
+    """
+    transport = writer.transport
+    if hasattr(transport, "max_size"):  # asyncio's selector transports
+        transport.max_size = READ_LIMIT
+
+
 def _map_connect(exc: BaseException) -> Exception:
     if isinstance(exc, TimeoutError):
         return httpcore.ConnectTimeout("connect timed out")
@@ -116,6 +127,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                 )
         except (TimeoutError, OSError) as exc:
             raise _map_connect(exc) from exc
+        _cap_reads(writer)
         sock: socket.socket | None = writer.get_extra_info("socket")
         if sock is not None:
             for option in socket_options or ():
@@ -133,6 +145,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                 reader, writer = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
         except (TimeoutError, OSError) as exc:
             raise _map_connect(exc) from exc
+        _cap_reads(writer)
         return AsyncioStream(reader, writer)
 
     async def sleep(self, seconds: float) -> None:
