@@ -838,11 +838,13 @@ class Bridge:
                     if self._starting and not first:
                         await self._let_starts_go()
                     pieces = fold.feed(event, data)
-                    if pieces and first:
-                        first = False
-                        self._each("streaming", job)
                     if stream and pieces:
                         await self._emit(job, pieces)
+                    if pieces and first:
+                        # After the first chunk has left: the plugins' work (a state
+                        # to publish, timings) is not in the way of the device's reply.
+                        first = False
+                        self._each("streaming", job)
         except UpstreamError:
             if fold.finish_reason is None:
                 raise

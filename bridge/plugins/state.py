@@ -52,9 +52,18 @@ STATS_INTERVAL = 1.0
 RESTORE_WINDOW = 0.5
 
 
+_now_second = -1
+_now_text = ""
+
+
 def now_iso() -> str:
-    """The current time, UTC, ISO 8601 to the second."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """The current time, UTC, ISO 8601 to the second: made once a second, since every
+    state and event carries it."""
+    global _now_second, _now_text  # a one-entry cache of this function
+    second = int(time.time())
+    if second != _now_second:
+        _now_second, _now_text = second, datetime.fromtimestamp(second, UTC).isoformat()
+    return _now_text
 
 
 def _today() -> str:
