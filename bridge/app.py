@@ -117,8 +117,8 @@ async def take_worker_slot(settings: Settings, stop: asyncio.Event) -> tuple[Set
     """
     import socket  # noqa: PLC0415
 
+    from bridge.core.group import worker_name, worker_url  # noqa: PLC0415
     from bridge.core.shared import open_store  # noqa: PLC0415
-    from bridge.workers import worker_name, worker_url  # noqa: PLC0415
 
     # A container's host name; processes that share one host name tell themselves
     # apart with LLM_BRIDGE_SLOT_OWNER.

@@ -18,33 +18,14 @@ import subprocess
 import sys
 import time
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from bridge.core.group import worker_name, worker_url
 
 log = logging.getLogger("bridge.workers")
 
 #: Seconds between two starts of the same worker (a worker that cannot start
 #: at all must not spin the host).
 RESTART_DELAY = 1.0
-
-
-def worker_name(base: str, index: int) -> str:
-    """Worker 1 keeps `base`; the others are `base-2`, `base-3`, ..."""
-    return base if index == 1 else f"{base}-{index}"
-
-
-def worker_url(url: str, index: int, env: dict[str, str]) -> str:
-    """Worker `index`'s broker URL: `BRIDGE_MQTT_URL_<index>` when set, else `url` with
-    the user `user-<index>` (same password) for the workers after the first."""
-    own = env.get(f"BRIDGE_MQTT_URL_{index}")
-    if own:
-        return own
-    parts = urlsplit(url)
-    if index == 1 or not parts.username:
-        return url
-    user = quote(worker_name(unquote(parts.username), index), safe="")
-    auth = f"{user}:{parts.password}@" if parts.password is not None else f"{user}@"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, auth + host, parts.path, parts.query, parts.fragment))
 
 
 def worker_env(

@@ -95,8 +95,17 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
 class Group:
     """Workers of one group on one prefix; `start(i)` (re)starts worker i with its own user."""
 
-    def __init__(self, broker: Broker, base_url: str, workdir: Path, prefix: str, **env: Any):
+    def __init__(
+        self,
+        broker: Broker,
+        base_url: str,
+        workdir: Path,
+        prefix: str,
+        hosts: bool = False,
+        **env: Any,
+    ) -> None:
         self.broker = broker
+        self.hosts = hosts  # each worker its own data folder, as on hosts of its own
         self.prefix = prefix
         self.procs: dict[int, BridgeProcess] = {}
         self.dir = workdir
@@ -110,7 +119,7 @@ class Group:
             self.broker, self.base_url,
             BRIDGE_MQTT_URL=self.broker.url(user), BRIDGE_CLIENT_ID=user,
             BRIDGE_TOPIC_PREFIX=self.prefix, BRIDGE_GROUP="g",
-            BRIDGE_DATA_DIR=str(self.dir / "data"), **env,
+            BRIDGE_DATA_DIR=str(self.dir / (f"data-{user}" if self.hosts else "data")), **env,
         )  # fmt: skip
         proc = BridgeProcess(self.dir / user, e).start()
         self.procs[i] = proc
@@ -135,8 +144,8 @@ class Group:
 def group(group_broker: Broker, mock_llm: Any, tmp_path: Path) -> Iterator[Callable[..., Group]]:
     made: list[Group] = []
 
-    def make(n: int = 3, **env: Any) -> Group:
-        g = Group(group_broker, mock_llm.base_url, tmp_path, f"g{next(_prefixes)}", **env)
+    def make(n: int = 3, hosts: bool = False, **env: Any) -> Group:
+        g = Group(group_broker, mock_llm.base_url, tmp_path, f"g{next(_prefixes)}", hosts, **env)
         made.append(g)
         for i in range(n):
             g.start(i)
@@ -201,6 +210,18 @@ def _store_contract(a: Any, b: Any) -> None:
     assert a.lead("w1", 5, now), "the leader renews"
     a.resign("w1")
     assert b.lead("w2", 5, now), "a resigned leader's place is free"
+
+    a.beat("w1", 5, now)
+    b.beat("w2", 5, now)
+    b.beat("w3", 5, now)
+    assert a.silent(now + 1) == []
+    b.leave("w3")  # stopped cleanly: nobody takes its place
+    a.beat("w1", 5, now + 4)  # w1 goes on beating; w2 stops
+    assert a.silent(now + 6) == b.silent(now + 6) == ["w2"]
+    assert not a.take_silent("w2", now + 1), "not silent yet"
+    assert b.take_silent("w2", now + 6)
+    assert not a.take_silent("w2", now + 6), "one worker takes a silent one's place"
+    assert a.silent(now + 6) == []
 
 
 def test_sqlite_store_is_one_state_for_two_workers(tmp_path: Path) -> None:
@@ -458,6 +479,42 @@ def test_a_worker_killed_for_good_is_answered_for_by_the_leader(
         _ask(dev, "o1", payload)
         assert dev.wait("o1", 20).terminal.get("done") is True
         dev.quiet_after("o1")
+    finally:
+        dev.close()
+
+
+def test_a_silent_worker_on_another_host_has_its_session_taken_over(
+    group: Callable[..., Group], group_broker: Broker, redis_server: Redis
+) -> None:
+    """Two hosts (a data folder each, Redis between them); one worker dies for good.
+    Mosquitto goes on queueing its share of new requests in its session; the leader
+    takes that session over: what waited there is served, and later requests all
+    reach the worker left."""
+    users = {f"BRIDGE_MQTT_URL_{i + 1}": group_broker.url(u) for i, u in enumerate(WORKERS)}
+    g = group(2, hosts=True, BRIDGE_STATE_URL=redis_server.url, BRIDGE_LEADER_TTL="2", **users)
+    dev = Device(group_broker, "host1", g.prefix)
+    try:
+        deadline = time.monotonic() + 10
+        while not (leaders := [i for i in (0, 1) if "now leads" in g.procs[i].logs()]):
+            assert time.monotonic() < deadline, "no worker leads"
+            time.sleep(0.05)
+        leader, dead = leaders[0], 1 - leaders[0]
+        g.procs[dead].kill()
+        for k in range(6):  # about half of them go to the dead worker's session
+            _ask(dev, f"h{k}")
+        for k in range(6):
+            assert dev.wait(f"h{k}", 20).terminal.get("done") is True
+        said = f"worker {WORKERS[dead]} was silent: took over its broker session"
+        deadline = time.monotonic() + 10
+        while said not in g.procs[leader].logs():
+            assert time.monotonic() < deadline, g.procs[leader].logs()[-1500:]
+            time.sleep(0.1)
+        start = time.monotonic()
+        for k in range(4):
+            assert dev.ask({"id": f"n{k}", "messages": [{"role": "user", "content": "hi"}]},
+                           timeout=5).terminal.get("done") is True  # fmt: skip
+        assert time.monotonic() - start < 5
+        assert all(f"id=n{k} model=" in g.procs[leader].logs() for k in range(4))
     finally:
         dev.close()
 

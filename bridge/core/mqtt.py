@@ -190,6 +190,8 @@ class MqttLink:
             beyond which `congested` is true and publishers should `await drained()`.
         manual_ack: acknowledge received QoS 1 messages only through `ack()`.
         version: 5 (MQTT v5) or 4 (MQTT 3.1.1, for brokers without v5).
+        reconnect: False for a connection made once: after it ends, none is made again
+            (taking over another client's session must not take it back from its owner).
     """
 
     def __init__(  # noqa: PLR0913  # keyword-only: one connection's options, each defaulted
@@ -209,6 +211,7 @@ class MqttLink:
         high_water: int = 4_000,
         manual_ack: bool = False,
         version: int = 5,
+        reconnect: bool = True,
     ) -> None:
         self.url = url
         self._subscriptions = subscriptions or []
@@ -218,6 +221,8 @@ class MqttLink:
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self._high_water = high_water
+        self._reconnect = reconnect
+        self._was_up = False
         self._low_water = high_water // 2
         self._pending = 0
         self._acks: dict[int, Callable[[], None]] = {}
@@ -341,6 +346,8 @@ class MqttLink:
         backoff = 0.2
         while not self._closing:
             if self._sock is None:
+                if self._was_up and not self._reconnect:
+                    return
                 try:
                     await self._connect()
                     backoff = 0.2
@@ -484,6 +491,7 @@ class MqttLink:
         # What paho still holds of the session (resent on this connection) is pending too;
         # paho keeps that table private.
         self._pending = len(c._out_messages)  # noqa: SLF001
+        self._was_up = True
         self.connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()

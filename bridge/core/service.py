@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,13 +27,14 @@ from paho.mqtt.properties import Properties
 from bridge.core import protocol as p
 from bridge.core.chunking import Chunker
 from bridge.core.errors import ProtocolError, UpstreamError
+from bridge.core.group import peer_url
 from bridge.core.job import Job
 from bridge.core.journal import Journal
 from bridge.core.mqtt import MqttLink, Will
 from bridge.core.plugin import Handler, Inbound, Plugin, overrides
 from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
-from bridge.core.settings import Settings
+from bridge.core.settings import MqttUrl, Settings
 from bridge.core.shared import Guarded, open_store
 from bridge.core.topics import Topics
 from bridge.core.upstream import DETAIL_CHARS, Upstream
@@ -53,6 +55,10 @@ MAX_CORRELATION_BYTES = 256
 # the API's answer is not held.
 START_HOLD = 0.1
 START_GAP = 0.1
+# Taking over a dead worker's session: how long to wait for the connection, and
+# how long without a message ends it (what the broker queued comes at once).
+TAKE_OVER_WAIT = 10.0
+TAKE_OVER_QUIET = 1.0
 
 
 class Recent:
@@ -191,6 +197,7 @@ class Bridge:
             self.router.add(self.topics.status, self._on_status)
         self.journal: Journal | None = None
         self._adopted: dict[Path, Journal] = {}  # dead workers' journals being answered
+        self._taking_over: dict[str, asyncio.Task[None]] = {}  # dead workers' sessions
         if settings.journal:
             self.journal = Journal(
                 settings.data_dir / f"inflight-{settings.client_id}.journal",
@@ -278,6 +285,7 @@ class Bridge:
     async def start(self, connect_timeout: float | None = None) -> None:
         """Connect to the broker and start serving."""
         if self.shared is not None:
+            self.shared.beat(self.worker, self.settings.leader_ttl, time.time())
             self._campaign()
             self._leader = asyncio.create_task(self._lead(), name="leader")
         await self.link.start(timeout=connect_timeout)
@@ -296,8 +304,10 @@ class Bridge:
             self._status_seen = b"online"
 
     async def _lead(self) -> None:
+        assert self.shared is not None
         while True:
             await asyncio.sleep(self.settings.leader_ttl / 3)
+            self.shared.beat(self.worker, self.settings.leader_ttl, time.time())
             try:
                 self._campaign()
             except Exception:
@@ -305,8 +315,9 @@ class Bridge:
             if self._leading and self.connected and self._accepting:
                 try:
                     self._adopt_orphans()
+                    self._take_over_silent()
                 except Exception:
-                    log.exception("answering for a dead worker's journal failed")
+                    log.exception("answering for a dead worker failed")
 
     def _on_status(self, msg: Inbound) -> None:
         self._status_seen = msg.payload
@@ -328,11 +339,7 @@ class Bridge:
             if await self.link.unsubscribe(shared):
                 log.info("left worker group %s", self.settings.group)
         self._accepting = False
-        if self._leader is not None:
-            self._leader.cancel()
-            if self.shared is not None and self._leading:
-                self.shared.resign(self.worker)
-                self._leading = False
+        self._stop_leading()
         running = [j.task for j in self.jobs.values() if j.task is not None]
         if running:
             _done, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
@@ -354,7 +361,17 @@ class Bridge:
             adopted.close()  # what was not acknowledged is answered by whoever opens it next
         self._adopted.clear()
         if self.shared is not None:
+            self.shared.leave(self.worker)
             self.shared.close()
+
+    def _stop_leading(self) -> None:
+        for task in list(self._taking_over.values()):
+            task.cancel()  # what it did not take stays in that session
+        if self._leader is not None:
+            self._leader.cancel()
+            if self.shared is not None and self._leading:
+                self.shared.resign(self.worker)
+                self._leading = False
 
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
@@ -438,6 +455,76 @@ class Bridge:
                 "worker %s is gone: sent %d interrupted terminals for its requests", worker, count
             )
 
+    def _take_over_silent(self) -> None:
+        """Take over the broker sessions of workers that stopped beating and did not stop
+        cleanly (a host that died, a kill -9 with no supervisor).
+
+        Mosquitto keeps giving such a worker its share of the group's requests and
+        queues them in its session, where they would wait for a return that may
+        never come (docs/scaling.md). The leader connects under the worker's
+        client id and broker user, leaves the shared subscriptions there (no new
+        request is queued for the dead worker) and serves what was queued.
+        """
+        assert self.shared is not None
+        now = time.time()
+        for worker in self.shared.silent(now):
+            if worker == self.worker or worker in self._taking_over:
+                continue
+            url = peer_url(self.worker, self.settings.mqtt_url, worker, dict(os.environ))
+            if not self.shared.take_silent(worker, now):
+                continue  # another leader took it
+            self.shared.drop_worker(worker)  # its streams ended with it
+            if url is None:
+                log.warning(
+                    "worker %s is silent, and its broker user does not follow the group's "
+                    "names: its session is left to expire", worker,
+                )  # fmt: skip
+                continue
+            task = asyncio.create_task(self._take_over(worker, url), name=f"take over {worker}")
+            self._taking_over[worker] = task
+            task.add_done_callback(functools.partial(self._taken_over, worker))
+
+    def _taken_over(self, worker: str, _task: asyncio.Task[None]) -> None:
+        self._taking_over.pop(worker, None)
+
+    async def _take_over(self, worker: str, url: str) -> None:
+        """Serve what the broker holds in a dead worker's session; leave its group there."""
+        got = 0
+
+        def on_message(msg: paho.MQTTMessage) -> None:
+            nonlocal got
+            got += 1
+            self._on_message(msg, link)
+
+        s = self.settings
+        link = MqttLink(
+            MqttUrl.parse(url), client_id=worker, on_message=on_message, clean_start=False,
+            session_expiry=s.session_expiry, keepalive=s.mqtt_keepalive, manual_ack=True,
+            version=5 if s.mqtt_version == "5" else 4, ca_file=s.mqtt_ca_file,
+            tls_insecure=s.mqtt_tls_insecure, reconnect=False,
+        )  # fmt: skip
+        try:
+            await link.start(timeout=TAKE_OVER_WAIT)
+        except TimeoutError as exc:
+            log.warning("cannot take over the session of silent worker %s: %s", worker, exc)
+            return
+        try:
+            # No new request is queued there from now on; what was queued comes first.
+            await link.unsubscribe(self.router.shared_subscriptions(s.group))
+            while link.connected.is_set():
+                seen = got
+                await asyncio.sleep(TAKE_OVER_QUIET)
+                if got == seen:
+                    break
+        finally:
+            # The session stays until it expires, without the group's subscription: a
+            # worker that comes back under that id resumes it and subscribes again.
+            await link.stop()
+        log.warning(
+            "worker %s was silent: took over its broker session, %d messages waited there",
+            worker, got,
+        )  # fmt: skip
+
     def _each(self, name: str, *args: Any) -> None:
         """Call one plugin method on every plugin; a failing plugin is logged, never fatal."""
         for plugin in self.plugins:
@@ -448,11 +535,12 @@ class Bridge:
 
     # --- where messages enter -------------------------------------------------------------
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: paho.MQTTMessage, link: MqttLink | None = None) -> None:
         """Route one MQTT message (called in the loop, must not block or raise).
 
         A message is acknowledged once it is taken in hand; while the bridge
-        stops it is not, so the broker keeps it for the next start.
+        stops it is not, so the broker keeps it for the next start. `link`: the
+        connection it came on, when not the bridge's own (a session taken over).
         """
         if not self._accepting:
             return
@@ -462,7 +550,7 @@ class Bridge:
             if not self.router.route(inbound):
                 log.warning("ignored message on unexpected topic %r", msg.topic[:200])
         finally:
-            self.link.ack(msg)
+            (link or self.link).ack(msg)
 
     def _device_of(self, msg: Inbound, kind: str) -> str | None:
         parsed = self.topics.parse(msg.topic)

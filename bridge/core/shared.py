@@ -37,6 +37,23 @@ def utc_day(now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
 
 
+def use_wal(db: sqlite3.Connection, tries: int = 50) -> None:
+    """Put a database shared by several processes in WAL mode.
+
+    Workers of a group open the same file at once: the switch needs the file to
+    itself, and SQLite answers "database is locked" at once, without waiting for
+    its timeout, to the second process that asks for it then.
+    """
+    for attempt in range(tries):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.02 * (1 + attempt % 5))
+
+
 class Store(Protocol):
     """What the workers of a group share. Times are wall-clock seconds (`time.time()`)."""
 
@@ -92,6 +109,22 @@ class Store(Protocol):
         lowest free one; 0 when all are held (replicas of one container image)."""
         ...
 
+    def beat(self, worker: str, ttl: float, now: float) -> None:
+        """`worker` is alive for `ttl` more seconds (every worker, every third of the TTL)."""
+        ...
+
+    def leave(self, worker: str) -> None:
+        """`worker` stopped cleanly: nobody need take its place."""
+        ...
+
+    def silent(self, now: float) -> list[str]:
+        """The workers whose last beat has run out: dead, or cut off from the store."""
+        ...
+
+    def take_silent(self, worker: str, now: float) -> bool:
+        """Take a silent worker's place (once: True for one caller, then it is forgotten)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -103,7 +136,7 @@ class SqliteStore:
         self.path = path
         self._lock = threading.Lock()
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             """
@@ -123,6 +156,7 @@ class SqliteStore:
             CREATE TABLE IF NOT EXISTS leader (
                 name TEXT PRIMARY KEY, worker TEXT NOT NULL, until REAL NOT NULL);
             CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS alive (worker TEXT PRIMARY KEY, until REAL NOT NULL);
             """
         )
         self._claims = 0
@@ -263,6 +297,26 @@ class SqliteStore:
                 )
             return slot
 
+    def beat(self, worker: str, ttl: float, now: float) -> None:
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO alive VALUES (?, ?)", (worker, now + ttl))
+
+    def leave(self, worker: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM alive WHERE worker = ?", (worker,))
+
+    def silent(self, now: float) -> list[str]:
+        with self._lock:
+            rows = self.db.execute("SELECT worker FROM alive WHERE until <= ?", (now,)).fetchall()
+        return [str(w) for (w,) in rows]
+
+    def take_silent(self, worker: str, now: float) -> bool:
+        with self._lock:
+            cur = self.db.execute(
+                "DELETE FROM alive WHERE worker = ? AND until <= ?", (worker, now)
+            )
+        return cur.rowcount == 1
+
     def close(self) -> None:
         with self._lock:
             self.db.close()
@@ -334,6 +388,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+_TAKE_SILENT = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due and tonumber(due) <= tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 
 class RedisStore:
     """The shared state in Redis (`BRIDGE_STATE_URL=redis://host:6379/0`): workers anywhere.
@@ -355,6 +418,7 @@ class RedisStore:
         self._close = self.r.register_script(_CLOSE)
         self._drop = self.r.register_script(_DROP)
         self._lead = self.r.register_script(_LEAD)
+        self._take_silent = self.r.register_script(_TAKE_SILENT)
 
     def _k(self, *parts: str) -> str:
         return self.ns + ":".join(parts)
@@ -442,6 +506,19 @@ class RedisStore:
             if self._lead(keys=[self._k("slot", str(i))], args=[owner, int(ttl * 1000)]):
                 return i
         return 0
+
+    def beat(self, worker: str, ttl: float, now: float) -> None:
+        self.r.zadd(self._k("alive"), {worker: now + ttl})
+
+    def leave(self, worker: str) -> None:
+        self.r.zrem(self._k("alive"), worker)
+
+    def silent(self, now: float) -> list[str]:
+        rows: Any = self.r.zrangebyscore(self._k("alive"), "-inf", now)
+        return [bytes(w).decode() for w in rows]
+
+    def take_silent(self, worker: str, now: float) -> bool:
+        return bool(self._take_silent(keys=[self._k("alive")], args=[worker, now]))
 
     def close(self) -> None:
         self.r.close()
@@ -587,6 +664,20 @@ class Guarded:
     def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
         n: int = self._do("take_slot", 0, owner, slots, ttl, now)
         return n
+
+    def beat(self, worker: str, ttl: float, now: float) -> None:
+        self._do("beat", None, worker, ttl, now)
+
+    def leave(self, worker: str) -> None:
+        self._do("leave", None, worker)
+
+    def silent(self, now: float) -> list[str]:
+        got: list[str] = self._do("silent", [], now)
+        return got
+
+    def take_silent(self, worker: str, now: float) -> bool:
+        # Without the store nobody can tell a dead worker from one cut off from it.
+        return bool(self._do("take_silent", False, worker, now))
 
     def close(self) -> None:
         try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from bridge.core.errors import ProtocolError
 from bridge.core.plugin import Plugin
 from bridge.core.settings import PolicyConfig
+from bridge.core.shared import use_wal
 
 if TYPE_CHECKING:
     from bridge.core.job import Job
@@ -54,7 +55,7 @@ class Counters:
         self.path = path
         # timeout: workers of a group open the same file at once (the first sets WAL).
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(
             """

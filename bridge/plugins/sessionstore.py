@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from bridge.core.shared import use_wal
+
 SESSIONS_FILE = "sessions.sqlite3"
 
 
@@ -52,7 +54,7 @@ class SqliteSessionStore:
         self.per_device = per_device
         # timeout: workers of a group open the same file at once (the first sets WAL).
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db)
         # Sessions are small rows read once a request: a small page cache keeps the
         # bridge's memory flat however many devices have one.
         self.db.execute("PRAGMA cache_size=-256")
