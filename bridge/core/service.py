@@ -474,6 +474,10 @@ class Bridge:
             if not self.shared.take_silent(worker, now):
                 continue  # another leader took it
             self.shared.drop_worker(worker)  # its streams ended with it
+            for device, key in self.shared.take_holds(worker):
+                # Its requests in flight get no terminal (their journal is on its host);
+                # the devices' retries must not be dropped as duplicates.
+                self.recent.forget(device, key)
             if url is None:
                 log.warning(
                     "worker %s is silent, and its broker user does not follow the group's "
@@ -694,12 +698,17 @@ class Bridge:
         if previous is None and len(self.jobs) >= s.max_streams + s.max_queue:
             raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
         job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
+        dedup_key = req.id or f"~{digest.hex()}"
         if self.journal is not None:
-            job.slot = self.journal.add(topic, correlation, device, req.id or f"~{digest.hex()}")
+            job.slot = self.journal.add(topic, correlation, device, dedup_key)
             if job.slot < 0:
                 raise ProtocolError(
                     p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid
                 )
+        if self.shared is not None:
+            # Should this worker die where no peer can read its journal (another host),
+            # the one that takes its place frees the request's duplicate record.
+            self.shared.hold(self.worker, device, dedup_key)
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             _cancel_soon(previous.task)
@@ -790,6 +799,8 @@ class Bridge:
             self.recent.forget(job.device, job.request.id or f"~{job.digest.hex()}")
         if self.journal is not None:
             self.journal.set_seq(job.slot, job.seq)
+        if self.shared is not None:
+            self.shared.unhold(self.worker, job.device, job.request.id or f"~{job.digest.hex()}")
         self._publish_terminal(job.topic, payload, job.props, slot=job.slot)
         self._each("finished", job)
         log.info(

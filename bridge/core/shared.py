@@ -109,6 +109,16 @@ class Store(Protocol):
         lowest free one; 0 when all are held (replicas of one container image)."""
         ...
 
+    def hold(self, worker: str, device: str, key: str) -> None:
+        """`worker` is serving request `key` of `device` (whose duplicate record is its)."""
+        ...
+
+    def unhold(self, worker: str, device: str, key: str) -> None: ...
+
+    def take_holds(self, worker: str) -> list[tuple[str, str]]:
+        """The requests a dead `worker` was serving, (device, key); forgotten here."""
+        ...
+
     def beat(self, worker: str, ttl: float, now: float) -> None:
         """`worker` is alive for `ttl` more seconds (every worker, every third of the TTL)."""
         ...
@@ -157,6 +167,9 @@ class SqliteStore:
                 name TEXT PRIMARY KEY, worker TEXT NOT NULL, until REAL NOT NULL);
             CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS alive (worker TEXT PRIMARY KEY, until REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS held (
+                worker TEXT NOT NULL, device TEXT NOT NULL, key TEXT NOT NULL,
+                PRIMARY KEY (worker, device, key));
             """
         )
         self._claims = 0
@@ -296,6 +309,25 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO slots VALUES (?, ?, ?)", (slot, owner, now + ttl)
                 )
             return slot
+
+    def hold(self, worker: str, device: str, key: str) -> None:
+        with self._lock:
+            self.db.execute("INSERT OR IGNORE INTO held VALUES (?, ?, ?)", (worker, device, key))
+
+    def unhold(self, worker: str, device: str, key: str) -> None:
+        with self._lock:
+            self.db.execute(
+                "DELETE FROM held WHERE worker = ? AND device = ? AND key = ?",
+                (worker, device, key),
+            )
+
+    def take_holds(self, worker: str) -> list[tuple[str, str]]:
+        with self._tx():
+            rows = self.db.execute(
+                "SELECT device, key FROM held WHERE worker = ?", (worker,)
+            ).fetchall()
+            self.db.execute("DELETE FROM held WHERE worker = ?", (worker,))
+        return [(str(d), str(k)) for d, k in rows]
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
         with self._lock:
@@ -507,6 +539,21 @@ class RedisStore:
                 return i
         return 0
 
+    def hold(self, worker: str, device: str, key: str) -> None:
+        self.r.sadd(self._k("held", worker), f"{device}\n{key}")
+
+    def unhold(self, worker: str, device: str, key: str) -> None:
+        self.r.srem(self._k("held", worker), f"{device}\n{key}")
+
+    def take_holds(self, worker: str) -> list[tuple[str, str]]:
+        k = self._k("held", worker)
+        pipe = self.r.pipeline()  # MULTI/EXEC: read and delete as one
+        pipe.smembers(k)
+        pipe.delete(k)
+        members: Any = pipe.execute()[0]
+        pairs = (bytes(m).decode().partition("\n") for m in members)
+        return [(device, key) for device, _, key in pairs]
+
     def beat(self, worker: str, ttl: float, now: float) -> None:
         self.r.zadd(self._k("alive"), {worker: now + ttl})
 
@@ -664,6 +711,16 @@ class Guarded:
     def take_slot(self, owner: str, slots: int, ttl: float, now: float) -> int:
         n: int = self._do("take_slot", 0, owner, slots, ttl, now)
         return n
+
+    def hold(self, worker: str, device: str, key: str) -> None:
+        self._do("hold", None, worker, device, key)
+
+    def unhold(self, worker: str, device: str, key: str) -> None:
+        self._do("unhold", None, worker, device, key)
+
+    def take_holds(self, worker: str) -> list[tuple[str, str]]:
+        got: list[tuple[str, str]] = self._do("take_holds", [], worker)
+        return got
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
         self._do("beat", None, worker, ttl, now)
