@@ -167,6 +167,26 @@ def _ask(dev: Device, rid: str, text: str = "hello") -> None:
     dev.send({"id": rid, "messages": [{"role": "user", "content": text}], "stream": True})
 
 
+def _kill_its_worker(g: Group, dev: Device, rid: str, text: str) -> int:
+    """Ask, and kill -9 the worker that streams the reply; its index."""
+    _ask(dev, rid, text)
+    deadline = time.monotonic() + 10
+    while not dev.messages(rid):  # streaming
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (owner,) = _served_by(g, rid)
+    g.procs[owner].kill()
+    return owner
+
+
+def _retry_served(dev: Device, rid: str, text: str) -> None:
+    """The device library's retry (same id, same payload) is served, not a duplicate."""
+    with dev._cond:
+        dev.replies[rid].clear()
+    _ask(dev, rid, text)
+    assert dev.wait(rid, 20).terminal.get("done") is True
+
+
 # --- the store, in one process -----------------------------------------------------------
 
 
@@ -468,22 +488,13 @@ def test_a_worker_killed_for_good_is_answered_for_by_the_leader(
     dev = Device(group_broker, "orphan1", g.prefix)
     payload = f"{SLOW} a request whose worker dies"
     try:
-        _ask(dev, "o1", payload)
-        deadline = time.monotonic() + 10
-        while not dev.messages("o1"):  # streaming
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        (owner,) = _served_by(g, "o1")
-        g.procs[owner].kill()
+        owner = _kill_its_worker(g, dev, "o1", payload)
         terminal = dev.wait_raw("o1", 15)[-1]
         assert terminal.get("error", {}).get("code") == "interrupted", terminal
         survivor = g.procs[1 - owner].logs()
         assert f"worker {WORKERS[owner]} is gone: sent 1 interrupted terminals" in survivor
         time.sleep(1.5)  # the dead worker's session (and its share of requests) expires
-        with dev._cond:
-            dev.replies["o1"].clear()
-        _ask(dev, "o1", payload)
-        assert dev.wait("o1", 20).terminal.get("done") is True
+        _retry_served(dev, "o1", payload)
         dev.quiet_after("o1")
     finally:
         dev.close()
@@ -502,14 +513,8 @@ def test_a_silent_worker_on_another_host_has_its_session_taken_over(
     dev = Device(group_broker, "host1", g.prefix)
     payload = f"{SLOW} a request whose worker dies"
     try:
-        _ask(dev, "o1", payload)
-        deadline = time.monotonic() + 10
-        while not dev.messages("o1"):  # streaming
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        (dead,) = _served_by(g, "o1")
+        dead = _kill_its_worker(g, dev, "o1", payload)
         left = 1 - dead
-        g.procs[dead].kill()
         for k in range(6):  # about half of them go to the dead worker's session
             _ask(dev, f"h{k}")
         for k in range(6):
@@ -526,10 +531,7 @@ def test_a_silent_worker_on_another_host_has_its_session_taken_over(
         assert time.monotonic() - start < 5
         assert all(f"id=n{k} model=" in g.procs[left].logs() for k in range(4))
         # No terminal came for o1 (its journal is on the dead host): the device's retry.
-        with dev._cond:
-            dev.replies["o1"].clear()
-        _ask(dev, "o1", payload)
-        assert dev.wait("o1", 20).terminal.get("done") is True
+        _retry_served(dev, "o1", payload)
     finally:
         dev.close()
 
