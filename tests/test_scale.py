@@ -279,6 +279,9 @@ def test_guarded_store_serves_from_memory_while_redis_is_down_and_recovers(
     assert g.open_stream("d", "k", "t", "w1", 1) == -1
     assert g.open_stream("d", "k2", "t2", "w1", 1) == 1, "limits hold per worker meanwhile"
     assert not g.lead("w1", 5, now), "no worker leads without the store"
+    g.beat("w1", 5, now)  # nothing to say it with: no error either
+    assert g.silent(now + 60) == [] and g.take_holds("w2") == []
+    assert not g.take_silent("w2", now + 60), "nobody is taken for dead without the store"
     redis_server.start()
     deadline = time.monotonic() + 5
     while not g.claim("d", f"r{time.monotonic_ns()}", b"x", now, 600) or g.degraded:
