@@ -2,7 +2,10 @@
 
 One chart per measure (chunks/s, time to first chunk p99, CPU per chunk), a
 group of bars per case and one bar per system, so stock against tuned Mosquitto
-and one worker against two are side by side as in the table.
+and one worker against two are side by side as in the table. And the latency
+distributions: for the time to first chunk and for the added latency per
+chunk, one panel per case with one CDF per system (from the percentiles 0-100
+the run keeps of each).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ CHARTS = (
     ("chunks_per_s", "chunks/s", "chunks per second (higher is better)"),
     ("ttfc_p99_ms", "ms", "time to first chunk, p99 (lower is better)"),
     ("cpu_per_chunk_us", "µs", "CPU per chunk of the system under test (lower is better)"),
+)
+
+
+CDFS = (
+    ("ttfc_cdf_ms", "time to first chunk"),
+    ("latency_cdf_ms", "added latency per chunk (API token -> device)"),
 )
 
 
@@ -53,4 +62,36 @@ def save(run: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
+    for key, title in CDFS:
+        name = key.removesuffix("_ms")
+        paths.append(_cdf(plt, results, labels, key=key, title=title, path=out / f"{name}.png"))
     return paths
+
+
+def _cdf(
+    plt: Any, results: list[dict[str, Any]], labels: list[str], *, key: str, title: str, path: Path
+) -> Path:
+    """One panel per case, a CDF per system; the x axis is logarithmic (ms)."""
+    cols = min(3, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fractions = [q / 100 for q in range(101)]
+    for ax, res in zip(axes.flat, results, strict=False):
+        for name in labels:
+            values = (res.get(name) or {}).get(key) or []
+            if values:
+                ax.step([max(v, 0.01) for v in values], fractions, where="post", label=name)
+        ax.set_xscale("log")
+        ax.set_title(report.case_name(res["case"]), fontsize="medium")
+        ax.set_xlabel("ms")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(results) :]:
+        ax.set_visible(False)
+    axes.flat[0].set_ylabel("fraction")
+    axes.flat[0].legend(fontsize="x-small")
+    fig.suptitle(f"{title}: CDF (left and higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

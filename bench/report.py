@@ -20,6 +20,16 @@ def percentile(values: list[int] | list[float], q: float) -> float | None:
     return float(ordered[int(rank) - 1])
 
 
+def quantiles(values: list[int] | list[float], scale: float = 1.0) -> list[float]:
+    """The nearest-rank percentiles 0, 1, ..., 100 of `values` (times `scale`): the
+    distribution in 101 numbers, from which `--plot` draws its CDF; [] when empty."""
+    if not values:
+        return []
+    ordered = sorted(values)
+    n = len(ordered)
+    return [round(ordered[max(1, -(-n * q // 100)) - 1] * scale, 3) for q in range(101)]
+
+
 def summarize(raw: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
     """The figures of one (case, system) run, from the load generators' merged results."""
     wall_s = max(raw["last_end_ns"] - raw["first_sent_ns"], 1) / 1e9
@@ -50,6 +60,8 @@ def summarize(raw: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
         "latency_p50_ms": pct(lat, 50),
         "latency_p99_ms": pct(lat, 99),
         "latency_samples": len(lat),
+        "ttfc_cdf_ms": quantiles(ttfc, ms),
+        "latency_cdf_ms": quantiles(lat, ms),
         "lost": raw["lost"],
         "repeated": raw["repeated"],
         "out_of_order": raw["out_of_order"],
