@@ -254,6 +254,9 @@ class Settings(BaseSettings):
     dedup_window: float = Field(600.0, ge=0)
     upstream_ca_file: Path | None = None
     upstream_connect_timeout: float = Field(10.0, gt=0)
+    # Seconds an idle API connection is kept for the next request (httpx keeps 5):
+    # a device that asks every half minute then skips a new TCP and TLS handshake.
+    upstream_keepalive: float = Field(60.0, ge=0, le=3600)
     upstream_read_timeout: float = Field(60.0, gt=0)
     upstream_total_timeout: float = Field(600.0, gt=0)
     upstream_retries: int = Field(2, ge=0, le=10)

@@ -154,8 +154,9 @@ class Upstream:
             if settings.upstream_ca_file is not None:
                 verify = ssl.create_default_context(cafile=str(settings.upstream_ca_file))
             transport = ShardedTransport.open(
-                settings.max_streams + 8, verify=verify, trust_env=False
-            )
+                settings.max_streams + 8, verify=verify, trust_env=False,
+                keepalive=settings.upstream_keepalive,
+            )  # fmt: skip
         self.client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(
