@@ -630,7 +630,7 @@ class Bridge:
             rid = req.id
             if wrong_topic is not None:
                 raise ProtocolError(p.BAD_REQUEST, wrong_topic, rid)
-            key = rid or f"~{digest.hex()}"
+            key = _dedup_key(rid, digest)
             claimed = rid is not None or redelivered
             if claimed and self.recent.duplicate(device, key, digest, now):
                 log.info("dropped duplicate delivery device=%s id=%s", device, rid)
@@ -698,7 +698,7 @@ class Bridge:
         if previous is None and len(self.jobs) >= s.max_streams + s.max_queue:
             raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
         job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
-        dedup_key = req.id or f"~{digest.hex()}"
+        dedup_key = _dedup_key(req.id, digest)
         if self.journal is not None:
             job.slot = self.journal.add(topic, correlation, device, dedup_key)
             if job.slot < 0:
@@ -790,17 +790,18 @@ class Bridge:
             job.timer.cancel()
         self._publish_held(job)
         error = job.error
+        key = _dedup_key(job.request.id, job.digest)
         if error is None:
             payload = self._done(job)
         else:
             job.outcome = error.code
             payload = p.error_message(job.seq, error.code, error.message, error.status)
             # An error ended it: the same request asked again is a new try, not a duplicate.
-            self.recent.forget(job.device, job.request.id or f"~{job.digest.hex()}")
+            self.recent.forget(job.device, key)
         if self.journal is not None:
             self.journal.set_seq(job.slot, job.seq)
         if self.shared is not None:
-            self.shared.unhold(self.worker, job.device, job.request.id or f"~{job.digest.hex()}")
+            self.shared.unhold(self.worker, job.device, key)
         self._publish_terminal(job.topic, payload, job.props, slot=job.slot)
         self._each("finished", job)
         log.info(
@@ -1102,6 +1103,12 @@ class Bridge:
     ) -> None:
         await self.link.connected.wait()
         self._publish_terminal(topic, payload, props, slot)
+
+
+def _dedup_key(request_id: str | None, digest: bytes) -> str:
+    """A request's key in the duplicate records, the journal and the group's holds: its
+    id, or its payload's digest when it has none."""
+    return request_id or f"~{digest.hex()}"
 
 
 def _reply_props(correlation: bytes | None) -> Properties | None:
