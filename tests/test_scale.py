@@ -19,11 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
 from bench.procs import worker_acl
-from bridge.core.shared import Guarded, RedisStore, SqliteStore
+from bridge.core.protocol import SEQ_UNKNOWN
+from bridge.core.shared import Guarded, Held, RedisStore, SqliteStore
 from tests.harness import (
     API_KEY,
     REPO,
@@ -243,11 +245,18 @@ def _store_contract(a: Any, b: Any) -> None:
     assert not a.take_silent("w2", now + 6), "one worker takes a silent one's place"
     assert a.silent(now + 6) == []
 
-    a.hold("w1", "d1", "r1")
-    a.hold("w1", "d2", "r2")
+    a.hold("w1", Held("d1", "r1", "p/d1/res/r1", None))
+    a.hold("w1", Held("d2", "r2", "p/d2/res/r2", None))
+    a.hold("w1", Held("d3", "r3", "p/d3/res/v5", b"\x00corr"))
     a.unhold("w1", "d2", "r2")  # served: its duplicate record stays
-    assert b.take_holds("w1") == [("d1", "r1")]
-    assert a.take_holds("w1") == [], "taken once"
+    taken = b.take_holds("w1", now)
+    assert sorted(taken) == [("d1", "r1", "p/d1/res/r1", None),
+                             ("d3", "r3", "p/d3/res/v5", b"\x00corr")]  # fmt: skip
+    assert a.take_holds("w1", now) == [], "taken once"
+    a.hold("w1", Held("d4", "r4", "p/d4/res/r4", None))  # w1 came back, and holds one more
+    assert b.settle("w1") == {("d1", "r1"), ("d3", "r3")}, "its journal skips what was answered"
+    assert a.take_holds("w1", now) == [], "what its journal answers is nobody else's"
+    assert a.settle("w1") == set()
 
 
 def test_sqlite_store_is_one_state_for_two_workers(tmp_path: Path) -> None:
@@ -280,7 +289,8 @@ def test_guarded_store_serves_from_memory_while_redis_is_down_and_recovers(
     assert g.open_stream("d", "k2", "t2", "w1", 1) == 1, "limits hold per worker meanwhile"
     assert not g.lead("w1", 5, now), "no worker leads without the store"
     g.beat("w1", 5, now)  # nothing to say it with: no error either
-    assert g.silent(now + 60) == [] and g.take_holds("w2") == []
+    assert g.silent(now + 60) == [] and g.take_holds("w2", now) == []
+    assert g.settle("w2") is None, "unknown: the journal is answered in full"
     assert not g.take_silent("w2", now + 60), "nobody is taken for dead without the store"
     redis_server.start()
     deadline = time.monotonic() + 5
@@ -509,8 +519,10 @@ def test_a_silent_worker_on_another_host_has_its_session_taken_over(
     """Two hosts (a data folder each, Redis between them); one worker dies for good
     while it serves a request. Mosquitto goes on queueing its share of new requests
     in its session; the worker left takes that session over: what waited there is
-    served, later requests all reach it, and the retry of the request that died with
-    the other worker is served, not dropped as a duplicate."""
+    served, later requests all reach it. The request that died with the other worker
+    gets its one `interrupted` terminal from the store's holds (its journal is out of
+    reach), also when that worker comes back later, and its retry is served, not
+    dropped as a duplicate."""
     users = {f"BRIDGE_MQTT_URL_{i + 1}": group_broker.url(u) for i, u in enumerate(WORKERS)}
     g = group(2, hosts=True, BRIDGE_STATE_URL=redis_server.url, BRIDGE_LEADER_TTL="2", **users)
     dev = Device(group_broker, "host1", g.prefix)
@@ -533,7 +545,17 @@ def test_a_silent_worker_on_another_host_has_its_session_taken_over(
                            timeout=5).terminal.get("done") is True  # fmt: skip
         assert time.monotonic() - start < 5
         assert all(f"id=n{k} model=" in g.procs[left].logs() for k in range(4))
-        # No terminal came for o1 (its journal is on the dead host): the device's retry.
+        end = dev.wait_raw("o1", 10)[-1]
+        assert end == {"seq": SEQ_UNKNOWN, "error": {"code": "interrupted", "message": ANY}}
+        g.start(dead)  # its host is back: its journal still holds o1
+        deadline = time.monotonic() + 15
+        while "sent 0 interrupted terminals for requests of a previous run" not in (
+            g.procs[dead].logs()
+        ):
+            assert time.monotonic() < deadline, g.procs[dead].logs()[-1500:]
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert [m for m in dev.messages("o1") if "error" in m or "done" in m] == [end]
         _retry_served(dev, "o1", payload)
     finally:
         dev.close()

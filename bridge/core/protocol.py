@@ -48,6 +48,9 @@ AUDIO_TIMEOUT = "audio_timeout"
 NO_SPEECH = "no_speech"
 AUDIO_FORMAT = "audio_format"
 
+# The seq of an `interrupted` terminal sent by a worker that took the place of a dead
+# one on another host: it cannot know how far the reply went, so it is above any seq.
+SEQ_UNKNOWN = 0xFFFFFFFF
 ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SALVAGE_ID_RE = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')

@@ -35,7 +35,7 @@ from bridge.core.plugin import Handler, Inbound, Plugin, overrides
 from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import MqttUrl, Settings
-from bridge.core.shared import Guarded, open_store
+from bridge.core.shared import Guarded, Held, open_store
 from bridge.core.topics import Topics
 from bridge.core.upstream import DETAIL_CHARS, Upstream
 
@@ -377,22 +377,26 @@ class Bridge:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
         journal = self.journal
         if journal is not None and journal.pending:
-            count = self._answer_interrupted(journal)
+            count = self._answer_interrupted(journal, self.worker)
             log.warning("sent %d interrupted terminals for requests of a previous run", count)
         self._each("connected")
 
     def _answer_interrupted(
-        self, journal: Journal, answered: Callable[[], None] | None = None
+        self, journal: Journal, worker: str, answered: Callable[[], None] | None = None
     ) -> int:
         """Publish one `interrupted` terminal for each request `journal` recovered.
 
-        Each slot is freed when the broker acknowledges its terminal (until then
-        paho holds the message in the session and resends it); `answered` is
-        called once all are.
+        In a group, a request of `worker` that a peer already answered from the
+        store's holds (`_take_over_silent`) is skipped, and the rest can no
+        longer be answered there: each gets exactly one terminal. Each slot is
+        freed when the broker acknowledges its terminal (until then paho holds
+        the message in the session and resends it); `answered` is called once
+        all are.
         """
         recovered, journal.pending = journal.pending, []
         message = "the bridge stopped while answering; ask again"
         left = len(recovered)
+        done = self.shared.settle(worker) if self.shared is not None else None
 
         def acked(slot: int) -> None:
             nonlocal left
@@ -401,7 +405,11 @@ class Bridge:
             if left == 0 and answered is not None:
                 answered()
 
+        sent = 0
         for gone in recovered:
+            if done and (gone.device, gone.key) in done:
+                acked(gone.slot)
+                continue
             if gone.device is not None and gone.key is not None:
                 # Its retry (same id and payload) is a new try, whichever worker gets it.
                 self.recent.forget(gone.device, gone.key)
@@ -412,7 +420,8 @@ class Bridge:
                 properties=_reply_props(gone.correlation),
                 on_ack=functools.partial(acked, gone.slot),
             )
-        return len(recovered)
+            sent += 1
+        return sent
 
     def _adopt_orphans(self) -> None:
         """Answer for the journals of group workers that died and did not come back.
@@ -450,7 +459,7 @@ class Bridge:
                 if done is not None:
                     done.close()
 
-            count = self._answer_interrupted(orphan, release)
+            count = self._answer_interrupted(orphan, worker, release)
             log.warning(
                 "worker %s is gone: sent %d interrupted terminals for its requests", worker, count
             )
@@ -474,10 +483,7 @@ class Bridge:
             if not self.shared.take_silent(worker, now):
                 continue  # another leader took it
             self.shared.drop_worker(worker)  # its streams ended with it
-            for device, key in self.shared.take_holds(worker):
-                # Its requests in flight get no terminal (their journal is on its host);
-                # the devices' retries must not be dropped as duplicates.
-                self.recent.forget(device, key)
+            self._answer_holds(worker, now)
             if url is None:
                 log.warning(
                     "worker %s is silent, and its broker user does not follow the group's "
@@ -487,6 +493,30 @@ class Bridge:
             task = asyncio.create_task(self._take_over(worker, url), name=f"take over {worker}")
             self._taking_over[worker] = task
             task.add_done_callback(functools.partial(self._taken_over, worker))
+
+    def _answer_holds(self, worker: str, now: float) -> None:
+        """End the requests a dead worker had taken in hand with `interrupted`.
+
+        Their journal is on the dead worker's host, out of reach; the store's
+        holds say where each reply goes, not how far it went, so the terminal
+        carries `SEQ_UNKNOWN`. Should that worker come back, its journal skips
+        them (`settle`). Their retries must not be dropped as duplicates.
+        """
+        held = self.shared.take_holds(worker, now) if self.shared is not None else []
+        message = "the bridge stopped while answering; ask again"
+        for gone in held:
+            self.recent.forget(gone.device, gone.key)
+            self.link.publish(
+                gone.topic,
+                p.error_message(p.SEQ_UNKNOWN, p.INTERRUPTED, message),
+                1,
+                properties=_reply_props(gone.correlation),
+            )
+        if held:
+            log.warning(
+                "worker %s is silent: sent %d interrupted terminals for its requests",
+                worker, len(held),
+            )  # fmt: skip
 
     def _taken_over(self, worker: str, _task: asyncio.Task[None]) -> None:
         self._taking_over.pop(worker, None)
@@ -708,7 +738,7 @@ class Bridge:
         if self.shared is not None:
             # Should this worker die where no peer can read its journal (another host),
             # the one that takes its place frees the request's duplicate record.
-            self.shared.hold(self.worker, device, dedup_key)
+            self.shared.hold(self.worker, Held(device, dedup_key, topic, correlation))
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             _cancel_soon(previous.task)

@@ -18,18 +18,31 @@ serving, with limits counted per worker until the store is back.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger("bridge.core.shared")
 
 SHARED_FILE = "shared.sqlite3"
 _RATE_WINDOW = 60.0
+# How long a peer's `interrupted` answers for a dead worker's requests are remembered
+# for that worker's return (its journal then holds the same requests).
+ANSWERED_TTL = 7 * 86400
+
+
+class Held(NamedTuple):
+    """A request a worker took in hand, and where its terminal goes should the worker die."""
+
+    device: str
+    key: str  #: its duplicate-detection key
+    topic: str
+    correlation: bytes | None
 
 
 def utc_day(now: float) -> str:
@@ -109,14 +122,23 @@ class Store(Protocol):
         lowest free one; 0 when all are held (replicas of one container image)."""
         ...
 
-    def hold(self, worker: str, device: str, key: str) -> None:
-        """`worker` is serving request `key` of `device` (whose duplicate record is its)."""
+    def hold(self, worker: str, held: Held) -> None:
+        """`worker` took request `held` in hand (its duplicate record is the worker's)."""
         ...
 
-    def unhold(self, worker: str, device: str, key: str) -> None: ...
+    def unhold(self, worker: str, device: str, key: str) -> None:
+        """The request's terminal is out: nobody need answer for it."""
+        ...
 
-    def take_holds(self, worker: str) -> list[tuple[str, str]]:
-        """The requests a dead `worker` was serving, (device, key); forgotten here."""
+    def take_holds(self, worker: str, now: float) -> list[Held]:
+        """The requests a dead `worker` held, for its taker to answer: each is given to
+        one caller once, and noted as answered until `settle`."""
+        ...
+
+    def settle(self, worker: str) -> set[tuple[str, str]]:
+        """`worker`'s journal is being answered (it restarted, or a peer on its host
+        reads it): its holds go, so that nobody answers them twice; the (device, key)
+        of those a peer already answered from `take_holds`, to skip."""
         ...
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
@@ -167,9 +189,13 @@ class SqliteStore:
                 name TEXT PRIMARY KEY, worker TEXT NOT NULL, until REAL NOT NULL);
             CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS alive (worker TEXT PRIMARY KEY, until REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS held (
+            DROP TABLE IF EXISTS held;
+            CREATE TABLE IF NOT EXISTS holding (
                 worker TEXT NOT NULL, device TEXT NOT NULL, key TEXT NOT NULL,
-                PRIMARY KEY (worker, device, key));
+                topic TEXT NOT NULL, corr BLOB, PRIMARY KEY (worker, device, key));
+            CREATE TABLE IF NOT EXISTS answered (
+                worker TEXT NOT NULL, device TEXT NOT NULL, key TEXT NOT NULL,
+                at REAL NOT NULL, PRIMARY KEY (worker, device, key));
             """
         )
         self._claims = 0
@@ -310,24 +336,42 @@ class SqliteStore:
                 )
             return slot
 
-    def hold(self, worker: str, device: str, key: str) -> None:
+    def hold(self, worker: str, held: Held) -> None:
         with self._lock:
-            self.db.execute("INSERT OR IGNORE INTO held VALUES (?, ?, ?)", (worker, device, key))
+            self.db.execute(
+                "INSERT OR REPLACE INTO holding VALUES (?, ?, ?, ?, ?)", (worker, *held)
+            )
 
     def unhold(self, worker: str, device: str, key: str) -> None:
         with self._lock:
             self.db.execute(
-                "DELETE FROM held WHERE worker = ? AND device = ? AND key = ?",
+                "DELETE FROM holding WHERE worker = ? AND device = ? AND key = ?",
                 (worker, device, key),
             )
 
-    def take_holds(self, worker: str) -> list[tuple[str, str]]:
+    def take_holds(self, worker: str, now: float) -> list[Held]:
         with self._tx():
             rows = self.db.execute(
-                "SELECT device, key FROM held WHERE worker = ?", (worker,)
+                "SELECT device, key, topic, corr FROM holding WHERE worker = ?", (worker,)
             ).fetchall()
-            self.db.execute("DELETE FROM held WHERE worker = ?", (worker,))
-        return [(str(d), str(k)) for d, k in rows]
+            self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
+            self.db.execute("DELETE FROM answered WHERE at < ?", (now - ANSWERED_TTL,))
+            self.db.executemany(
+                "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?)",
+                [(worker, d, k, now) for d, k, _t, _c in rows],
+            )
+        return [
+            Held(str(d), str(k), str(t), None if c is None else bytes(c)) for d, k, t, c in rows
+        ]
+
+    def settle(self, worker: str) -> set[tuple[str, str]]:
+        with self._tx():
+            self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
+            rows = self.db.execute(
+                "SELECT device, key FROM answered WHERE worker = ?", (worker,)
+            ).fetchall()
+            self.db.execute("DELETE FROM answered WHERE worker = ?", (worker,))
+        return {(str(d), str(k)) for d, k in rows}
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
         with self._lock:
@@ -429,6 +473,16 @@ end
 return 0
 """
 
+# A dead worker's holds, for one taker: read and removed, their keys noted as answered.
+_TAKE_HOLDS = """
+local rows = redis.call('HGETALL', KEYS[1])
+if #rows == 0 then return rows end
+redis.call('DEL', KEYS[1])
+for i = 1, #rows, 2 do redis.call('SADD', KEYS[2], rows[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return rows
+"""
+
 
 class RedisStore:
     """The shared state in Redis (`BRIDGE_STATE_URL=redis://host:6379/0`): workers anywhere.
@@ -451,6 +505,7 @@ class RedisStore:
         self._drop = self.r.register_script(_DROP)
         self._lead = self.r.register_script(_LEAD)
         self._take_silent = self.r.register_script(_TAKE_SILENT)
+        self._take_holds = self.r.register_script(_TAKE_HOLDS)
 
     def _k(self, *parts: str) -> str:
         return self.ns + ":".join(parts)
@@ -539,20 +594,31 @@ class RedisStore:
                 return i
         return 0
 
-    def hold(self, worker: str, device: str, key: str) -> None:
-        self.r.sadd(self._k("held", worker), f"{device}\n{key}")
+    def hold(self, worker: str, held: Held) -> None:
+        reply = json.dumps([held.topic, held.correlation.hex() if held.correlation else None])
+        self.r.hset(self._k("holding", worker), f"{held.device}\n{held.key}", reply)
 
     def unhold(self, worker: str, device: str, key: str) -> None:
-        self.r.srem(self._k("held", worker), f"{device}\n{key}")
+        self.r.hdel(self._k("holding", worker), f"{device}\n{key}")
 
-    def take_holds(self, worker: str) -> list[tuple[str, str]]:
-        k = self._k("held", worker)
-        pipe = self.r.pipeline()  # MULTI/EXEC: read and delete as one
-        pipe.smembers(k)
-        pipe.delete(k)
-        members: Any = pipe.execute()[0]
+    def take_holds(self, worker: str, now: float) -> list[Held]:
+        keys = [self._k("holding", worker), self._k("answered", worker)]
+        rows: Any = self._take_holds(keys=keys, args=[ANSWERED_TTL])
+        got = []
+        for i in range(0, len(rows), 2):
+            device, _, key = bytes(rows[i]).decode().partition("\n")
+            topic, corr = json.loads(rows[i + 1])
+            got.append(Held(device, key, topic, bytes.fromhex(corr) if corr else None))
+        return got
+
+    def settle(self, worker: str) -> set[tuple[str, str]]:
+        pipe = self.r.pipeline()  # MULTI/EXEC: one step
+        pipe.delete(self._k("holding", worker))
+        pipe.smembers(self._k("answered", worker))
+        pipe.delete(self._k("answered", worker))
+        members: Any = pipe.execute()[1]
         pairs = (bytes(m).decode().partition("\n") for m in members)
-        return [(device, key) for device, _, key in pairs]
+        return {(device, key) for device, _, key in pairs}
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
         self.r.zadd(self._k("alive"), {worker: now + ttl})
@@ -712,14 +778,20 @@ class Guarded:
         n: int = self._do("take_slot", 0, owner, slots, ttl, now)
         return n
 
-    def hold(self, worker: str, device: str, key: str) -> None:
-        self._do("hold", None, worker, device, key)
+    def hold(self, worker: str, held: Held) -> None:
+        self._do("hold", None, worker, held)
 
     def unhold(self, worker: str, device: str, key: str) -> None:
         self._do("unhold", None, worker, device, key)
 
-    def take_holds(self, worker: str) -> list[tuple[str, str]]:
-        got: list[tuple[str, str]] = self._do("take_holds", [], worker)
+    def take_holds(self, worker: str, now: float) -> list[Held]:
+        got: list[Held] = self._do("take_holds", [], worker, now)
+        return got
+
+    def settle(self, worker: str) -> set[tuple[str, str]] | None:
+        """None when the store cannot say: the journal is then answered in full (a
+        device may get a second `interrupted`, never none)."""
+        got: set[tuple[str, str]] | None = self._do("settle", None, worker)
         return got
 
     def beat(self, worker: str, ttl: float, now: float) -> None:
