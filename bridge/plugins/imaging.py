@@ -13,10 +13,15 @@ import io
 import json
 import struct
 import warnings
-from typing import Final
+from functools import cache
+from typing import TYPE_CHECKING, Final
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+if TYPE_CHECKING:
+    from PIL import Image
+
+# numpy and Pillow are imported where pixels are worked, not here: every bridge
+# loads this module (it refuses or routes picture requests), and the two add
+# about 170 ms to each start and 10 MB to a bridge that never sees a picture.
 
 # The formats a device may ask for (docs/protocol.md "Pictures").
 RGB565: Final = "rgb565"  # 16 bits a pixel, little-endian: framebuf.RGB565 on a Pico
@@ -32,10 +37,16 @@ RAW_FORMATS: Final = (RGB565, RGB565_BE, MONO1, MONO1_VLSB, GRAY4)
 # Decoders tried on untrusted bytes: the common photo formats, nothing exotic.
 DECODERS: Final = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
-# A palette of 16 grays repeated over all 256 entries, so that any index Pillow
-# picks while dithering is a valid gray once reduced modulo 16.
-_GRAY16 = Image.new("P", (1, 1))
-_GRAY16.putpalette([(i % 16) * 17 for i in range(256) for _ in range(3)])
+
+@cache
+def _gray16() -> Image.Image:
+    """A palette of 16 grays repeated over all 256 entries, so that any index Pillow
+    picks while dithering is a valid gray once reduced modulo 16."""
+    from PIL import Image  # noqa: PLC0415 (at first use: see above)
+
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([(i % 16) * 17 for i in range(256) for _ in range(3)])
+    return palette
 
 
 class ImageError(ValueError):
@@ -52,6 +63,8 @@ def open_image(data: bytes, max_pixels: int, *, draft: int = 0) -> Image.Image:
         draft: a JPEG may be decoded at a reduced scale when this many pixels on
             its longest side are enough (much faster for a 5 MP snapshot).
     """
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 (at first use)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -80,6 +93,8 @@ def open_image(data: bytes, max_pixels: int, *, draft: int = 0) -> Image.Image:
 
 def _flatten(im: Image.Image) -> Image.Image:
     """RGB, with any transparency laid on white (how a page or a screen shows it)."""
+    from PIL import Image  # noqa: PLC0415 (at first use)
+
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -92,6 +107,8 @@ def fit_within(im: Image.Image, max_side: int) -> Image.Image:
     """The image scaled down (never up) so that its longest side is at most `max_side`."""
     if max(im.size) <= max_side:
         return im
+    from PIL import Image  # noqa: PLC0415 (at first use)
+
     scale = max_side / max(im.size)
     size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
     return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -154,6 +171,9 @@ def to_screen(im: Image.Image, width: int, height: int, fmt: str) -> bytes:
     The layouts are MicroPython's `framebuf` ones, so a device copies the bytes
     into a FrameBuffer's buffer as they come. 1 is a lit (white) pixel.
     """
+    import numpy as np  # noqa: PLC0415 (at first use)
+    from PIL import Image, ImageOps  # noqa: PLC0415
+
     im = ImageOps.fit(im.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
     if fmt in (RGB565, RGB565_BE):
         rgb = np.asarray(im, dtype=np.uint16)
@@ -176,7 +196,7 @@ def to_screen(im: Image.Image, width: int, height: int, fmt: str) -> bytes:
         quantized = (
             im.convert("L")
             .convert("RGB")
-            .quantize(palette=_GRAY16, dither=Image.Dither.FLOYDSTEINBERG)
+            .quantize(palette=_gray16(), dither=Image.Dither.FLOYDSTEINBERG)
         )
         levels = np.asarray(quantized, dtype=np.uint8) & 0x0F
         indexed = Image.frombytes("P", (width, height), levels.tobytes())
@@ -193,6 +213,9 @@ def to_screen(im: Image.Image, width: int, height: int, fmt: str) -> bytes:
 
 def from_screen(data: bytes, width: int, height: int, fmt: str) -> Image.Image:
     """A device's picture back as an RGB image (the demo shows it, tests check it)."""
+    import numpy as np  # noqa: PLC0415 (at first use)
+    from PIL import Image  # noqa: PLC0415
+
     expected = screen_size(width, height, fmt)
     if expected and len(data) != expected:
         raise ImageError(f"{fmt} {width}x{height} has {expected} bytes, not {len(data)}")
