@@ -112,8 +112,8 @@ class _Devices:
 
     def close(self) -> None:
         for _, c in self.clients:
-            c.loop_stop()
             c.disconnect()
+            c.loop_stop()
 
 
 async def _whole(base_url: str, count: int, tokens: int) -> list[float]:

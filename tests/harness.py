@@ -409,8 +409,8 @@ def wait_for_status(broker: Broker, prefix: str, expected: str, timeout: float =
         if not ev.wait(timeout):
             raise TimeoutError(f"bridge status never became {expected!r}; saw {got}")
     finally:
+        c.disconnect()  # first: it wakes paho's loop; loop_stop() alone waits up to 1 s
         c.loop_stop()
-        c.disconnect()
 
 
 def bridge_user(client_id: str) -> str:
@@ -530,8 +530,8 @@ class Watcher:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def retained(broker: Broker, topic: str, timeout: float = 1.0) -> bytes | None:
@@ -602,5 +602,5 @@ class V5Device:
             return list(self.got)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()

@@ -694,8 +694,8 @@ def _retained(broker: Broker, topic: str, timeout: float = 2.0) -> bytes | None:
     deadline = time.monotonic() + timeout
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
-    c.loop_stop()
     c.disconnect()
+    c.loop_stop()
     return got[-1] if got else None
 
 
@@ -806,5 +806,5 @@ def test_mosquitto_announces_a_receive_maximum_it_does_not_enforce_for_qos1(
             time.sleep(0.02)
         assert c.is_connected()
     finally:
-        c.loop_stop()
         c.disconnect()
+        c.loop_stop()

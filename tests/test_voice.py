@@ -91,8 +91,8 @@ class VoiceDevice:
             return list(self.audio[rid])
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @pytest.fixture

@@ -91,8 +91,8 @@ class FakeBridge:
         self.client.publish(self.base + "call", json.dumps(body), qos=1).wait_for_publish(5)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def test_device_library_runs_calls_once_on_time_and_only_for_this_connection(
