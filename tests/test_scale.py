@@ -32,6 +32,7 @@ from tests.harness import (
     BridgeProcess,
     Broker,
     Device,
+    DropProxy,
     bridge_env,
     free_port,
     wait_for_status,
@@ -559,6 +560,54 @@ def test_a_silent_worker_on_another_host_has_its_session_taken_over(
         _retry_served(dev, "o1", payload)
     finally:
         dev.close()
+
+
+def test_a_worker_cut_off_from_the_store_and_taken_for_dead_sends_no_second_terminal(
+    group: Callable[..., Group], group_broker: Broker, redis_server: Redis
+) -> None:
+    """A worker that loses the store (not the broker) for longer than the TTL while it
+    streams is taken for dead: the leader answers its request `interrupted`. When the
+    worker reaches the store again it learns so and stops that stream, with no terminal
+    of its own: the device gets exactly one."""
+    proxy = DropProxy(redis_server.port)
+    users = {f"BRIDGE_MQTT_URL_{i + 1}": group_broker.url(u) for i, u in enumerate(WORKERS)}
+    g = group(1, hosts=True, BRIDGE_STATE_URL=redis_server.url, BRIDGE_LEADER_TTL="2", **users)
+    g.env["BRIDGE_STATE_URL"] = f"redis://127.0.0.1:{proxy.port}/0"  # the second one's way
+    g.start(1)
+    g.wait_subscribed(1)
+    dev = Device(group_broker, "cut1", g.prefix)
+    long = "[mock tokens=320 delay_ms=25] a long one"  # 8 s
+    try:
+        rids = []
+        while not rids or _served_by(g, rids[-1]) != [1]:
+            assert len(rids) < 6, [_served_by(g, r) for r in rids]
+            rids.append(f"c{len(rids)}")
+            _ask(dev, rids[-1], long)
+            deadline = time.monotonic() + 5
+            while not _served_by(g, rids[-1]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        victim = rids[-1]
+        asked = time.monotonic()
+        while not dev.messages(victim):
+            time.sleep(0.05)
+        proxy.cut()
+        end = dev.wait_raw(victim, 15)[-1]  # the leader's answer
+        assert end == {"seq": SEQ_UNKNOWN, "error": {"code": "interrupted", "message": ANY}}
+        proxy.mend()
+        said = "was taken for dead (cut off from the shared store): the leader answered 1"
+        deadline = time.monotonic() + 15
+        while said not in g.procs[1].logs():
+            assert time.monotonic() < deadline, g.procs[1].logs()[-2000:]
+            time.sleep(0.1)
+        assert time.monotonic() - asked < 7, "the stream had ended: nothing was stopped"
+        time.sleep(max(0.5, asked + 8.5 - time.monotonic()))  # past the stream's own end
+        got = dev.messages(victim)
+        assert [m for m in got if "error" in m or "done" in m] == [end], got[-3:]
+        assert f"stopped device=cut1 id={victim}: answered by the leader" in g.procs[1].logs()
+    finally:
+        dev.close()
+        proxy.close()
 
 
 def test_workers_share_limits_through_redis_and_ride_out_its_restart(

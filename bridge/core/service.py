@@ -59,6 +59,8 @@ START_GAP = 0.1
 # how long without a message ends it (what the broker queued comes at once).
 TAKE_OVER_WAIT = 10.0
 TAKE_OVER_QUIET = 1.0
+# A request's end without a terminal of its own: the leader answered it (`_taken_for_dead`).
+_ANSWERED = "answered_by_the_leader"
 
 
 class Recent:
@@ -198,6 +200,7 @@ class Bridge:
         self.journal: Journal | None = None
         self._adopted: dict[Path, Journal] = {}  # dead workers' journals being answered
         self._taking_over: dict[str, asyncio.Task[None]] = {}  # dead workers' sessions
+        self._known_alive = False  # the store had this worker among the living at a beat
         if settings.journal:
             self.journal = Journal(
                 settings.data_dir / f"inflight-{settings.client_id}.journal",
@@ -285,7 +288,8 @@ class Bridge:
     async def start(self, connect_timeout: float | None = None) -> None:
         """Connect to the broker and start serving."""
         if self.shared is not None:
-            self.shared.beat(self.worker, self.settings.leader_ttl, time.time())
+            self._known_alive = self.shared.beat(self.worker, self.settings.leader_ttl,
+                                                 time.time()) is not None  # fmt: skip
             self._campaign()
             self._leader = asyncio.create_task(self._lead(), name="leader")
         await self.link.start(timeout=connect_timeout)
@@ -307,7 +311,10 @@ class Bridge:
         assert self.shared is not None
         while True:
             await asyncio.sleep(self.settings.leader_ttl / 3)
-            self.shared.beat(self.worker, self.settings.leader_ttl, time.time())
+            known = self.shared.beat(self.worker, self.settings.leader_ttl, time.time())
+            if known is False and self._known_alive:
+                self._taken_for_dead()
+            self._known_alive = self._known_alive or known is not None
             try:
                 self._campaign()
             except Exception:
@@ -517,6 +524,25 @@ class Bridge:
                 "worker %s is silent: sent %d interrupted terminals for its requests",
                 worker, len(held),
             )  # fmt: skip
+
+    def _taken_for_dead(self) -> None:
+        """The leader took this worker for dead while it lived (cut off from the store
+        longer than `BRIDGE_LEADER_TTL`, not from the broker) and answered the requests
+        it held with `interrupted`: those stop here, without a second terminal. Their
+        devices have retried; a stream going on would reach the retry as a gap."""
+        assert self.shared is not None
+        answered = self.shared.take_answered(self.worker)
+        stopped = 0
+        for job in list(self.jobs.values()):
+            key = (job.device, _dedup_key(job.request.id, job.digest))
+            if key in answered and job.task is not None:
+                job.cancel_code = _ANSWERED
+                _cancel_soon(job.task)
+                stopped += 1
+        log.error(
+            "worker %s was taken for dead (cut off from the shared store): the leader "
+            "answered %d of its requests; they stop here", self.worker, stopped,
+        )  # fmt: skip
 
     def _taken_over(self, worker: str, _task: asyncio.Task[None]) -> None:
         self._taking_over.pop(worker, None)
@@ -818,9 +844,19 @@ class Bridge:
             del self.jobs[(job.device, job.rid)]
         if job.timer is not None:
             job.timer.cancel()
-        self._publish_held(job)
         error = job.error
         key = _dedup_key(job.request.id, job.digest)
+        if error is not None and error.code == _ANSWERED:
+            # Its one terminal went out from the leader (`_taken_for_dead`).
+            job.outcome = p.INTERRUPTED
+            if self.journal is not None:
+                self.journal.remove(job.slot)
+            self._each("finished", job)
+            log.info("stopped device=%s id=%s: answered by the leader", job.device, job.rid,
+                     extra={"device": job.device, "request_id": job.rid,
+                            "outcome": job.outcome})  # fmt: skip
+            return
+        self._publish_held(job)
         if error is None:
             payload = self._done(job)
         else:

@@ -141,8 +141,14 @@ class Store(Protocol):
         of those a peer already answered from `take_holds`, to skip."""
         ...
 
-    def beat(self, worker: str, ttl: float, now: float) -> None:
-        """`worker` is alive for `ttl` more seconds (every worker, every third of the TTL)."""
+    def beat(self, worker: str, ttl: float, now: float) -> bool:
+        """`worker` is alive for `ttl` more seconds (every worker, every third of the TTL).
+        False when it was not among the living: its first beat, or it was taken for dead."""
+        ...
+
+    def take_answered(self, worker: str) -> set[tuple[str, str]]:
+        """The (device, key) of `worker`'s requests a peer answered from `take_holds`
+        while it lived (taken for dead); forgotten here."""
         ...
 
     def leave(self, worker: str) -> None:
@@ -365,17 +371,26 @@ class SqliteStore:
         ]
 
     def settle(self, worker: str) -> set[tuple[str, str]]:
+        return self._answered(worker, drop_holds=True)
+
+    def take_answered(self, worker: str) -> set[tuple[str, str]]:
+        return self._answered(worker, drop_holds=False)
+
+    def _answered(self, worker: str, *, drop_holds: bool) -> set[tuple[str, str]]:
         with self._tx():
-            self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
+            if drop_holds:
+                self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
             rows = self.db.execute(
                 "SELECT device, key FROM answered WHERE worker = ?", (worker,)
             ).fetchall()
             self.db.execute("DELETE FROM answered WHERE worker = ?", (worker,))
         return {(str(d), str(k)) for d, k in rows}
 
-    def beat(self, worker: str, ttl: float, now: float) -> None:
-        with self._lock:
+    def beat(self, worker: str, ttl: float, now: float) -> bool:
+        with self._tx():
+            known = self.db.execute("SELECT 1 FROM alive WHERE worker = ?", (worker,)).fetchone()
             self.db.execute("INSERT OR REPLACE INTO alive VALUES (?, ?)", (worker, now + ttl))
+        return known is not None
 
     def leave(self, worker: str) -> None:
         with self._lock:
@@ -612,16 +627,24 @@ class RedisStore:
         return got
 
     def settle(self, worker: str) -> set[tuple[str, str]]:
+        return self._answered(worker, drop_holds=True)
+
+    def take_answered(self, worker: str) -> set[tuple[str, str]]:
+        return self._answered(worker, drop_holds=False)
+
+    def _answered(self, worker: str, *, drop_holds: bool) -> set[tuple[str, str]]:
         pipe = self.r.pipeline()  # MULTI/EXEC: one step
-        pipe.delete(self._k("holding", worker))
+        if drop_holds:
+            pipe.delete(self._k("holding", worker))
         pipe.smembers(self._k("answered", worker))
         pipe.delete(self._k("answered", worker))
-        members: Any = pipe.execute()[1]
+        members: Any = pipe.execute()[-2]
         pairs = (bytes(m).decode().partition("\n") for m in members)
         return {(device, key) for device, _, key in pairs}
 
-    def beat(self, worker: str, ttl: float, now: float) -> None:
-        self.r.zadd(self._k("alive"), {worker: now + ttl})
+    def beat(self, worker: str, ttl: float, now: float) -> bool:
+        added: Any = self.r.zadd(self._k("alive"), {worker: now + ttl})
+        return int(added) == 0
 
     def leave(self, worker: str) -> None:
         self.r.zrem(self._k("alive"), worker)
@@ -794,8 +817,14 @@ class Guarded:
         got: set[tuple[str, str]] | None = self._do("settle", None, worker)
         return got
 
-    def beat(self, worker: str, ttl: float, now: float) -> None:
-        self._do("beat", None, worker, ttl, now)
+    def beat(self, worker: str, ttl: float, now: float) -> bool | None:
+        """None while the store is away (nothing learnt)."""
+        known: bool | None = self._do("beat", None, worker, ttl, now)
+        return known
+
+    def take_answered(self, worker: str) -> set[tuple[str, str]]:
+        got: set[tuple[str, str]] = self._do("take_answered", set(), worker)
+        return got
 
     def leave(self, worker: str) -> None:
         self._do("leave", None, worker)

@@ -7,13 +7,10 @@ and ACL) -> the bridge process -> the mock LLM, and back. Uses the
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +20,7 @@ import pytest
 
 from bridge.dev.mock_llm import REFUSAL_TEXT, reply_tokens
 from tests.device import vmkit
-from tests.harness import BridgeProcess, Broker, Device, bridge_env, wait_for_status
+from tests.harness import BridgeProcess, Broker, Device, DropProxy, bridge_env, wait_for_status
 
 _ids = itertools.count()
 
@@ -283,60 +280,6 @@ def test_keyboard_interrupt_cancels(
     assert "INTERRUPTED" in out, out + err
     _rid, reply = observer.wait_any(timeout=5)
     assert reply.error_code == "cancelled"
-
-
-class DropProxy:
-    """A TCP proxy to the broker whose connections the test can cut."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.sent = bytearray()  # what the device sent, all connections
-        self.accepted = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.srv.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.accepted += 1
-                self.conns += [client, upstream]
-            for a, b, log in ((client, upstream, self.sent), (upstream, client, None)):
-                threading.Thread(target=self._pump, args=(a, b, log), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket, log: bytearray | None) -> None:
-        try:
-            while data := a.recv(65536):
-                if log is not None:
-                    log += data
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def drop(self) -> None:
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.srv.close()
-        self.drop()
 
 
 def test_broker_connection_dropped_mid_reply(
