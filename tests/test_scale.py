@@ -234,7 +234,8 @@ def _store_contract(a: Any, b: Any) -> None:
     a.resign("w1")
     assert b.lead("w2", 5, now), "a resigned leader's place is free"
 
-    a.beat("w1", 5, now)
+    assert not a.beat("w1", 5, now), "its first beat"
+    assert a.beat("w1", 5, now), "known among the living"
     b.beat("w2", 5, now)
     b.beat("w3", 5, now)
     assert a.silent(now + 1) == []
@@ -245,6 +246,7 @@ def _store_contract(a: Any, b: Any) -> None:
     assert b.take_silent("w2", now + 6)
     assert not a.take_silent("w2", now + 6), "one worker takes a silent one's place"
     assert a.silent(now + 6) == []
+    assert not b.beat("w2", 5, now + 7), "w2 lived: its next beat tells it it was taken"
 
     a.hold("w1", Held("d1", "r1", "p/d1/res/r1", None))
     a.hold("w1", Held("d2", "r2", "p/d2/res/r2", None))
@@ -258,6 +260,10 @@ def _store_contract(a: Any, b: Any) -> None:
     assert b.settle("w1") == {("d1", "r1"), ("d3", "r3")}, "its journal skips what was answered"
     assert a.take_holds("w1", now) == [], "what its journal answers is nobody else's"
     assert a.settle("w1") == set()
+    a.hold("w1", Held("d5", "r5", "p/d5/res/r5", None))
+    assert [h.key for h in b.take_holds("w1", now)] == ["r5"]  # taken for dead while it lived
+    assert a.take_answered("w1") == {("d5", "r5")}, "what it must stop, without a terminal"
+    assert a.take_answered("w1") == set()
 
 
 def test_sqlite_store_is_one_state_for_two_workers(tmp_path: Path) -> None:
@@ -289,7 +295,8 @@ def test_guarded_store_serves_from_memory_while_redis_is_down_and_recovers(
     assert g.open_stream("d", "k", "t", "w1", 1) == -1
     assert g.open_stream("d", "k2", "t2", "w1", 1) == 1, "limits hold per worker meanwhile"
     assert not g.lead("w1", 5, now), "no worker leads without the store"
-    g.beat("w1", 5, now)  # nothing to say it with: no error either
+    assert g.beat("w1", 5, now) is None  # nothing to say it with, nothing learnt
+    assert g.take_answered("w1") == set()
     assert g.silent(now + 60) == [] and g.take_holds("w2", now) == []
     assert g.settle("w2") is None, "unknown: the journal is answered in full"
     assert not g.take_silent("w2", now + 60), "nobody is taken for dead without the store"
