@@ -507,6 +507,8 @@ def test_interrupted_terminal_after_a_gap_ends_the_reply_as_interrupted(tmp_path
         r["interrupted_first"]["pieces"] == [] and r["interrupted_first"]["error"] == "interrupted"
     )
     assert r["interrupted_in_order"]["error"] == "interrupted"
+    assert r["interrupted_by_peer"]["error"] == "interrupted"  # seq 4294967295
+    assert r["interrupted_by_peer"]["pieces"] == ["a"]
     assert r["interrupted_in_order"]["pieces"] == ["a"]
     for case in ("gap_other_error", "gap_done", "gap_interrupted_not_terminal"):
         assert r[case]["error"] == "protocol", (case, r[case])

@@ -74,6 +74,11 @@ async def main():
             {"seq": 3, "error": {"code": "interrupted", "message": "the bridge restarted"}},
         ],
         "interrupted_first": [{"seq": 2, "error": {"code": "interrupted", "message": "x"}}],
+        # a peer answering for a worker that died on another host: seq 2**32 - 1
+        "interrupted_by_peer": [
+            {"seq": 0, "delta": "a"},
+            {"seq": 4294967295, "error": {"code": "interrupted", "message": "peer"}},
+        ],
         "interrupted_in_order": [
             {"seq": 0, "delta": "a"},
             {"seq": 1, "error": {"code": "interrupted", "message": "the bridge stopped"}},
