@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -85,16 +86,13 @@ class Store(Protocol):
         (at least `limit`). A `key` already running replaces it without adding one."""
         ...
 
-    def close_stream(self, device: str, key: str, token: str) -> None:
-        """The request of `token` ended (a request that replaced it keeps its count)."""
+    def close_stream(self, device: str, key: str, token: str) -> int:
+        """The request of `token` ended (a request that replaced it keeps its count);
+        how many of `device` still run, on every worker (one round trip for both)."""
         ...
 
     def drop_worker(self, worker: str) -> None:
         """Forget the streams of `worker` (its replacement calls this when it starts)."""
-        ...
-
-    def running(self, device: str) -> int:
-        """The requests of `device` that `open_stream` counts now, on every worker."""
         ...
 
     def requests_since(self, device: str, since: float) -> list[float]: ...
@@ -251,23 +249,20 @@ class SqliteStore:
             )
             return -1
 
-    def close_stream(self, device: str, key: str, token: str) -> None:
+    def close_stream(self, device: str, key: str, token: str) -> int:
         with self._lock:
             self.db.execute(
                 "DELETE FROM streams WHERE device = ? AND key = ? AND token = ?",
                 (device, key, token),
             )
-
-    def drop_worker(self, worker: str) -> None:
-        with self._lock:
-            self.db.execute("DELETE FROM streams WHERE worker = ?", (worker,))
-
-    def running(self, device: str) -> int:
-        with self._lock:
             (n,) = self.db.execute(
                 "SELECT COUNT(*) FROM streams WHERE device = ?", (device,)
             ).fetchone()
         return int(n)
+
+    def drop_worker(self, worker: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM streams WHERE worker = ?", (worker,))
 
     def requests_since(self, device: str, since: float) -> list[float]:
         with self._lock:
@@ -452,13 +447,14 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
 redis.call('SADD', KEYS[2], KEYS[1] .. '\\n' .. ARGV[1])
 return -1
 """
+# The worker's index (ARGV[3] .. worker) is named from the value: one round trip.
 _CLOSE = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '|' then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], KEYS[1] .. '\\n' .. ARGV[1])
+  redis.call('SREM', ARGV[3] .. string.match(v, '[^|]*$'), KEYS[1] .. '\\n' .. ARGV[1])
 end
-return 0
+return redis.call('HLEN', KEYS[1])
 """
 _DROP = """
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -540,20 +536,13 @@ class RedisStore:
         keys = [self._k("streams", device), self._k("worker", worker)]
         return int(self._open(keys=keys, args=[key, token, worker, limit]))
 
-    def close_stream(self, device: str, key: str, token: str) -> None:
+    def close_stream(self, device: str, key: str, token: str) -> int:
         # The worker's index entry is dropped with the field; the worker is read from it.
-        h = self._k("streams", device)
-        value = self.r.hget(h, key)
-        if value is None:
-            return
-        worker = bytes(value).decode().rpartition("|")[2]  # type: ignore[arg-type]
-        self._close(keys=[h, self._k("worker", worker)], args=[key, token])
+        keys = [self._k("streams", device)]
+        return int(self._close(keys=keys, args=[key, token, self._k("worker", "")]))
 
     def drop_worker(self, worker: str) -> None:
         self._drop(keys=[self._k("worker", worker)], args=[worker])
-
-    def running(self, device: str) -> int:
-        return int(self.r.hlen(self._k("streams", device)))
 
     def requests_since(self, device: str, since: float) -> list[float]:
         k = self._k("requests", device)
@@ -696,14 +685,12 @@ class LocalStore:
         self.streams[(device, key)] = token
         return -1
 
-    def close_stream(self, device: str, key: str, token: str) -> None:
+    def close_stream(self, device: str, key: str, token: str) -> int:
         if self.streams.get((device, key)) == token:
             del self.streams[(device, key)]
             self.per_device[device] -= 1
             if self.per_device[device] <= 0:
                 del self.per_device[device]
-
-    def running(self, device: str) -> int:
         return self.per_device.get(device, 0)
 
 
@@ -714,14 +701,43 @@ class Guarded:
     duplicates are only caught within this worker); the first success after
     it as recovered. The counters of the rate and budget are not counted
     while the store is away (a device gets more, never less, than its limits).
+
+    Writes whose answer nobody waits for and that no later read of this
+    worker depends on (`hold`, `unhold`, `add_counts`) are made by one thread
+    of their own, in order: each call is a round trip to Redis, and on the
+    event loop every request waited for them (docs/scaling.md, "The store's
+    cost per request").
     """
 
-    def __init__(self, store: Store, worker: str) -> None:
+    def __init__(self, store: Store, worker: str, *, defer: bool = True) -> None:
         self.store = store
         self.worker = worker
         self.local = LocalStore()
         self.degraded = False
         self.failures = 0
+        self._defer = defer
+        self._later: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+
+    def _do_later(self, name: str, *args: Any) -> None:
+        if not self._defer:
+            self._do(name, None, *args)
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="store-writer", daemon=True)
+            self._writer.start()
+        self._later.put((name, args))
+
+    def _write(self) -> None:
+        while (item := self._later.get()) is not None:
+            self._do(item[0], None, *item[1])
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the deferred writes are made (or `timeout`); the writer then ends."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._later.put(None)
+            writer.join(timeout)
 
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
@@ -758,16 +774,13 @@ class Guarded:
         n: int = self._do("open_stream", self.local.open_stream, device, key, token, worker, limit)
         return n
 
-    def close_stream(self, device: str, key: str, token: str) -> None:
-        self.local.close_stream(device, key, token)
-        self._do("close_stream", None, device, key, token)
+    def close_stream(self, device: str, key: str, token: str) -> int:
+        left = self.local.close_stream(device, key, token)
+        n: int = self._do("close_stream", left, device, key, token)
+        return n
 
     def drop_worker(self, worker: str) -> None:
         self._do("drop_worker", None, worker)
-
-    def running(self, device: str) -> int:
-        n: int = self._do("running", self.local.running, device)
-        return n
 
     def requests_since(self, device: str, since: float) -> list[float]:
         got: list[float] = self._do("requests_since", [], device, since)
@@ -784,7 +797,7 @@ class Guarded:
         return n
 
     def add_counts(self, counts: dict[str, int]) -> None:
-        self._do("add_counts", None, counts)
+        self._do_later("add_counts", counts)
 
     def counts(self) -> dict[str, int]:
         got: dict[str, int] = self._do("counts", {})
@@ -802,10 +815,10 @@ class Guarded:
         return n
 
     def hold(self, worker: str, held: Held) -> None:
-        self._do("hold", None, worker, held)
+        self._do_later("hold", worker, held)
 
     def unhold(self, worker: str, device: str, key: str) -> None:
-        self._do("unhold", None, worker, device, key)
+        self._do_later("unhold", worker, device, key)
 
     def take_holds(self, worker: str, now: float) -> list[Held]:
         got: list[Held] = self._do("take_holds", [], worker, now)
@@ -838,6 +851,7 @@ class Guarded:
         return bool(self._do("take_silent", False, worker, now))
 
     def close(self) -> None:
+        self.flush()
         try:
             self.store.close()
         except Exception:

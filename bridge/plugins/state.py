@@ -324,8 +324,7 @@ class StatePlugin(Plugin):
             )
         if self.shared is not None:
             # A device's requests may run on several workers: it is idle when none runs.
-            self.shared.close_stream(_busy(job.device), job.rid, self._token(job))
-            dev.elsewhere = self.shared.running(_busy(job.device))
+            dev.elsewhere = self.shared.close_stream(_busy(job.device), job.rid, self._token(job))
         self._changed(job.device, dev, force=True)
         event["time"] = now
         self._publish(self.topics.event(job.device), event, retain=False)

@@ -1,0 +1,119 @@
+"""`python -m bench.store`: how long a request's shared-store calls hold the event loop.
+
+Why: in a worker group every request talks to the shared store (Redis) from
+the event loop: a duplicate claim, its hold, the group's counters, the
+device's busy count. Each call is a round trip; with Redis on another host
+each one stops every stream of the worker for that long. This runs the
+calls a request makes in a group with default settings (`bridge/core/service.py`
+and `bridge/plugins/state.py`), through the bridge's own `Guarded` and
+`RedisStore`, against a real `redis-server`: directly on loopback, and
+through a proxy that delays each direction by half of `--rtt-ms` (Redis on a
+LAN). Each with the writes nobody waits for made on the loop (the baseline)
+and by the store's writer thread (what the bridge does), in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+from bench.procs import HOST, free_port, wait_port
+from bridge.core.shared import Guarded, Held, RedisStore
+
+
+class DelayProxy:
+    """A TCP proxy that holds every piece of data `delay` seconds before passing it on."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.target, self.delay = port, delay
+        self.srv = socket.create_server((HOST, 0))
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                time.sleep(self.delay)
+                b.sendall(data)
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def one_request(g: Guarded, worker: str, i: int) -> None:
+    """The store calls of one request that ends `done`, in the bridge's order."""
+    device, key, busy = f"d{i % 50}", f"r{i}", f"busy:d{i % 50}"
+    g.claim(device, key, b"digest", time.time(), 600)  # Recent.duplicate
+    g.hold(worker, Held(device, key, f"llm/{device}/res/{key}", None))  # Bridge._queue
+    g.add_counts({"requests": 1})  # StatePlugin.started
+    g.open_stream(busy, key, "t", worker, 0)
+    g.unhold(worker, device, key)  # Bridge._end
+    g.add_counts({"errors": 0, "tokens_total": 12})  # StatePlugin.finished
+    g.close_stream(busy, key, "t")  # and how many still run
+
+
+def measure(url: str, defer: bool, requests: int) -> float:
+    """Seconds the caller spent in the store's calls, per request."""
+    g = Guarded(RedisStore(url, "bench-" + secrets.token_hex(4), timeout=5), "w1", defer=defer)
+    for i in range(10):  # connections made, scripts loaded
+        one_request(g, "w1", -1 - i)
+    g.flush()
+    spent = 0.0
+    for i in range(requests):
+        start = time.perf_counter()
+        one_request(g, "w1", i)
+        spent += time.perf_counter() - start
+    g.close()
+    return spent / requests
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--rtt-ms", type=float, default=0.5, help="round trip to Redis on a LAN")
+    args = ap.parse_args()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    redis = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    proxy = None
+    try:
+        wait_port(port)
+        proxy = DelayProxy(port, args.rtt_ms / 2000)
+        ways = [("loopback", port), (f"+{args.rtt_ms:g} ms round trip", proxy.port)]
+        print(f"{'Redis':<22} {'writes on the loop':>20} {'writer thread':>16} {'ratio':>7}")
+        for name, p in ways:
+            url = f"redis://{HOST}:{p}/0"
+            on_loop = measure(url, False, args.requests)
+            deferred = measure(url, True, args.requests)
+            print(f"{name:<22} {on_loop * 1e6:>17.0f} µs {deferred * 1e6:>13.0f} µs"
+                  f" {deferred / on_loop:>7.2f}")  # fmt: skip
+        print("(time a request's store calls hold the event loop, per request)")
+    finally:
+        if proxy is not None:
+            proxy.close()
+        redis.terminate()
+        redis.wait()
+
+
+if __name__ == "__main__":
+    main()
