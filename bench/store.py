@@ -8,8 +8,9 @@ calls a request makes in a group with default settings (`bridge/core/service.py`
 and `bridge/plugins/state.py`), through the bridge's own `Guarded` and
 `RedisStore`, against a real `redis-server`: directly on loopback, and
 through a proxy that delays each direction by half of `--rtt-ms` (Redis on a
-LAN). Each with the writes nobody waits for made on the loop (the baseline)
-and by the store's writer thread (what the bridge does), in the same run.
+LAN), and with the SQLite store of workers on one host. Each with the writes
+nobody waits for made on the loop (the baseline) and by the store's writer
+thread (what the bridge does), in the same run.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from bench.procs import HOST, free_port, wait_port
-from bridge.core.shared import Guarded, Held, RedisStore
+from bridge.core.shared import Guarded, Held, RedisStore, SqliteStore, Store
 
 
 class DelayProxy:
@@ -69,9 +73,9 @@ def one_request(g: Guarded, worker: str, i: int) -> None:
     g.close_stream(busy, key, "t")  # and how many still run
 
 
-def measure(url: str, defer: bool, requests: int) -> float:
+def measure(make: Callable[[], Store], defer: bool, requests: int) -> float:
     """Seconds the caller spent in the store's calls, per request."""
-    g = Guarded(RedisStore(url, "bench-" + secrets.token_hex(4), timeout=5), "w1", defer=defer)
+    g = Guarded(make(), "w1", defer=defer)
     for i in range(10):  # connections made, scripts loaded
         one_request(g, "w1", -1 - i)
     g.flush()
@@ -98,14 +102,22 @@ def main() -> None:
     proxy = None
     try:
         wait_port(port)
-        proxy = DelayProxy(port, args.rtt_ms / 2000)
-        ways = [("loopback", port), (f"+{args.rtt_ms:g} ms round trip", proxy.port)]
-        print(f"{'Redis':<22} {'writes on the loop':>20} {'writer thread':>16} {'ratio':>7}")
-        for name, p in ways:
-            url = f"redis://{HOST}:{p}/0"
-            on_loop = measure(url, False, args.requests)
-            deferred = measure(url, True, args.requests)
-            print(f"{name:<22} {on_loop * 1e6:>17.0f} µs {deferred * 1e6:>13.0f} µs"
+        proxy = DelayProxy(port, args.rtt_ms / 2000)  # half of it each way
+        folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
+
+        def redis_at(p: int) -> Callable[[], Store]:
+            return lambda: RedisStore(f"redis://{HOST}:{p}/0", "b" + secrets.token_hex(4), 5)
+
+        ways = [
+            ("Redis on loopback", redis_at(port)),
+            (f"Redis +{args.rtt_ms:g} ms round trip", redis_at(proxy.port)),
+            ("SQLite (one host)", lambda: SqliteStore(folder / f"{secrets.token_hex(4)}.db")),
+        ]
+        print(f"{'store':<28} {'writes on the loop':>20} {'writer thread':>16} {'ratio':>7}")
+        for name, make in ways:
+            on_loop = measure(make, False, args.requests)
+            deferred = measure(make, True, args.requests)
+            print(f"{name:<28} {on_loop * 1e6:>17.0f} µs {deferred * 1e6:>13.0f} µs"
                   f" {deferred / on_loop:>7.2f}")  # fmt: skip
         print("(time a request's store calls hold the event loop, per request)")
     finally:

@@ -702,14 +702,15 @@ class Guarded:
     it as recovered. The counters of the rate and budget are not counted
     while the store is away (a device gets more, never less, than its limits).
 
-    Writes whose answer nobody waits for and that no later read of this
-    worker depends on (`hold`, `unhold`, `add_counts`) are made by one thread
-    of their own, in order: each call is a round trip to Redis, and on the
-    event loop every request waited for them (docs/scaling.md, "The store's
-    cost per request").
+    With `defer` (Redis), writes whose answer nobody waits for and that no
+    later read of this worker depends on (`hold`, `unhold`, `add_counts`)
+    are made by one thread of their own, in order: each call is a round trip,
+    and on the event loop every request waited for them (docs/scaling.md,
+    "The store's cost per request"). SQLite's calls are CPU, not waiting: a
+    thread would only contend with the loop for the interpreter.
     """
 
-    def __init__(self, store: Store, worker: str, *, defer: bool = True) -> None:
+    def __init__(self, store: Store, worker: str, *, defer: bool = False) -> None:
         self.store = store
         self.worker = worker
         self.local = LocalStore()
@@ -860,11 +861,8 @@ class Guarded:
 
 def open_store(state_url: str, data_dir: Path, namespace: str, worker: str) -> Guarded:
     """The group's store: Redis when `state_url` is `redis://...`, else SQLite in `data_dir`."""
-    store: Store
     if state_url.startswith(("redis://", "rediss://", "unix://")):
-        store = RedisStore(state_url, namespace)
-    elif state_url.startswith("sqlite:///"):
-        store = SqliteStore(Path(state_url.removeprefix("sqlite://")))
-    else:
-        store = SqliteStore(data_dir / f"{namespace}-{SHARED_FILE}")
-    return Guarded(store, worker)
+        return Guarded(RedisStore(state_url, namespace), worker, defer=True)
+    if state_url.startswith("sqlite:///"):
+        return Guarded(SqliteStore(Path(state_url.removeprefix("sqlite://"))), worker)
+    return Guarded(SqliteStore(data_dir / f"{namespace}-{SHARED_FILE}"), worker)

@@ -1,12 +1,13 @@
-"""Writes nobody waits for go to the shared store from one thread, in order, off the loop."""
+"""Writes nobody waits for go to a Redis store from one thread, in order, off the loop."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from bridge.core.shared import Guarded, Held
+from bridge.core.shared import Guarded, Held, open_store
 
 ROUND_TRIP = 0.05
 
@@ -31,7 +32,7 @@ class SlowStore:
 
 def test_holds_and_counts_do_not_wait_for_the_store_and_keep_their_order() -> None:
     store = SlowStore()
-    g = Guarded(store, "w1")  # type: ignore[arg-type]
+    g = Guarded(store, "w1", defer=True)  # type: ignore[arg-type]
     start = time.monotonic()
     g.hold("w1", Held("d", "k", "p/d/res/k", None))
     g.add_counts({"requests": 1})
@@ -45,14 +46,14 @@ def test_holds_and_counts_do_not_wait_for_the_store_and_keep_their_order() -> No
 
 def test_decisions_are_still_asked_on_the_callers_thread() -> None:
     store = SlowStore()
-    g = Guarded(store, "w1")  # type: ignore[arg-type]
+    g = Guarded(store, "w1", defer=True)  # type: ignore[arg-type]
     assert g.claim("d", "k", b"x", time.time(), 600)
     assert store.calls == [("claim", threading.current_thread().name)]
 
 
 def test_close_makes_the_deferred_writes_first() -> None:
     store = SlowStore()
-    g = Guarded(store, "w1")  # type: ignore[arg-type]
+    g = Guarded(store, "w1", defer=True)  # type: ignore[arg-type]
     for i in range(3):
         g.add_counts({"requests": i})
     g.close()
@@ -60,16 +61,27 @@ def test_close_makes_the_deferred_writes_first() -> None:
 
 
 def test_a_failing_deferred_write_marks_the_store_away_and_raises_nowhere() -> None:
-    g = Guarded(SlowStore(fail=True), "w1")  # type: ignore[arg-type]
+    g = Guarded(SlowStore(fail=True), "w1", defer=True)  # type: ignore[arg-type]
     g.hold("w1", Held("d", "k", "p/d/res/k", None))
     g.flush()
     assert g.degraded and g.failures == 1
 
 
 def test_without_deferral_each_write_is_a_round_trip_of_the_caller() -> None:
+    """SQLite's case: its calls are CPU, which a thread would not take off the loop."""
     store = SlowStore()
-    g = Guarded(store, "w1", defer=False)  # type: ignore[arg-type]
+    g = Guarded(store, "w1")  # type: ignore[arg-type]
     start = time.monotonic()
     g.add_counts({"requests": 1})
     assert time.monotonic() - start >= ROUND_TRIP
     assert store.calls == [("add_counts", threading.current_thread().name)]
+
+
+def test_only_a_redis_store_defers_its_writes(tmp_path: Path) -> None:
+    redis = open_store("redis://127.0.0.1:1/0", tmp_path, "g", "w1")  # connects lazily
+    sqlite = open_store("", tmp_path, "g", "w1")
+    try:
+        assert redis._defer and not sqlite._defer
+    finally:
+        redis.store.close()
+        sqlite.close()
