@@ -8,6 +8,7 @@ no system lost, repeated or reordered a chunk.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,18 @@ def test_starts_bench_measures_both_pool_layouts() -> None:
     for r in rows:
         burst_cpu_ms, last_written_ms, warm_us = (float(x) for x in r[-3:])
         assert burst_cpu_ms > 0 and last_written_ms > 0 and warm_us > 0, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_store_bench_measures_each_store_both_ways() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.store", "--requests", "20"],
+        cwd=REPO, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("Redis", "SQLite"))]
+    assert [r.split()[0] for r in rows] == ["Redis", "Redis", "SQLite"], proc.stdout
+    for row in rows:
+        on_loop, deferred = (float(x) for x in re.findall(r"(\d+) µs", row))
+        assert on_loop > 0 and deferred > 0, proc.stdout
