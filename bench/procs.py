@@ -7,6 +7,7 @@ rather than through a dependency.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import getpass
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -304,3 +306,72 @@ def machine_cpu_s() -> tuple[float, float]:
     user, nice, system = (int(x) for x in fields[:3])
     steal = int(fields[7]) if len(fields) > 7 else 0
     return (user + nice + system) / CLK_TCK, steal / CLK_TCK
+
+
+class TcpProxy:
+    """A TCP proxy on loopback, to a broker or Redis: it can hold each piece of data
+    `delay` seconds (a LAN), drop its connections (`drop`), and refuse new ones until
+    `mend()` (`cut`: a network cut, one way). `sent` logs what clients sent."""
+
+    def __init__(self, port: int, delay: float = 0.0) -> None:
+        self.target, self.delay = port, delay
+        self.srv = socket.create_server((HOST, 0))
+        self.port = self.srv.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.sent = bytearray()
+        self.accepted = 0
+        self.refusing = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.srv.accept()
+            except OSError:
+                return
+            try:
+                if self.refusing:
+                    raise ConnectionRefusedError
+                upstream = socket.create_connection((HOST, self.target))
+            except OSError:  # cut, or the server is away: so is this connection
+                client.close()
+                continue
+            with self.lock:
+                self.accepted += 1
+                self.conns += [client, upstream]
+            for a, b, log in ((client, upstream, self.sent), (upstream, client, None)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=self._pump, args=(a, b, log), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, log: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                if log is not None:
+                    log += data
+                if self.delay:
+                    time.sleep(self.delay)
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def drop(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones."""
+        self.refusing = True
+        self.drop()
+
+    def mend(self) -> None:
+        self.refusing = False
+
+    def close(self) -> None:
+        self.srv.close()
+        self.drop()

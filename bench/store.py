@@ -16,49 +16,16 @@ thread (what the bridge does), in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.procs import HOST, free_port, wait_port
+from bench.procs import HOST, TcpProxy, free_port, wait_port
 from bridge.core.shared import Guarded, Held, RedisStore, SqliteStore, Store
-
-
-class DelayProxy:
-    """A TCP proxy that holds every piece of data `delay` seconds before passing it on."""
-
-    def __init__(self, port: int, delay: float) -> None:
-        self.target, self.delay = port, delay
-        self.srv = socket.create_server((HOST, 0))
-        self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.srv.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((HOST, self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := a.recv(65536):
-                time.sleep(self.delay)
-                b.sendall(data)
-
-    def close(self) -> None:
-        self.srv.close()
 
 
 def one_request(g: Guarded, worker: str, i: int) -> None:
@@ -102,7 +69,7 @@ def main() -> None:
     proxy = None
     try:
         wait_port(port)
-        proxy = DelayProxy(port, args.rtt_ms / 2000)  # half of it each way
+        proxy = TcpProxy(port, delay=args.rtt_ms / 2000)  # half of it each way
         folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
 
         def redis_at(p: int) -> Callable[[], Store]:

@@ -3,7 +3,6 @@ process, and a device that checks every reply against protocol v1."""
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
@@ -605,74 +604,3 @@ class V5Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-class DropProxy:
-    """A TCP proxy on loopback (to a broker, to Redis) whose connections a test can cut,
-    and which it can make refuse new ones until `mend()`: a network cut, one way."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.sent = bytearray()  # what the device sent, all connections
-        self.accepted = 0
-        self.refusing = False
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.srv.accept()
-            except OSError:
-                return
-            if self.refusing:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:  # the server is away: so is this connection
-                client.close()
-                continue
-            with self.lock:
-                self.accepted += 1
-                self.conns += [client, upstream]
-            for a, b, log in ((client, upstream, self.sent), (upstream, client, None)):
-                threading.Thread(target=self._pump, args=(a, b, log), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket, log: bytearray | None) -> None:
-        try:
-            while data := a.recv(65536):
-                if log is not None:
-                    log += data
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def drop(self) -> None:
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        """Drop every connection and refuse new ones."""
-        self.refusing = True
-        self.drop()
-
-    def mend(self) -> None:
-        self.refusing = False
-
-    def close(self) -> None:
-        self.srv.close()
-        self.drop()

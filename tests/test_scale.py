@@ -23,7 +23,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from bench.procs import worker_acl
+from bench.procs import TcpProxy, worker_acl
 from bridge.core.protocol import SEQ_UNKNOWN
 from bridge.core.shared import Guarded, Held, RedisStore, SqliteStore
 from tests.harness import (
@@ -32,7 +32,6 @@ from tests.harness import (
     BridgeProcess,
     Broker,
     Device,
-    DropProxy,
     bridge_env,
     free_port,
     wait_for_status,
@@ -576,7 +575,7 @@ def test_a_worker_cut_off_from_the_store_and_taken_for_dead_sends_no_second_term
     streams is taken for dead: the leader answers its request `interrupted`. When the
     worker reaches the store again it learns so and stops that stream, with no terminal
     of its own: the device gets exactly one."""
-    proxy = DropProxy(redis_server.port)
+    proxy = TcpProxy(redis_server.port)
     users = {f"BRIDGE_MQTT_URL_{i + 1}": group_broker.url(u) for i, u in enumerate(WORKERS)}
     g = group(1, hosts=True, BRIDGE_STATE_URL=redis_server.url, BRIDGE_LEADER_TTL="2", **users)
     g.env["BRIDGE_STATE_URL"] = f"redis://127.0.0.1:{proxy.port}/0"  # the second one's way

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from bridge.dev.mock_llm import REFUSAL_TEXT, reply_tokens
+from bench.procs import TcpProxy
 from tests.device import vmkit
-from tests.harness import BridgeProcess, Broker, Device, DropProxy, bridge_env, wait_for_status
+from tests.harness import BridgeProcess, Broker, Device, bridge_env, wait_for_status
 
 _ids = itertools.count()
 
@@ -285,7 +286,7 @@ def test_keyboard_interrupt_cancels(
 def test_broker_connection_dropped_mid_reply(
     device_config: dict[str, Any], observer: Device, tmp_path: Path
 ) -> None:
-    proxy = DropProxy(device_config["broker"]["port"])
+    proxy = TcpProxy(device_config["broker"]["port"])
     device_config["broker"]["port"] = proxy.port
     prompt = "keep going"
     job = tmp_path / "job.json"
@@ -311,7 +312,7 @@ def test_broker_connection_dropped_mid_reply(
 def test_keepalive_pings_and_reconnect_after_idle(
     device_config: dict[str, Any], tmp_path: Path
 ) -> None:
-    proxy = DropProxy(device_config["broker"]["port"])
+    proxy = TcpProxy(device_config["broker"]["port"])
     device_config["broker"].update(port=proxy.port, keepalive=1)
     steps = [
         # 2 s of silence between two chunks: the device pings every 0.5 s
@@ -390,7 +391,7 @@ def test_device_keeps_its_session_when_the_broker_names_clients_by_user(
     # is found again after the socket dies mid-reply: nothing lost, nothing twice.
     dev = f"vm{next(_ids)}"
     password = username_broker.add_user(dev)
-    proxy = DropProxy(username_broker.port)
+    proxy = TcpProxy(username_broker.port)
     config = {
         "mode": "mqtt",
         "device_id": dev,
