@@ -401,7 +401,6 @@ class Bridge:
         all are.
         """
         recovered, journal.pending = journal.pending, []
-        message = "the bridge stopped while answering; ask again"
         left = len(recovered)
         done = self.shared.settle(worker) if self.shared is not None else None
 
@@ -420,15 +419,19 @@ class Bridge:
             if gone.device is not None and gone.key is not None:
                 # Its retry (same id and payload) is a new try, whichever worker gets it.
                 self.recent.forget(gone.device, gone.key)
-            self.link.publish(
-                gone.topic,
-                p.error_message(gone.seq, p.INTERRUPTED, message),
-                1,
-                properties=_reply_props(gone.correlation),
-                on_ack=functools.partial(acked, gone.slot),
-            )
+            self._publish_interrupted(gone.topic, gone.seq, gone.correlation,
+                                      functools.partial(acked, gone.slot))  # fmt: skip
             sent += 1
         return sent
+
+    def _publish_interrupted(
+        self, topic: str, seq: int, correlation: bytes | None,
+        on_ack: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """The terminal of a request whose bridge stopped while answering it."""
+        message = "the bridge stopped while answering; ask again"
+        self.link.publish(topic, p.error_message(seq, p.INTERRUPTED, message), 1,
+                          properties=_reply_props(correlation), on_ack=on_ack)  # fmt: skip
 
     def _adopt_orphans(self) -> None:
         """Answer for the journals of group workers that died and did not come back.
@@ -510,15 +513,9 @@ class Bridge:
         them (`settle`). Their retries must not be dropped as duplicates.
         """
         held = self.shared.take_holds(worker, now) if self.shared is not None else []
-        message = "the bridge stopped while answering; ask again"
         for gone in held:
             self.recent.forget(gone.device, gone.key)
-            self.link.publish(
-                gone.topic,
-                p.error_message(p.SEQ_UNKNOWN, p.INTERRUPTED, message),
-                1,
-                properties=_reply_props(gone.correlation),
-            )
+            self._publish_interrupted(gone.topic, p.SEQ_UNKNOWN, gone.correlation)
         if held:
             log.warning(
                 "worker %s is silent: sent %d interrupted terminals for its requests",

@@ -495,6 +495,16 @@ return rows
 """
 
 
+def _member(device: str, key: str) -> str:
+    """A (device, request key) pair as one member of a Redis set or hash."""
+    return f"{device}\n{key}"
+
+
+def _pair(member: bytes) -> tuple[str, str]:
+    device, _, key = bytes(member).decode().partition("\n")
+    return device, key
+
+
 class RedisStore:
     """The shared state in Redis (`BRIDGE_STATE_URL=redis://host:6379/0`): workers anywhere.
 
@@ -600,17 +610,17 @@ class RedisStore:
 
     def hold(self, worker: str, held: Held) -> None:
         reply = json.dumps([held.topic, held.correlation.hex() if held.correlation else None])
-        self.r.hset(self._k("holding", worker), f"{held.device}\n{held.key}", reply)
+        self.r.hset(self._k("holding", worker), _member(held.device, held.key), reply)
 
     def unhold(self, worker: str, device: str, key: str) -> None:
-        self.r.hdel(self._k("holding", worker), f"{device}\n{key}")
+        self.r.hdel(self._k("holding", worker), _member(device, key))
 
     def take_holds(self, worker: str, now: float) -> list[Held]:
         keys = [self._k("holding", worker), self._k("answered", worker)]
         rows: Any = self._take_holds(keys=keys, args=[ANSWERED_TTL])
         got = []
         for i in range(0, len(rows), 2):
-            device, _, key = bytes(rows[i]).decode().partition("\n")
+            device, key = _pair(rows[i])
             topic, corr = json.loads(rows[i + 1])
             got.append(Held(device, key, topic, bytes.fromhex(corr) if corr else None))
         return got
@@ -628,8 +638,7 @@ class RedisStore:
         pipe.smembers(self._k("answered", worker))
         pipe.delete(self._k("answered", worker))
         members: Any = pipe.execute()[-2]
-        pairs = (bytes(m).decode().partition("\n") for m in members)
-        return {(device, key) for device, _, key in pairs}
+        return {_pair(m) for m in members}
 
     def beat(self, worker: str, ttl: float, now: float) -> bool:
         added: Any = self.r.zadd(self._k("alive"), {worker: now + ttl})
