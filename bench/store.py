@@ -1,7 +1,7 @@
 """`python -m bench.store`: how long a request's shared-store calls hold the event loop.
 
 Why: in a worker group every request talks to the shared store (Redis) from
-the event loop: a duplicate claim, its hold, the group's counters, the
+the event loop: its duplicate claim and hold, the group's counters, the
 device's busy count. Each call is a round trip; with Redis on another host
 each one stops every stream of the worker for that long. This runs the
 calls a request makes in a group with default settings (`bridge/core/service.py`
@@ -31,8 +31,8 @@ from bridge.core.shared import Guarded, Held, RedisStore, SqliteStore, Store
 def one_request(g: Guarded, worker: str, i: int) -> None:
     """The store calls of one request that ends `done`, in the bridge's order."""
     device, key, busy = f"d{i % 50}", f"r{i}", f"busy:d{i % 50}"
-    g.claim(device, key, b"digest", time.time(), 600)  # Recent.duplicate
-    g.hold(worker, Held(device, key, f"llm/{device}/res/{key}", None))  # Bridge._queue
+    held = Held(device, key, f"llm/{device}/res/{key}", None)
+    g.take(worker, held, b"digest", time.time(), 600)  # Bridge.submit: claimed and held
     g.add_counts({"requests": 1})  # StatePlugin.started
     g.open_stream(busy, key, "t", worker, 0)
     g.unhold(worker, device, key)  # Bridge._end

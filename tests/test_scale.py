@@ -264,6 +264,13 @@ def _store_contract(a: Any, b: Any) -> None:
     assert a.take_answered("w1") == {("d5", "r5")}, "what it must stop, without a terminal"
     assert a.take_answered("w1") == set()
 
+    # `take`: the claim and the hold in one step, or neither.
+    assert a.take("w1", Held("d6", "r6", "p/d6/res/r6", b"c"), b"x", now, 600)
+    assert not b.take("w2", Held("d6", "r6", "p/d6/res/r6", None), b"x", now, 600), "duplicate"
+    assert not b.claim("d6", "r6", b"x", now, 600), "taken is claimed"
+    assert b.take_holds("w2", now) == [], "a duplicate is not held"
+    assert a.take_holds("w1", now) == [("d6", "r6", "p/d6/res/r6", b"c")]
+
 
 def test_sqlite_store_is_one_state_for_two_workers(tmp_path: Path) -> None:
     path = tmp_path / "shared.sqlite3"

@@ -79,6 +79,18 @@ class Recent:
         self.count = 0
         self._devices: OrderedDict[str, OrderedDict[str, tuple[bytes, float]]] = OrderedDict()
 
+    def claim(self, device: str, key: str, digest: bytes, now: float) -> bool:
+        """Take `key` of `device` for this payload: False when it is a duplicate."""
+        if self.duplicate(device, key, digest, now):
+            return False
+        self.remember(device, key, digest, now)
+        return True
+
+    def take(self, device: str, key: str, digest: bytes, now: float, held: Held) -> bool:
+        """`claim` for a request the bridge takes in hand (one bridge: its journal
+        answers for it, nothing more to hold)."""
+        return self.claim(device, key, digest, now)
+
     def duplicate(self, device: str, key: str, digest: bytes, now: float) -> bool:
         """Whether `key` of `device` was accepted with the same payload within the window."""
         seen = self._devices.get(device)
@@ -114,23 +126,34 @@ class Recent:
                 del self._devices[device]
 
     def release(self, device: str, key: str, digest: bytes) -> None:
-        """A request was refused after `duplicate`: here nothing was recorded for it yet."""
+        """A request was refused after `claim`: its key is free again (unless a later
+        payload took it)."""
+        seen = self._devices.get(device)
+        entry = seen.get(key) if seen is not None else None
+        if entry is not None and entry[0] == digest:
+            self.forget(device, key)
 
 
 class SharedRecent:
     """`Recent` for a worker group: one table in the group's store, so a request taken
     by one worker is a duplicate for all (docs/scaling.md).
 
-    `duplicate` takes the request atomically (a second worker asking at the same
-    moment sees a duplicate); `release` gives it back when it is refused.
+    `claim` takes the request atomically (a second worker asking at the same
+    moment sees a duplicate); `take` also holds it for this worker in the same
+    step (should the worker die, the one that answers for it finds where its
+    terminal goes); `release` gives it back when it is refused.
     """
 
-    def __init__(self, store: Guarded, window: float) -> None:
+    def __init__(self, store: Guarded, window: float, worker: str) -> None:
         self.store = store
         self.window = window
+        self.worker = worker
 
-    def duplicate(self, device: str, key: str, digest: bytes, now: float) -> bool:
-        return not self.store.claim(device, key, digest, time.time(), self.window)
+    def claim(self, device: str, key: str, digest: bytes, now: float) -> bool:
+        return self.store.claim(device, key, digest, time.time(), self.window)
+
+    def take(self, device: str, key: str, digest: bytes, now: float, held: Held) -> bool:
+        return self.store.take(self.worker, held, digest, time.time(), self.window)
 
     def remember(self, device: str, key: str, digest: bytes, now: float) -> None:
         self.store.claim(device, key, digest, time.time(), self.window)
@@ -178,7 +201,7 @@ class Bridge:
             self.shared = open_store(
                 settings.state_url, settings.data_dir, settings.group, self.worker
             )
-            self.recent = SharedRecent(self.shared, settings.dedup_window)
+            self.recent = SharedRecent(self.shared, settings.dedup_window, self.worker)
         self._slots = asyncio.Semaphore(settings.max_streams)
         self._starting = 0  # requests admitted (and given a slot) whose API call is not written yet
         self._no_starts = asyncio.Event()
@@ -675,28 +698,37 @@ class Bridge:
             except ProtocolError as exc:
                 # The same bytes are refused the same way: a second delivery of a
                 # malformed request needs no second answer.
-                if exc.request_id is not None:
-                    if self.recent.duplicate(device, exc.request_id, digest, now):
-                        return None
-                    self.recent.remember(device, exc.request_id, digest, now)
+                if exc.request_id is not None and not self.recent.claim(
+                    device, exc.request_id, digest, now
+                ):
+                    return None
                 raise
             rid = req.id
             if wrong_topic is not None:
                 raise ProtocolError(p.BAD_REQUEST, wrong_topic, rid)
+            job_id = rid or p.new_request_id()
             key = _dedup_key(rid, digest)
+            held = Held(device, key, reply_to or self.topics.res(device, job_id), correlation)
+            # Only a request with an id, or a second delivery, can be a duplicate; the
+            # others are remembered once taken, in case the broker delivers them again.
             claimed = rid is not None or redelivered
-            if claimed and self.recent.duplicate(device, key, digest, now):
+            if claimed and not self.recent.take(device, key, digest, now, held):
                 log.info("dropped duplicate delivery device=%s id=%s", device, rid)
                 return None
             try:
                 for plugin in self.plugins:
                     plugin.admit(device, req, len(payload))
-                job = self._queue(device, req, digest, reply_to, correlation)
-            except ProtocolError:
+                job = self._queue(device, req, job_id, held, digest)
+            except Exception:  # refused (or a plugin's bug): its retry is not a duplicate
                 if claimed:
                     self.recent.release(device, key, digest)
+                    if self.shared is not None and (device, job_id) not in self.jobs:
+                        self.shared.unhold(self.worker, device, key)
                 raise
-            self.recent.remember(device, key, digest, now)
+            if not claimed:
+                self.recent.remember(device, key, digest, now)
+                if self.shared is not None:
+                    self.shared.hold(self.worker, held)
             return job
         except ProtocolError as exc:
             self._refuse(device, exc, rid or exc.request_id, reply_to, correlation)
@@ -735,33 +767,22 @@ class Bridge:
             return f"response topic is longer than {MAX_RESPONSE_TOPIC_BYTES} bytes"
         return None
 
-    def _queue(
-        self,
-        device: str,
-        req: p.ChatRequest,
-        digest: bytes,
-        reply_to: str | None,
-        correlation: bytes | None,
-    ) -> Job:
-        rid = req.id or p.new_request_id()
+    def _queue(self, device: str, req: p.ChatRequest, rid: str, held: Held, digest: bytes) -> Job:
+        """Journal the request and start its task (`held`: its duplicate key and where its
+        terminal goes, which the group's store holds should this worker die)."""
         key = (device, rid)
-        topic = reply_to or self.topics.res(device, rid)
         previous = self.jobs.get(key)
         s = self.settings
         if previous is None and len(self.jobs) >= s.max_streams + s.max_queue:
             raise ProtocolError(p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid)
+        topic, correlation = held.topic, held.correlation
         job = Job(device, rid, topic, req, digest, props=_reply_props(correlation))
-        dedup_key = _dedup_key(req.id, digest)
         if self.journal is not None:
-            job.slot = self.journal.add(topic, correlation, device, dedup_key)
+            job.slot = self.journal.add(topic, correlation, device, held.key)
             if job.slot < 0:
                 raise ProtocolError(
                     p.OVERLOADED, "the bridge is busy; try again in a few seconds", rid
                 )
-        if self.shared is not None:
-            # Should this worker die where no peer can read its journal (another host),
-            # the one that takes its place frees the request's duplicate record.
-            self.shared.hold(self.worker, Held(device, dedup_key, topic, correlation))
         if previous is not None and previous.task is not None:
             previous.cancel_message = "superseded by a new request with the same id"
             _cancel_soon(previous.task)
@@ -837,7 +858,10 @@ class Bridge:
 
     def _end(self, job: Job) -> None:
         """Publish the one terminal and let everyone know (must not raise)."""
-        if self.jobs.get((job.device, job.rid)) is job:
+        # A job superseded by a request with its id (and another payload) leaves that
+        # request's duplicate record and hold alone: they are the same keys.
+        current = self.jobs.get((job.device, job.rid)) is job
+        if current:
             del self.jobs[(job.device, job.rid)]
         if job.timer is not None:
             job.timer.cancel()
@@ -860,10 +884,11 @@ class Bridge:
             job.outcome = error.code
             payload = p.error_message(job.seq, error.code, error.message, error.status)
             # An error ended it: the same request asked again is a new try, not a duplicate.
-            self.recent.forget(job.device, key)
+            if current:
+                self.recent.forget(job.device, key)
         if self.journal is not None:
             self.journal.set_seq(job.slot, job.seq)
-        if self.shared is not None:
+        if self.shared is not None and current:
             self.shared.unhold(self.worker, job.device, key)
         self._publish_terminal(job.topic, payload, job.props, slot=job.slot)
         self._each("finished", job)

@@ -120,6 +120,14 @@ class Store(Protocol):
         lowest free one; 0 when all are held (replicas of one container image)."""
         ...
 
+    def take(self, worker: str, held: Held, digest: bytes, now: float, window: float) -> bool:
+        """`claim` and `hold` in one atomic step: False for a duplicate (nothing held).
+
+        One round trip, and no moment when the request is claimed but not held:
+        a worker that dies then would leave its retry a duplicate until the window
+        ends, with nobody to answer for it."""
+        ...
+
     def hold(self, worker: str, held: Held) -> None:
         """`worker` took request `held` in hand (its duplicate record is the worker's)."""
         ...
@@ -210,17 +218,30 @@ class SqliteStore:
 
     def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
         with self._tx():
-            row = self.db.execute(
-                "SELECT digest, at FROM recent WHERE device = ? AND key = ?", (device, key)
-            ).fetchone()
-            if row is not None and bytes(row[0]) == digest and now - float(row[1]) < window:
+            return self._claim(device, key, digest, now, window)
+
+    def _claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
+        """`claim` within the caller's transaction."""
+        row = self.db.execute(
+            "SELECT digest, at FROM recent WHERE device = ? AND key = ?", (device, key)
+        ).fetchone()
+        if row is not None and bytes(row[0]) == digest and now - float(row[1]) < window:
+            return False
+        self.db.execute(
+            "INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", (device, key, digest, now)
+        )
+        self._claims += 1
+        if self._claims % 1000 == 0:  # bounded: what left the window goes
+            self.db.execute("DELETE FROM recent WHERE at < ?", (now - window,))
+        return True
+
+    def take(self, worker: str, held: Held, digest: bytes, now: float, window: float) -> bool:
+        with self._tx():
+            if not self._claim(held.device, held.key, digest, now, window):
                 return False
             self.db.execute(
-                "INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?)", (device, key, digest, now)
+                "INSERT OR REPLACE INTO holding VALUES (?, ?, ?, ?, ?)", (worker, *held)
             )
-            self._claims += 1
-            if self._claims % 1000 == 0:  # bounded: what left the window goes
-                self.db.execute("DELETE FROM recent WHERE at < ?", (now - window,))
             return True
 
     def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
@@ -434,6 +455,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+# `_CLAIM`, and the request held by the worker (KEYS[2]) in the same step.
+_TAKE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
 _FORGET_IF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -500,6 +528,11 @@ def _member(device: str, key: str) -> str:
     return f"{device}\n{key}"
 
 
+def _reply(held: Held) -> str:
+    """Where a held request's terminal goes, as the value of its member."""
+    return json.dumps([held.topic, held.correlation.hex() if held.correlation else None])
+
+
 def _pair(member: bytes) -> tuple[str, str]:
     device, _, key = bytes(member).decode().partition("\n")
     return device, key
@@ -520,6 +553,7 @@ class RedisStore:
         )
         self.ns = f"llm-bridge:{namespace}:"
         self._claim = self.r.register_script(_CLAIM)
+        self._take = self.r.register_script(_TAKE)
         self._forget_if = self.r.register_script(_FORGET_IF)
         self._open = self.r.register_script(_OPEN)
         self._close = self.r.register_script(_CLOSE)
@@ -534,6 +568,12 @@ class RedisStore:
     def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
         ms = max(int(window * 1000), 1)
         return bool(self._claim(keys=[self._k("recent", device, key)], args=[digest, ms]))
+
+    def take(self, worker: str, held: Held, digest: bytes, now: float, window: float) -> bool:
+        ms = max(int(window * 1000), 1)
+        keys = [self._k("recent", held.device, held.key), self._k("holding", worker)]
+        args: list[bytes | str | int] = [digest, ms, _member(held.device, held.key), _reply(held)]
+        return bool(self._take(keys=keys, args=args))
 
     def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
         k = self._k("recent", device, key)
@@ -609,8 +649,7 @@ class RedisStore:
         return 0
 
     def hold(self, worker: str, held: Held) -> None:
-        reply = json.dumps([held.topic, held.correlation.hex() if held.correlation else None])
-        self.r.hset(self._k("holding", worker), _member(held.device, held.key), reply)
+        self.r.hset(self._k("holding", worker), _member(held.device, held.key), _reply(held))
 
     def unhold(self, worker: str, device: str, key: str) -> None:
         self.r.hdel(self._k("holding", worker), _member(device, key))
@@ -775,6 +814,11 @@ class Guarded:
     def claim(self, device: str, key: str, digest: bytes, now: float, window: float) -> bool:
         local = self.local.claim(device, key, digest, now, window)
         return bool(self._do("claim", lambda *_: local, device, key, digest, now, window))
+
+    def take(self, worker: str, held: Held, digest: bytes, now: float, window: float) -> bool:
+        # Without the store nothing is held: this worker's journal answers for it.
+        local = self.local.claim(held.device, held.key, digest, now, window)
+        return bool(self._do("take", lambda *_: local, worker, held, digest, now, window))
 
     def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
         self.local.forget(device, key, digest)

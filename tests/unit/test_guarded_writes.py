@@ -48,7 +48,10 @@ def test_decisions_are_still_asked_on_the_callers_thread() -> None:
     store = SlowStore()
     g = Guarded(store, "w1", defer=True)  # type: ignore[arg-type]
     assert g.claim("d", "k", b"x", time.time(), 600)
-    assert store.calls == [("claim", threading.current_thread().name)]
+    # A request's claim and hold: in the same round trip, not left to the writer.
+    assert g.take("w1", Held("d", "k2", "p/d/res/k2", None), b"x", time.time(), 600)
+    me = threading.current_thread().name
+    assert store.calls == [("claim", me), ("take", me)]
 
 
 def test_close_makes_the_deferred_writes_first() -> None:

@@ -17,6 +17,18 @@ def test_the_same_key_and_payload_within_the_window_is_a_duplicate() -> None:
     assert not r.duplicate("other", "q1", A, now=101)  # ids are per device
 
 
+def test_claim_takes_a_key_once_and_release_gives_it_back() -> None:
+    r = Recent(window=10)
+    assert r.claim("d", "q1", A, now=0)
+    assert not r.claim("d", "q1", A, now=1)  # the second delivery
+    r.release("d", "q1", A)  # refused: asked again, it is a new try
+    assert r.claim("d", "q1", A, now=2)
+    assert r.claim("d", "q1", B, now=3)  # another payload took the key
+    r.release("d", "q1", A)  # ... so the first one's refusal leaves it taken
+    assert not r.claim("d", "q1", B, now=4)
+    assert r.count == 1
+
+
 def test_forget_lets_the_same_request_be_asked_again() -> None:
     r = Recent(window=10)
     r.remember("d", "q1", A, now=0)

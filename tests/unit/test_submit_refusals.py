@@ -4,7 +4,10 @@ and which refusals leave nothing behind (a recording link, an API answering from
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +15,8 @@ import httpx
 from bridge.core.errors import BAD_REQUEST, OVERLOADED, TOO_LARGE, ProtocolError
 from bridge.core.plugin import Inbound, Plugin
 from bridge.core.protocol import ChatRequest
+from bridge.core.service import SharedRecent
+from bridge.core.shared import Guarded, SqliteStore
 from tests.unit.fakes import bridge, reply_stream, settle
 
 DEV = "kitchen"
@@ -22,6 +27,10 @@ def req(rid: str | None = None, prompt: str = "hi") -> bytes:
     if rid is not None:
         body["id"] = rid
     return json.dumps(body).encode()
+
+
+def digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 def run(test: Any) -> None:
@@ -104,6 +113,8 @@ def test_the_same_id_with_another_payload_supersedes_the_first() -> None:
         superseded = "superseded by a new request with the same id"
         assert terminals[0].message["error"] == {"code": "cancelled", "message": superseded}
         assert "done" in terminals[1].message
+        # The first one's end left the id to the second: its redelivery is a duplicate.
+        assert b.submit(DEV, req("d1", "two")) is None
 
     run(main)
 
@@ -196,6 +207,63 @@ def test_a_plugin_that_fails_in_admit_still_leaves_the_request_one_terminal() ->
         b.router.route(Inbound("llm/kitchen/req", req("b1"), retain=False, qos=1))
         await settle(b)
         assert [(s.topic, s.code) for s in link.terminals()] == [("llm/kitchen/res/b1", "internal")]
+        # Its key was given back: the same request asked again is answered, not dropped.
+        b.router.route(Inbound("llm/kitchen/req", req("b1"), retain=False, qos=1))
+        await settle(b)
+        assert [s.code for s in link.terminals()] == ["internal", "internal"]
+
+    run(main)
+
+
+class CountingStore:
+    """A group's SQLite store, recording the calls that the bridge makes to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = SqliteStore(path)
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.store, name)
+
+
+def test_in_a_group_a_request_is_claimed_and_held_in_one_call_to_the_store(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        b, link = bridge()
+        store = CountingStore(tmp_path / "shared.sqlite3")
+        b.shared = Guarded(store, b.worker)  # type: ignore[arg-type]
+        b.recent = SharedRecent(b.shared, 600, b.worker)
+        assert b.submit(DEV, req("g1")) is not None
+        # One round trip (on Redis, from the event loop), and never claimed but not held.
+        assert store.calls == ["take"]
+        assert b.submit(DEV, req("g1")) is None  # the second delivery is dropped
+        assert store.calls == ["take", "take"]
+        await settle(b)
+        assert store.calls == ["take", "take", "unhold"]
+        assert store.store.take_holds(b.worker, 0) == []
+        store.calls.clear()
+        assert b.submit(DEV, b"no id") is not None  # remembered for a redelivery, and held
+        assert store.calls == ["claim", "hold"]
+        (held,) = store.store.take_holds(b.worker, 0)
+        assert held.topic.startswith("llm/kitchen/res/")
+        await settle(b)
+        assert len(link.terminals()) == 2
+
+    run(main)
+
+
+def test_a_refused_request_in_a_group_is_neither_claimed_nor_held(tmp_path: Path) -> None:
+    async def main() -> None:
+        b, link = bridge(plugins=[Refuser()])
+        store = SqliteStore(tmp_path / "shared.sqlite3")
+        b.shared = Guarded(store, b.worker)
+        b.recent = SharedRecent(b.shared, 600, b.worker)
+        assert b.submit(DEV, req("r1", "no")) is None
+        assert [s.code for s in link.terminals()] == ["rate_limited"]
+        assert store.take_holds(b.worker, 0) == []
+        assert store.claim(DEV, "r1", digest(req("r1", "no")), time.time(), 600)
 
     run(main)
 
