@@ -309,11 +309,11 @@ class Images:
                 f.close()
 
     async def _generate(self, data, f, response_format, timeout_ms):
-        from picollm.openai import _Conn, _status_error
+        from picollm.http import Conn, status_error
 
         c = self._client
         ctx = c._ssl() if c._https else None
-        conn = _Conn(timeout_ms)
+        conn = Conn(timeout_ms)
         res = ImagesResponse()
         try:
             await conn.open(c._host, c._port, ctx, c._sni)
@@ -327,7 +327,7 @@ class Images:
             head = data = None
             await conn.read_head()
             if conn.status != 200:
-                raise _status_error(conn.status, await conn.read_all())
+                raise status_error(conn.status, await conn.read_all())
             if response_format == "b64_json":
                 res.bytes = await _b64_value(conn, f)
             else:
@@ -398,7 +398,7 @@ async def _b64_value(conn, f):
 async def _fetch(client, url, f, timeout_ms):
     # GET a picture's URL (another host, often) and copy its body to f. The
     # API key is not sent there.
-    from picollm.openai import _Conn
+    from picollm.http import Conn
 
     if url.startswith("https://"):
         https, rest = True, url[8:]
@@ -410,7 +410,7 @@ async def _fetch(client, url, f, timeout_ms):
     host, _, port = hostport.partition(":")
     port = int(port) if port else (443 if https else 80)
     ctx = client._ssl() if https else None
-    conn = _Conn(timeout_ms)
+    conn = Conn(timeout_ms)
     n = 0
     try:
         await conn.open(host, port, ctx, host)

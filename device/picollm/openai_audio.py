@@ -12,7 +12,7 @@
 import json
 
 from picollm import LLMError, new_id
-from picollm.openai import _Conn, _Obj, _status_error
+from picollm.http import Conn, Obj, status_error
 
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 TRANSCRIPT_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -33,7 +33,7 @@ def _need_timeout(timeout_ms):
         raise ValueError("timeout_ms must be > 0")
 
 
-class Transcription(_Obj):
+class Transcription(Obj):
     def __init__(self, text, d=None):
         self.text = text
         d = d or {}
@@ -85,7 +85,7 @@ class Speech:
             data = None
             await conn.read_head()
             if conn.status != 200:
-                raise _status_error(conn.status, await conn.read_all())
+                raise status_error(conn.status, await conn.read_all())
             total = 0
             while True:
                 part = await conn._part()
@@ -170,7 +170,7 @@ class Transcriptions:
             await conn.read_head()
             raw = await conn.read_all()
             if conn.status != 200:
-                raise _status_error(conn.status, raw)
+                raise status_error(conn.status, raw)
         finally:
             conn.close()
         if response_format == "text" or response_format in ("srt", "vtt"):
@@ -193,7 +193,7 @@ class Audio:
 async def open_post(client, path, ctype, length, timeout_ms, accept):
     # An open connection with the request head sent; the body follows.
     ctx = client._ssl() if client._https else None
-    conn = _Conn(timeout_ms)
+    conn = Conn(timeout_ms)
     try:
         await conn.open(client._host, client._port, ctx, client._sni)
         head = (

@@ -235,14 +235,12 @@ class DirectToolReply(Reply):
         self.said = ""  # what the model says in this round, up to SAID_CHARS, for the history
 
     async def next_piece(self):
-        from picollm.direct import DirectReply
-
         tb = self.t.tools
         while True:
             if self.inner is None:
                 opts = dict(self.opts)
                 opts["tools"] = tb.definitions()
-                self.inner = DirectReply(self.t, self.messages, opts)
+                self.inner = self.t.open(self.messages, None, opts)  # a DirectReply
             inner = self.inner
             piece = await inner.next_piece()
             if piece is not None:

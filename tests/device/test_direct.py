@@ -336,7 +336,8 @@ def test_ca_bundle_with_several_certificates(
 
 def test_the_client_module_stands_alone(tmp_path: Path) -> None:
     """picollm.openai is the uopenai-compatible client only: importing it loads no
-    transport, and Chat's direct transport lives in picollm.direct."""
+    transport (only the HTTP exchange it speaks, picollm.http), and Chat's direct
+    transport lives in picollm.direct."""
     script = tmp_path / "alone.py"
     script.write_text(
         "import sys\n"
@@ -349,7 +350,7 @@ def test_the_client_module_stands_alone(tmp_path: Path) -> None:
     proc = vmkit.run_vm(script, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split("\n")[:3] == [
-        "['picollm', 'picollm.openai']",
+        "['picollm', 'picollm.http', 'picollm.openai']",
         "False",
         "DirectTransport",
     ]
