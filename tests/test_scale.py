@@ -256,9 +256,11 @@ def _store_contract(a: Any, b: Any) -> None:
                              ("d3", "r3", "p/d3/res/v5", b"\x00corr")]  # fmt: skip
     assert a.take_holds("w1", now) == [], "taken once"
     a.hold("w1", Held("d4", "r4", "p/d4/res/r4", None))  # w1 came back, and holds one more
-    assert b.settle("w1") == {("d1", "r1"), ("d3", "r3")}, "its journal skips what was answered"
+    settled = b.settle("w1")
+    assert settled.answered == {("d1", "r1"), ("d3", "r3")}, "its journal skips what was answered"
+    assert settled.holds == [("d4", "r4", "p/d4/res/r4", None)], "for the settler to answer"
     assert a.take_holds("w1", now) == [], "what its journal answers is nobody else's"
-    assert a.settle("w1") == set()
+    assert a.settle("w1") == (set(), [])
     a.hold("w1", Held("d5", "r5", "p/d5/res/r5", None))
     assert [h.key for h in b.take_holds("w1", now)] == ["r5"]  # taken for dead while it lived
     assert a.take_answered("w1") == {("d5", "r5")}, "what it must stop, without a terminal"

@@ -29,13 +29,13 @@ from bridge.core.chunking import Chunker
 from bridge.core.errors import ProtocolError, UpstreamError
 from bridge.core.group import peer_url
 from bridge.core.job import Job
-from bridge.core.journal import Journal
+from bridge.core.journal import Interrupted, Journal
 from bridge.core.mqtt import MqttLink, Will
 from bridge.core.plugin import Handler, Inbound, Plugin, overrides
 from bridge.core.reply import DELTA, ReplyFold
 from bridge.core.router import Router
 from bridge.core.settings import MqttUrl, Settings
-from bridge.core.shared import Guarded, Held, open_store
+from bridge.core.shared import Guarded, Held, Settled, open_store
 from bridge.core.topics import Topics
 from bridge.core.upstream import DETAIL_CHARS, Upstream
 
@@ -207,6 +207,7 @@ class Bridge:
         self._no_starts = asyncio.Event()
         self._no_starts.set()
         self._hold_until = 0.0
+        self._recovered = False  # the previous run's requests answered (at the first connect)
         self.active = 0
         self._accepting = True
         self._later: set[asyncio.Task[None]] = set()
@@ -406,26 +407,57 @@ class Bridge:
     def _online(self) -> None:
         self.link.publish(self.topics.status, b"online", qos=1, retain=True)
         journal = self.journal
-        if journal is not None and journal.pending:
-            count = self._answer_interrupted(journal, self.worker)
-            log.warning("sent %d interrupted terminals for requests of a previous run", count)
+        if not self._recovered:  # once: what the previous run of this worker left
+            self._recovered = True
+            if (journal is not None and journal.pending) or self.shared is not None:
+                count = self._answer_interrupted(journal, self.worker)
+                if count or journal is not None:
+                    log.warning(
+                        "sent %d interrupted terminals for requests of a previous run", count
+                    )
         self._each("connected")
 
     def _answer_interrupted(
-        self, journal: Journal, worker: str, answered: Callable[[], None] | None = None
+        self, journal: Journal | None, worker: str, answered: Callable[[], None] | None = None
     ) -> int:
         """Publish one `interrupted` terminal for each request `journal` recovered.
 
         In a group, a request of `worker` that a peer already answered from the
         store's holds (`_take_over_silent`) is skipped, and the rest can no
-        longer be answered there: each gets exactly one terminal. Each slot is
-        freed when the broker acknowledges its terminal (until then paho holds
-        the message in the session and resends it); `answered` is called once
-        all are.
+        longer be answered there: each gets exactly one terminal. The holds the
+        journal has no slot for (the worker died between taking a request and
+        journaling it, or keeps no journal) are answered from the store, as the
+        leader does for a worker on another host. Each slot is freed when the
+        broker acknowledges its terminal (until then paho holds the message in
+        the session and resends it); `answered` is called once all are.
         """
-        recovered, journal.pending = journal.pending, []
+        shared = self.shared
+        settled = shared.settle(worker) if shared is not None else None
+        recovered: list[Interrupted] = []
+        sent = 0
+        if journal is not None:
+            recovered, journal.pending = journal.pending, []
+            sent = self._answer_journal(journal, recovered, settled, answered)
+        if shared is not None and settled is not None:
+            journaled = {(gone.device, gone.key) for gone in recovered}
+            mine = worker == self.worker
+            running = {_held_key(job) for job in self.jobs.values()} if mine else set()
+            for held in settled.holds:
+                key = (held.device, held.key)
+                if key in running:  # this run took it in hand already: held again
+                    shared.hold(self.worker, held)
+                elif key not in journaled:
+                    self._answer_from_holds([held])
+                    sent += 1
+        return sent
+
+    def _answer_journal(
+        self, journal: Journal, recovered: list[Interrupted], settled: Settled | None,
+        answered: Callable[[], None] | None,
+    ) -> int:  # fmt: skip
+        """`_answer_interrupted` for the slots of `journal`: how many terminals it sent."""
         left = len(recovered)
-        done = self.shared.settle(worker) if self.shared is not None else None
+        done = settled.answered if settled is not None else set()
 
         def acked(slot: int) -> None:
             nonlocal left
@@ -436,7 +468,7 @@ class Bridge:
 
         sent = 0
         for gone in recovered:
-            if done and (gone.device, gone.key) in done:
+            if (gone.device, gone.key) in done:
                 acked(gone.slot)
                 continue
             if gone.device is not None and gone.key is not None:
@@ -536,14 +568,19 @@ class Bridge:
         them (`settle`). Their retries must not be dropped as duplicates.
         """
         held = self.shared.take_holds(worker, now) if self.shared is not None else []
-        for gone in held:
-            self.recent.forget(gone.device, gone.key)
-            self._publish_interrupted(gone.topic, p.SEQ_UNKNOWN, gone.correlation)
+        self._answer_from_holds(held)
         if held:
             log.warning(
                 "worker %s is silent: sent %d interrupted terminals for its requests",
                 worker, len(held),
             )  # fmt: skip
+
+    def _answer_from_holds(self, held: list[Held]) -> None:
+        """`interrupted` for requests known only from the store's holds: where their
+        replies go, not how far they went (`SEQ_UNKNOWN`); their retries are served."""
+        for gone in held:
+            self.recent.forget(gone.device, gone.key)
+            self._publish_interrupted(gone.topic, p.SEQ_UNKNOWN, gone.correlation)
 
     def _taken_for_dead(self) -> None:
         """The leader took this worker for dead while it lived (cut off from the store
@@ -554,8 +591,7 @@ class Bridge:
         answered = self.shared.take_answered(self.worker)
         stopped = 0
         for job in list(self.jobs.values()):
-            key = (job.device, _dedup_key(job.request.id, job.digest))
-            if key in answered and job.task is not None:
+            if _held_key(job) in answered and job.task is not None:
                 job.cancel_code = _ANSWERED
                 _cancel_soon(job.task)
                 stopped += 1
@@ -1191,6 +1227,11 @@ class Bridge:
     ) -> None:
         await self.link.connected.wait()
         self._publish_terminal(topic, payload, props, slot)
+
+
+def _held_key(job: Job) -> tuple[str, str]:
+    """A job's (device, duplicate key): how the store's holds and answers name it."""
+    return job.device, _dedup_key(job.request.id, job.digest)
 
 
 def _dedup_key(request_id: str | None, digest: bytes) -> str:

@@ -46,6 +46,13 @@ class Held(NamedTuple):
     correlation: bytes | None
 
 
+class Settled(NamedTuple):
+    """What `settle` found of a worker whose requests are being answered."""
+
+    answered: set[tuple[str, str]]  #: (device, key) a peer answered from `take_holds`
+    holds: list[Held]  #: what the worker held, now dropped: each is the caller's to answer
+
+
 def utc_day(now: float) -> str:
     """The UTC date a daily budget is counted in, `YYYY-MM-DD`."""
     return time.strftime("%Y-%m-%d", time.gmtime(now))
@@ -141,10 +148,12 @@ class Store(Protocol):
         one caller once, and noted as answered until `settle`."""
         ...
 
-    def settle(self, worker: str) -> set[tuple[str, str]]:
-        """`worker`'s journal is being answered (it restarted, or a peer on its host
-        reads it): its holds go, so that nobody answers them twice; the (device, key)
-        of those a peer already answered from `take_holds`, to skip."""
+    def settle(self, worker: str) -> Settled:
+        """`worker`'s requests are being answered from its journal (it restarted, or a
+        peer on its host reads it): its holds go, so that nobody answers them twice.
+        What a peer already answered from `take_holds` is for the journal to skip;
+        the holds dropped are for the caller to answer where the journal has none
+        (the worker died between taking a request and journaling it)."""
         ...
 
     def beat(self, worker: str, ttl: float, now: float) -> bool:
@@ -373,33 +382,36 @@ class SqliteStore:
 
     def take_holds(self, worker: str, now: float) -> list[Held]:
         with self._tx():
-            rows = self.db.execute(
-                "SELECT device, key, topic, corr FROM holding WHERE worker = ?", (worker,)
-            ).fetchall()
-            self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
+            rows = self._pop_holds(worker)
             self.db.execute("DELETE FROM answered WHERE at < ?", (now - ANSWERED_TTL,))
             self.db.executemany(
                 "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?)",
                 [(worker, d, k, now) for d, k, _t, _c in rows],
             )
-        return [
-            Held(str(d), str(k), str(t), None if c is None else bytes(c)) for d, k, t, c in rows
-        ]
+        return _sqlite_held(rows)
 
-    def settle(self, worker: str) -> set[tuple[str, str]]:
-        return self._answered(worker, drop_holds=True)
+    def settle(self, worker: str) -> Settled:
+        with self._tx():
+            return Settled(self._answered(worker), _sqlite_held(self._pop_holds(worker)))
+
+    def _pop_holds(self, worker: str) -> list[Any]:
+        """Read and drop `worker`'s holds (in the caller's transaction)."""
+        rows = self.db.execute(
+            "SELECT device, key, topic, corr FROM holding WHERE worker = ?", (worker,)
+        ).fetchall()
+        self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
+        return rows
 
     def take_answered(self, worker: str) -> set[tuple[str, str]]:
-        return self._answered(worker, drop_holds=False)
-
-    def _answered(self, worker: str, *, drop_holds: bool) -> set[tuple[str, str]]:
         with self._tx():
-            if drop_holds:
-                self.db.execute("DELETE FROM holding WHERE worker = ?", (worker,))
-            rows = self.db.execute(
-                "SELECT device, key FROM answered WHERE worker = ?", (worker,)
-            ).fetchall()
-            self.db.execute("DELETE FROM answered WHERE worker = ?", (worker,))
+            return self._answered(worker)
+
+    def _answered(self, worker: str) -> set[tuple[str, str]]:
+        """Read and forget what peers answered for `worker` (in the caller's transaction)."""
+        rows = self.db.execute(
+            "SELECT device, key FROM answered WHERE worker = ?", (worker,)
+        ).fetchall()
+        self.db.execute("DELETE FROM answered WHERE worker = ?", (worker,))
         return {(str(d), str(k)) for d, k in rows}
 
     def beat(self, worker: str, ttl: float, now: float) -> bool:
@@ -427,6 +439,10 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self.db.close()
+
+
+def _sqlite_held(rows: list[Any]) -> list[Held]:
+    return [Held(str(d), str(k), str(t), None if c is None else bytes(c)) for d, k, t, c in rows]
 
 
 class _Immediate:
@@ -531,6 +547,13 @@ def _member(device: str, key: str) -> str:
 def _reply(held: Held) -> str:
     """Where a held request's terminal goes, as the value of its member."""
     return json.dumps([held.topic, held.correlation.hex() if held.correlation else None])
+
+
+def _redis_held(member: bytes, reply: bytes) -> Held:
+    """A hold as `hold` and `take` wrote it: the pair, then where its terminal goes."""
+    device, key = _pair(member)
+    topic, corr = json.loads(reply)
+    return Held(device, key, topic, bytes.fromhex(corr) if corr else None)
 
 
 def _pair(member: bytes) -> tuple[str, str]:
@@ -657,26 +680,22 @@ class RedisStore:
     def take_holds(self, worker: str, now: float) -> list[Held]:
         keys = [self._k("holding", worker), self._k("answered", worker)]
         rows: Any = self._take_holds(keys=keys, args=[ANSWERED_TTL])
-        got = []
-        for i in range(0, len(rows), 2):
-            device, key = _pair(rows[i])
-            topic, corr = json.loads(rows[i + 1])
-            got.append(Held(device, key, topic, bytes.fromhex(corr) if corr else None))
-        return got
+        return [_redis_held(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
 
-    def settle(self, worker: str) -> set[tuple[str, str]]:
-        return self._answered(worker, drop_holds=True)
-
-    def take_answered(self, worker: str) -> set[tuple[str, str]]:
-        return self._answered(worker, drop_holds=False)
-
-    def _answered(self, worker: str, *, drop_holds: bool) -> set[tuple[str, str]]:
+    def settle(self, worker: str) -> Settled:
         pipe = self.r.pipeline()  # MULTI/EXEC: one step
-        if drop_holds:
-            pipe.delete(self._k("holding", worker))
+        pipe.hgetall(self._k("holding", worker))
+        pipe.delete(self._k("holding", worker))
         pipe.smembers(self._k("answered", worker))
         pipe.delete(self._k("answered", worker))
-        members: Any = pipe.execute()[-2]
+        held, _, members, _ = pipe.execute()
+        return Settled({_pair(m) for m in members}, [_redis_held(*kv) for kv in held.items()])
+
+    def take_answered(self, worker: str) -> set[tuple[str, str]]:
+        pipe = self.r.pipeline()
+        pipe.smembers(self._k("answered", worker))
+        pipe.delete(self._k("answered", worker))
+        members: Any = pipe.execute()[0]
         return {_pair(m) for m in members}
 
     def beat(self, worker: str, ttl: float, now: float) -> bool:
@@ -878,10 +897,10 @@ class Guarded:
         got: list[Held] = self._do("take_holds", [], worker, now)
         return got
 
-    def settle(self, worker: str) -> set[tuple[str, str]] | None:
+    def settle(self, worker: str) -> Settled | None:
         """None when the store cannot say: the journal is then answered in full (a
         device may get a second `interrupted`, never none)."""
-        got: set[tuple[str, str]] | None = self._do("settle", None, worker)
+        got: Settled | None = self._do("settle", None, worker)
         return got
 
     def beat(self, worker: str, ttl: float, now: float) -> bool | None:

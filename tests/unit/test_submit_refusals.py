@@ -16,7 +16,7 @@ from bridge.core.errors import BAD_REQUEST, OVERLOADED, TOO_LARGE, ProtocolError
 from bridge.core.plugin import Inbound, Plugin
 from bridge.core.protocol import ChatRequest
 from bridge.core.service import SharedRecent
-from bridge.core.shared import Guarded, SqliteStore
+from bridge.core.shared import Guarded, Held, SqliteStore
 from tests.unit.fakes import bridge, reply_stream, settle
 
 DEV = "kitchen"
@@ -317,5 +317,36 @@ def test_retained_requests_and_foreign_topics_are_ignored() -> None:
         b.router.route(Inbound("llm/kitchen/req", req("r4"), retain=False, qos=1))
         await settle(b)
         assert [s.topic for s in link.terminals()] == ["llm/kitchen/res/r4"]
+
+    run(main)
+
+
+def test_a_restarted_worker_answers_what_it_held_but_never_journaled(tmp_path: Path) -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if b"slow" in request.content:
+            await asyncio.Event().wait()  # this run's own request: still running
+        return reply_stream()
+
+    async def main() -> None:
+        b, link = bridge(answer)
+        store = SqliteStore(tmp_path / "shared.sqlite3")
+        b.shared = Guarded(store, b.worker)
+        b.recent = SharedRecent(b.shared, 600, b.worker)
+        # The previous run took r1 in hand (claimed and held), then died before its
+        # journal had it: nobody would answer it, and its retry would be a duplicate.
+        lost = Held(DEV, "r1", "llm/kitchen/res/r1", b"corr")
+        assert store.take(b.worker, lost, digest(req("r1")), time.time(), 600)
+        running = b.submit(DEV, req("r2", "slow"))  # taken by this run before its recovery
+        assert running is not None
+        assert b._answer_interrupted(None, b.worker) == 1
+        (t,) = link.terminals()
+        assert (t.topic, t.code) == ("llm/kitchen/res/r1", "interrupted")
+        assert t.message["seq"] == 2**32 - 1  # where it went is known, not how far
+        assert t.properties.CorrelationData == b"corr"
+        assert [h.key for h in store.take_holds(b.worker, 0)] == ["r2"], "its own is held again"
+        assert b.submit(DEV, req("r1")) is not None, "the retry is served"
+        assert running.task is not None
+        running.task.cancel()
+        await settle(b)
 
     run(main)
