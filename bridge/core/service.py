@@ -409,9 +409,10 @@ class Bridge:
         journal = self.journal
         if not self._recovered:  # once: what the previous run of this worker left
             self._recovered = True
-            if (journal is not None and journal.pending) or self.shared is not None:
+            journaled = journal is not None and bool(journal.pending)
+            if journaled or self.shared is not None:
                 count = self._answer_interrupted(journal, self.worker)
-                if count or journal is not None:
+                if count or journaled:
                     log.warning(
                         "sent %d interrupted terminals for requests of a previous run", count
                     )
