@@ -758,9 +758,7 @@ class Bridge:
                 job = self._queue(device, req, job_id, held, digest)
             except Exception:  # refused (or a plugin's bug): its retry is not a duplicate
                 if claimed:
-                    self.recent.release(device, key, digest)
-                    if self.shared is not None and (device, job_id) not in self.jobs:
-                        self.shared.unhold(self.worker, device, key)
+                    self._give_back(device, job_id, key, digest, now)
                 raise
             if not claimed:
                 self.recent.remember(device, key, digest, now)
@@ -775,6 +773,21 @@ class Bridge:
             error = ProtocolError(p.INTERNAL, "internal error")
             self._refuse(device, error, rid or p.salvage_id(payload), reply_to, correlation)
             return None
+
+    def _give_back(self, device: str, rid: str, key: str, digest: bytes, now: float) -> None:
+        """Undo the `take` of a request that was refused. Had it come to replace a
+        request with its id that still runs, the id's duplicate record and hold are
+        that one's again (the take wrote over them); else they go."""
+        running = self.jobs.get((device, rid))
+        if running is None:
+            self.recent.release(device, key, digest)
+            if self.shared is not None:
+                self.shared.unhold(self.worker, device, key)
+            return
+        self.recent.remember(device, key, running.digest, now)
+        if self.shared is not None:
+            correlation = getattr(running.props, "CorrelationData", None)
+            self.shared.hold(self.worker, Held(device, key, running.topic, correlation))
 
     def _size_limit(self, device: str) -> int:
         """The smallest of the bridge's and the plugins' request size limits for `device`."""

@@ -184,6 +184,51 @@ class Refuser(Plugin):
         self.refused_codes.append(error.code)
 
 
+def test_a_refused_replacement_leaves_the_running_request_its_id() -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()  # the first request runs until it is cancelled
+        return reply_stream()
+
+    async def main() -> None:
+        b, link = bridge(answer, plugins=[Refuser()])
+        first = b.submit(DEV, req("d1", "one"))
+        assert first is not None and first.task is not None
+        assert b.submit(DEV, req("d1", "no")) is None  # refused: it replaces nothing
+        assert [s.code for s in link.terminals()] == ["rate_limited"]
+        # The running one's record is its own again: its redelivery is still dropped.
+        assert b.submit(DEV, req("d1", "one")) is None
+        assert b.job(DEV, "d1") is first and not first.task.done()
+        first.task.cancel()
+        await settle(b)
+
+    run(main)
+
+
+def test_in_a_group_a_refused_replacement_leaves_the_running_request_its_hold(
+    tmp_path: Path,
+) -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        return reply_stream()
+
+    async def main() -> None:
+        b, _link = bridge(answer, plugins=[Refuser()])
+        store = SqliteStore(tmp_path / "shared.sqlite3")
+        b.shared = Guarded(store, b.worker)
+        b.recent = SharedRecent(b.shared, 600, b.worker)
+        first = b.submit(DEV, req("d1", "one"), correlation=b"first")
+        assert first is not None and first.task is not None
+        assert b.submit(DEV, req("d1", "no"), correlation=b"second") is None
+        # Should this worker die now, the running request's terminal goes where it asked.
+        (held,) = store.take_holds(b.worker, 0)
+        assert (held.key, held.correlation) == ("d1", b"first")
+        assert not store.claim(DEV, "d1", digest(req("d1", "one")), time.time(), 600)
+        first.task.cancel()
+        await settle(b)
+
+    run(main)
+
+
 def test_a_plugin_refusal_is_answered_every_time_it_is_asked() -> None:
     async def main() -> None:
         plugin = Refuser()
