@@ -156,7 +156,7 @@ class SharedRecent:
         return self.store.take(self.worker, held, digest, time.time(), self.window)
 
     def remember(self, device: str, key: str, digest: bytes, now: float) -> None:
-        self.store.claim(device, key, digest, time.time(), self.window)
+        self.claim(device, key, digest, now)
 
     def forget(self, device: str, key: str) -> None:
         self.store.forget(device, key)

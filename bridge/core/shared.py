@@ -248,9 +248,7 @@ class SqliteStore:
         with self._tx():
             if not self._claim(held.device, held.key, digest, now, window):
                 return False
-            self.db.execute(
-                "INSERT OR REPLACE INTO holding VALUES (?, ?, ?, ?, ?)", (worker, *held)
-            )
+            self._hold(worker, held)
             return True
 
     def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
@@ -369,9 +367,10 @@ class SqliteStore:
 
     def hold(self, worker: str, held: Held) -> None:
         with self._lock:
-            self.db.execute(
-                "INSERT OR REPLACE INTO holding VALUES (?, ?, ?, ?, ?)", (worker, *held)
-            )
+            self._hold(worker, held)
+
+    def _hold(self, worker: str, held: Held) -> None:
+        self.db.execute("INSERT OR REPLACE INTO holding VALUES (?, ?, ?, ?, ?)", (worker, *held))
 
     def unhold(self, worker: str, device: str, key: str) -> None:
         with self._lock:
@@ -466,16 +465,11 @@ class _Immediate:
 
 
 # Lua scripts: each runs atomically in Redis.
+# `claim`; for `take`, also the request held by the worker (KEYS[2]) in the same step.
 _CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-# `_CLAIM`, and the request held by the worker (KEYS[2]) in the same step.
-_TAKE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+if #KEYS > 1 then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
 return 1
 """
 _FORGET_IF = """
@@ -576,7 +570,6 @@ class RedisStore:
         )
         self.ns = f"llm-bridge:{namespace}:"
         self._claim = self.r.register_script(_CLAIM)
-        self._take = self.r.register_script(_TAKE)
         self._forget_if = self.r.register_script(_FORGET_IF)
         self._open = self.r.register_script(_OPEN)
         self._close = self.r.register_script(_CLOSE)
@@ -596,7 +589,7 @@ class RedisStore:
         ms = max(int(window * 1000), 1)
         keys = [self._k("recent", held.device, held.key), self._k("holding", worker)]
         args: list[bytes | str | int] = [digest, ms, _member(held.device, held.key), _reply(held)]
-        return bool(self._take(keys=keys, args=args))
+        return bool(self._claim(keys=keys, args=args))
 
     def forget(self, device: str, key: str, digest: bytes | None = None) -> None:
         k = self._k("recent", device, key)
@@ -686,17 +679,16 @@ class RedisStore:
         pipe = self.r.pipeline()  # MULTI/EXEC: one step
         pipe.hgetall(self._k("holding", worker))
         pipe.delete(self._k("holding", worker))
-        pipe.smembers(self._k("answered", worker))
-        pipe.delete(self._k("answered", worker))
-        held, _, members, _ = pipe.execute()
+        held, _, members, _ = self._answered(pipe, worker).execute()
         return Settled({_pair(m) for m in members}, [_redis_held(*kv) for kv in held.items()])
 
     def take_answered(self, worker: str) -> set[tuple[str, str]]:
-        pipe = self.r.pipeline()
-        pipe.smembers(self._k("answered", worker))
-        pipe.delete(self._k("answered", worker))
-        members: Any = pipe.execute()[0]
+        members: Any = self._answered(self.r.pipeline(), worker).execute()[0]
         return {_pair(m) for m in members}
+
+    def _answered(self, pipe: Any, worker: str) -> Any:
+        """Queue on `pipe` the reading and forgetting of what peers answered for `worker`."""
+        return pipe.smembers(self._k("answered", worker)).delete(self._k("answered", worker))
 
     def beat(self, worker: str, ttl: float, now: float) -> bool:
         added: Any = self.r.zadd(self._k("alive"), {worker: now + ttl})
